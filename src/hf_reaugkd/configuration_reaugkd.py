@@ -1,0 +1,112 @@
+"""ReAugKD model configuration.
+
+This file travels with saved checkpoints as remote code: it imports only transformers,
+huggingface_hub and the standard library.
+"""
+
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+
+
+@strict
+class ReAugKDConfig(PreTrainedConfig):
+    r"""
+    Configuration of a retrieval-augmented student: an encoder, a projection head into the teacher's
+    knowledge-base (KB) space, a classifier, and the KB itself.
+
+    Args:
+        encoder_config (`dict` or `PreTrainedConfig`):
+            Config of the student encoder; any architecture `AutoModel` knows (BERT, MPNet, RoBERTa, ...).
+        pooling (`str`, defaults to `"mean"`):
+            How token states become one sentence embedding: `"mean"` (attention-masked mean) or `"cls"`.
+        kb_size (`int`, defaults to 0):
+            Number of KB entries. Stored so that loading can allocate the KB buffers before reading them.
+        kb_dim (`int`, defaults to 384):
+            Dimension of the KB keys, i.e. the output size of the student's projection head.
+        kb_label_temperature (`float`, defaults to 1.0):
+            Temperature T with which the teacher's soft labels in the KB were made (informational; recorded
+            so the model card and later KB updates use the same T).
+        knn_k (`int`, defaults to 16):
+            Number of neighbours retrieved at inference. Clamped to `kb_size`.
+        retrieval_temperature (`float`, defaults to 0.1):
+            τ_r in the neighbour weights `softmax(similarity / τ_r)`.
+        retrieval_weight (`float`, defaults to 0.5):
+            β in `β · retrieved + (1 − β) · student`. β = 0 is the plain student.
+        index_type (`str`, defaults to `"torch"`):
+            Search backend: `"torch"` (exact, blockwise matmul + top-k; runs on the model's device),
+            `"flat"` (FAISS exact), `"hnsw"` or `"ivf"` (FAISS approximate). FAISS types need `faiss-cpu`.
+        index_nbytes (`int`, defaults to 0):
+            Size of the serialized FAISS index stored in the checkpoint (only trained indexes, HNSW and IVF, are
+            stored; exact ones are rebuilt from the keys).
+        search_block_size (`int`, defaults to 65536):
+            KB rows scored per block by the torch backend; bounds search memory to `batch × block` scores.
+        hnsw_m (`int`, defaults to 32), hnsw_ef_construction (`int`, defaults to 80),
+        hnsw_ef_search (`int`, defaults to 64):
+            HNSW graph degree and search breadths.
+        ivf_nlist (`int`, defaults to 1024), ivf_nprobe (`int`, defaults to 32):
+            IVF number of clusters and clusters visited per query.
+        classifier_dropout (`float`, defaults to 0.1):
+            Dropout before the student classifier.
+        initializer_range (`float`, defaults to 0.02):
+            Std of the normal init of the projection head and classifier.
+
+    Example:
+
+    ```python
+    >>> from transformers import BertConfig
+    >>> from hf_reaugkd import ReAugKDConfig
+    >>> config = ReAugKDConfig(encoder_config=BertConfig(hidden_size=32).to_dict(), kb_dim=32, num_labels=2)
+    ```
+    """
+
+    model_type = "reaugkd"
+    sub_configs_defaults = {"encoder_config": SubConfigSpec(config_class=AutoConfig, model_type="bert")}
+
+    encoder_config: dict | PreTrainedConfig | None = None
+    pooling: Literal["mean", "cls"] = "mean"
+    kb_size: int = 0
+    kb_dim: int = 384
+    kb_label_temperature: float | int = 1.0
+    knn_k: int = 16
+    retrieval_temperature: float | int = 0.1
+    retrieval_weight: float | int = 0.5
+    index_type: Literal["torch", "flat", "hnsw", "ivf"] = "torch"
+    index_nbytes: int = 0
+    search_block_size: int = 65536
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 80
+    hnsw_ef_search: int = 64
+    ivf_nlist: int = 1024
+    ivf_nprobe: int = 32
+    classifier_dropout: float | int = 0.1
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # Saved configs name the remote-code class for every Auto class, not only the one of the saved model's
+        # class (`register_for_auto_class` records one per class), so `AutoModel` works on a classifier checkpoint.
+        if not getattr(self, "auto_map", None):
+            self.auto_map = {
+                "AutoConfig": "configuration_reaugkd.ReAugKDConfig",
+                "AutoModel": "modeling_reaugkd.ReAugKDModel",
+                "AutoModelForSequenceClassification": "modeling_reaugkd.ReAugKDForSequenceClassification",
+            }
+
+    def validate_reaugkd(self):
+        """Part of `@strict` validation: catch settings that would only fail deep inside `forward`."""
+        if self.kb_size < 0 or self.kb_dim < 1:
+            raise ValueError(f"kb_size must be >= 0 and kb_dim >= 1, got kb_size={self.kb_size}, kb_dim={self.kb_dim}")
+        if self.knn_k < 1:
+            raise ValueError(f"knn_k must be >= 1, got {self.knn_k}")
+        if self.retrieval_temperature <= 0:
+            raise ValueError(f"retrieval_temperature must be > 0, got {self.retrieval_temperature}")
+        if not 0.0 <= self.retrieval_weight <= 1.0:
+            raise ValueError(f"retrieval_weight (β) must be in [0, 1], got {self.retrieval_weight}")
+        if self.search_block_size < 1:
+            raise ValueError(f"search_block_size must be >= 1, got {self.search_block_size}")
+
+
+__all__ = ["ReAugKDConfig"]

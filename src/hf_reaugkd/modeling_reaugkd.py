@@ -1,0 +1,386 @@
+"""The retrieval-augmented student: encoder → projection head → knowledge-base retrieval → mixed prediction.
+
+This file travels with saved checkpoints as remote code (with its flat siblings `configuration_reaugkd.py`
+and `knowledge_base.py`), so `AutoModel*.from_pretrained(..., trust_remote_code=True)` works without
+hf-reaugkd installed.
+
+Class layout, the transformers way:
+- `ReAugKDModel` (behind `AutoModel`): encoder + projection head + knowledge base. It returns the sentence
+  embedding, the normalised query in the teacher's KB space, and what retrieval found (neighbour ids, scores,
+  weights and the retrieved label distribution). It has no student classifier: users who want an embedding
+  model or a pure kNN classifier over the teacher's KB get exactly that, and the head class below adds the
+  classifier, like `BertModel` / `BertForSequenceClassification`.
+- `ReAugKDForSequenceClassification` (behind `AutoModelForSequenceClassification` and `pipeline`):
+  `ReAugKDModel` + classifier; mixes `β · retrieved + (1 − β) · softmax(student_logits)` and returns
+  `logits = log(mixed)`, so the pipeline's softmax yields the mixed probabilities.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import SAFE_WEIGHTS_NAME, ModelOutput, cached_file
+
+from .configuration_reaugkd import ReAugKDConfig
+from .knowledge_base import DEFAULT_INDEX_PARAMS, KnowledgeBase
+
+
+@dataclass
+class ReAugKDModelOutput(ModelOutput):
+    """
+    Outputs of `ReAugKDModel`.
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(B, T, H)`): encoder token states.
+        sentence_embedding (`torch.FloatTensor` of shape `(B, H)`): pooled encoder output.
+        query_embedding (`torch.FloatTensor` of shape `(B, kb_dim)`): L2-normalised projection into the
+            teacher's KB space; the KB query.
+        retrieved_probs (`torch.FloatTensor` of shape `(B, C)`, *optional*): `Σ_j w_j · y_j` over the
+            retrieved neighbours' soft labels. `None` when retrieval was skipped.
+        neighbor_ids (`torch.LongTensor` of shape `(B, k)`, *optional*): KB rows of the neighbours, best first.
+        neighbor_scores (`torch.FloatTensor` of shape `(B, k)`, *optional*): their cosine similarities.
+        neighbor_weights (`torch.FloatTensor` of shape `(B, k)`, *optional*): `softmax(scores / τ_r)`.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    sentence_embedding: torch.FloatTensor | None = None
+    query_embedding: torch.FloatTensor | None = None
+    retrieved_probs: torch.FloatTensor | None = None
+    neighbor_ids: torch.LongTensor | None = None
+    neighbor_scores: torch.FloatTensor | None = None
+    neighbor_weights: torch.FloatTensor | None = None
+
+
+@dataclass
+class ReAugKDSequenceClassifierOutput(ModelOutput):
+    """
+    Outputs of `ReAugKDForSequenceClassification`.
+
+    Args:
+        loss (`torch.FloatTensor`, *optional*): negative log-likelihood of `labels` under the mixed prediction.
+        logits (`torch.FloatTensor` of shape `(B, C)`): `log(β · retrieved + (1 − β) · student)`; a softmax of
+            these gives back the mixed probabilities (that is what `pipeline` shows).
+        student_logits (`torch.FloatTensor` of shape `(B, C)`): the student classifier's own logits.
+        retrieved_probs (`torch.FloatTensor` of shape `(B, C)`, *optional*): the retrieved label distribution.
+        query_embedding (`torch.FloatTensor` of shape `(B, kb_dim)`): the normalised KB query.
+        neighbor_ids, neighbor_scores, neighbor_weights (*optional*, `(B, k)`): returned with
+            `output_neighbors=True`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    student_logits: torch.FloatTensor | None = None
+    retrieved_probs: torch.FloatTensor | None = None
+    query_embedding: torch.FloatTensor | None = None
+    neighbor_ids: torch.LongTensor | None = None
+    neighbor_scores: torch.FloatTensor | None = None
+    neighbor_weights: torch.FloatTensor | None = None
+
+
+def knowledge_base_from_config(config: ReAugKDConfig) -> KnowledgeBase:
+    """An empty KB with the shapes and index settings the config records (filled by loading or by build)."""
+    index_params = {name: getattr(config, name) for name in DEFAULT_INDEX_PARAMS}
+    return KnowledgeBase(
+        config.kb_size, config.kb_dim, config.num_labels, config.index_type, config.index_nbytes, **index_params
+    )
+
+
+def _describe_kb_shape_mismatch(source, load_kwargs: dict) -> str:
+    """Say which knowledge-base tensors of a checkpoint disagree with the shapes its config records."""
+    config = ReAugKDConfig.from_pretrained(source, **{k: v for k, v in load_kwargs.items() if k in _HUB_KWARGS})
+    expected = {
+        "knowledge_base.keys": [config.kb_size, config.kb_dim],
+        "knowledge_base.values": [config.kb_size, config.num_labels],
+        "knowledge_base.index_bytes": [config.index_nbytes],
+    }
+    found = {}
+    try:
+        weights = cached_file(source, SAFE_WEIGHTS_NAME, **{k: v for k, v in load_kwargs.items() if k in _HUB_KWARGS})
+        with safe_open(weights, "pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                suffix = name.split("reaugkd.")[-1]
+                if suffix in expected:
+                    found[suffix] = list(f.get_slice(name).get_shape())
+    except (OSError, SafetensorError):
+        pass  # a sharded or unreadable checkpoint: the load report above still lists the shapes
+    lines = [
+        f"{name}: config expects {shape}, checkpoint has {found.get(name, 'see the load report above')}"
+        for name, shape in expected.items()
+        if found.get(name) != shape
+    ]
+    return (
+        f"The checkpoint {source} does not match its config (kb_size={config.kb_size}, kb_dim={config.kb_dim}, "
+        f"num_labels={config.num_labels}, index_nbytes={config.index_nbytes}):\n  " + "\n  ".join(lines)
+    )
+
+
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+
+
+class ReAugKDPreTrainedModel(PreTrainedModel):
+    config_class = ReAugKDConfig
+    base_model_prefix = "reaugkd"
+    # Keys and soft labels stay fp32 under `dtype=torch.float16/bfloat16`: similarities between unit vectors
+    # lose neighbour order in half precision, and the index bytes must never be cast.
+    _keep_in_fp32_modules_strict = ["knowledge_base"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, KnowledgeBase):
+            init.zeros_(module.keys)
+            init.zeros_(module.values)
+            init.zeros_(module.index_bytes)
+        else:
+            super()._init_weights(module)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, then a check that the loaded knowledge base is valid."""
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        try:
+            loaded = super().from_pretrained(*args, **kwargs)
+        except RuntimeError as err:
+            if "ignore_mismatched_sizes" not in str(err):
+                raise
+            raise ValueError(_describe_kb_shape_mismatch(source, kwargs)) from err
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if model.config.kb_size > 0:
+            try:
+                model.knowledge_base.validate(model.config.num_labels)
+            except ValueError as err:
+                raise ValueError(f"The knowledge base stored in {source} is invalid: {err}") from err
+        return loaded
+
+    def set_knowledge_base(self, knowledge_base: KnowledgeBase) -> None:
+        """Attach `knowledge_base` and record its shape and index settings in the config (so saving works)."""
+        config = self.config
+        if knowledge_base.dim != config.kb_dim or knowledge_base.num_labels != config.num_labels:
+            raise ValueError(
+                f"The knowledge base has keys of dim {knowledge_base.dim} and {knowledge_base.num_labels} classes; "
+                f"this model expects kb_dim={config.kb_dim} and num_labels={config.num_labels}."
+            )
+        config.kb_size = knowledge_base.size
+        config.index_type = knowledge_base.index_type
+        config.index_nbytes = knowledge_base.index_bytes.numel()
+        for name, value in knowledge_base.index_params.items():
+            setattr(config, name, value)
+        base = getattr(self, self.base_model_prefix, self)
+        base.knowledge_base = knowledge_base.to(self.device)
+
+
+class ReAugKDModel(ReAugKDPreTrainedModel):
+    """Student encoder + projection head into the teacher's KB space + the teacher's knowledge base."""
+
+    # A classifier checkpoint loads into this base model; its head is expected to be left out.
+    _keys_to_ignore_on_load_unexpected = [r"^classifier\."]
+
+    def __init__(self, config: ReAugKDConfig):
+        super().__init__(config)
+        self.encoder = AutoModel.from_config(config.encoder_config)
+        self.projection = nn.Linear(config.encoder_config.hidden_size, config.kb_dim)
+        self.knowledge_base = knowledge_base_from_config(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.encoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.encoder.set_input_embeddings(value)
+
+    def pool(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Sentence embedding `(B, H)` from token states `(B, T, H)`: CLS token or attention-masked mean."""
+        if self.config.pooling == "cls":
+            return hidden_states[:, 0]
+        if attention_mask is None:
+            return hidden_states.mean(dim=1)
+        mask = attention_mask.unsqueeze(-1).to(hidden_states.dtype)  # (B, T, 1)
+        return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+    def retrieve(
+        self, query_embedding: torch.Tensor, knn_k: int, retrieval_temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k neighbours of each query and the label distribution they vote for.
+
+        Returns `(retrieved_probs (B, C), neighbor_ids (B, k), neighbor_scores (B, k), neighbor_weights (B, k))`.
+        """
+        scores, ids = self.knowledge_base.search(query_embedding, knn_k)  # (B, k), (B, k)
+        weights = torch.softmax(scores / retrieval_temperature, dim=-1)  # (B, k); missing hits (-inf) get 0
+        neighbor_labels = self.knowledge_base.values[ids.clamp_min(0)]  # (B, k, C)
+        retrieved_probs = (weights.unsqueeze(-1) * neighbor_labels).sum(dim=1)  # (B, C)
+        return retrieved_probs, ids, scores, weights
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        knn_k: int | None = None,
+        retrieval_temperature: float | None = None,
+        retrieve: bool = True,
+        **kwargs,
+    ) -> ReAugKDModelOutput:
+        r"""
+        knn_k (`int`, *optional*): neighbours to retrieve; defaults to `config.knn_k`.
+        retrieval_temperature (`float`, *optional*): τ_r; defaults to `config.retrieval_temperature`.
+        retrieve (`bool`, defaults to `True`): search the KB. `False` returns embeddings only (training).
+        """
+        # Only pass what was given: not every encoder accepts e.g. token_type_ids (MPNet does not).
+        encoder_inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "token_type_ids": token_type_ids,
+            "position_ids": position_ids,
+            "inputs_embeds": inputs_embeds,
+        }
+        encoder_inputs = {name: value for name, value in encoder_inputs.items() if value is not None}
+        hidden_states = self.encoder(**encoder_inputs, return_dict=True).last_hidden_state  # (B, T, H)
+        sentence_embedding = self.pool(hidden_states, attention_mask)  # (B, H)
+        query_embedding = nn.functional.normalize(self.projection(sentence_embedding), dim=-1)  # (B, kb_dim)
+
+        retrieved = (None, None, None, None)
+        if retrieve:
+            retrieved = self.retrieve(
+                query_embedding,
+                knn_k if knn_k is not None else self.config.knn_k,
+                retrieval_temperature if retrieval_temperature is not None else self.config.retrieval_temperature,
+            )
+        retrieved_probs, neighbor_ids, neighbor_scores, neighbor_weights = retrieved
+        return ReAugKDModelOutput(
+            last_hidden_state=hidden_states,
+            sentence_embedding=sentence_embedding,
+            query_embedding=query_embedding,
+            retrieved_probs=retrieved_probs,
+            neighbor_ids=neighbor_ids,
+            neighbor_scores=neighbor_scores,
+            neighbor_weights=neighbor_weights,
+        )
+
+
+class ReAugKDForSequenceClassification(ReAugKDPreTrainedModel):
+    """The retrieval-augmented student classifier (METHOD.md §5)."""
+
+    def __init__(self, config: ReAugKDConfig):
+        super().__init__(config)
+        self.reaugkd = ReAugKDModel(config)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Linear(config.encoder_config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @property
+    def knowledge_base(self) -> KnowledgeBase:
+        return self.reaugkd.knowledge_base
+
+    @classmethod
+    def from_encoder(
+        cls,
+        encoder: PreTrainedModel,
+        id2label: dict[int, str],
+        knowledge_base: KnowledgeBase | None = None,
+        projection: nn.Linear | None = None,
+        classifier: nn.Linear | None = None,
+        **config_kwargs,
+    ) -> "ReAugKDForSequenceClassification":
+        """Assemble a student from a (pretrained) encoder and, optionally, a trained projection head,
+        classifier and knowledge base; the parts not given start freshly initialised.
+
+        Args:
+            encoder (`PreTrainedModel`): any `AutoModel` encoder (BERT, MPNet, ...); its weights are copied.
+            id2label (`dict[int, str]`): the task's labels.
+            knowledge_base (`KnowledgeBase`, *optional*): the teacher's KB; sets `kb_dim` and the index settings.
+            projection (`nn.Linear`, *optional*): `hidden_size → kb_dim` head, e.g. trained during distillation.
+            classifier (`nn.Linear`, *optional*): `hidden_size → num_labels` head.
+            config_kwargs: any other `ReAugKDConfig` field (`pooling`, `kb_dim`, `knn_k`, `retrieval_weight`, ...).
+        """
+        if knowledge_base is not None:
+            config_kwargs["kb_dim"] = knowledge_base.dim
+        elif projection is not None:
+            config_kwargs["kb_dim"] = projection.out_features
+        config = ReAugKDConfig(
+            encoder_config=encoder.config.to_dict(),
+            id2label=dict(id2label),
+            label2id={label: i for i, label in id2label.items()},
+            **config_kwargs,
+        )
+        model = cls(config)
+        model.reaugkd.encoder.load_state_dict(encoder.state_dict())
+        if projection is not None:
+            model.reaugkd.projection.load_state_dict(projection.state_dict())
+        if classifier is not None:
+            model.classifier.load_state_dict(classifier.state_dict())
+        if knowledge_base is not None:
+            model.set_knowledge_base(knowledge_base)
+        return model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        knn_k: int | None = None,
+        retrieval_weight: float | None = None,
+        retrieval_temperature: float | None = None,
+        output_neighbors: bool = False,
+        **kwargs,
+    ) -> ReAugKDSequenceClassifierOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(B,)`, *optional*): gold labels for the returned NLL loss.
+        knn_k, retrieval_weight, retrieval_temperature (*optional*): per-call overrides of the config's k, β, τ_r.
+            `retrieval_weight=0` skips retrieval: the output is the plain student.
+        output_neighbors (`bool`, defaults to `False`): also return neighbour ids, scores and weights.
+        """
+        beta = self.config.retrieval_weight if retrieval_weight is None else retrieval_weight
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"retrieval_weight (β) must be in [0, 1], got {beta}")
+        outputs = self.reaugkd(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            knn_k=knn_k,
+            retrieval_temperature=retrieval_temperature,
+            retrieve=beta > 0,
+        )
+        student_logits = self.classifier(self.dropout(outputs.sentence_embedding))  # (B, C)
+        if beta > 0:
+            student_probs = torch.softmax(student_logits.float(), dim=-1)  # (B, C)
+            mixed_probs = beta * outputs.retrieved_probs + (1 - beta) * student_probs  # (B, C)
+            logits = mixed_probs.clamp_min(torch.finfo(mixed_probs.dtype).tiny).log()  # (B, C)
+        else:
+            logits = torch.log_softmax(student_logits.float(), dim=-1)  # (B, C)
+
+        loss = None
+        if labels is not None:
+            loss = nn.functional.nll_loss(logits, labels.to(logits.device))
+        return ReAugKDSequenceClassifierOutput(
+            loss=loss,
+            logits=logits,
+            student_logits=student_logits,
+            retrieved_probs=outputs.retrieved_probs,
+            query_embedding=outputs.query_embedding,
+            neighbor_ids=outputs.neighbor_ids if output_neighbors else None,
+            neighbor_scores=outputs.neighbor_scores if output_neighbors else None,
+            neighbor_weights=outputs.neighbor_weights if output_neighbors else None,
+        )
+
+
+ReAugKDConfig.register_for_auto_class()
+ReAugKDModel.register_for_auto_class("AutoModel")
+ReAugKDForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+
+__all__ = [
+    "ReAugKDModel",
+    "ReAugKDForSequenceClassification",
+    "ReAugKDPreTrainedModel",
+    "ReAugKDModelOutput",
+    "ReAugKDSequenceClassifierOutput",
+]

@@ -1,0 +1,117 @@
+import pytest
+import torch
+from conftest import random_kb
+
+import hf_reaugkd.knowledge_base as kb_module
+from hf_reaugkd import KnowledgeBase
+
+
+def unit(n: int, d: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_torch_search_matches_brute_force_across_blocks():
+    kb = random_kb(300)
+    queries = unit(5)
+    brute_scores, brute_ids = (queries @ kb.keys.T).topk(7, dim=1)
+    for block in (7, 64, 300, 10_000):
+        kb.index_params["search_block_size"] = block
+        scores, ids = kb.search(queries, 7)
+        assert torch.equal(ids, brute_ids)
+        torch.testing.assert_close(scores, brute_scores)
+
+
+def test_keys_are_normalised_and_k_is_clamped():
+    kb = random_kb(5)
+    torch.testing.assert_close(kb.keys.norm(dim=1), torch.ones(5))
+    scores, ids = kb.search(unit(2), 50)
+    assert ids.shape == (2, 5) and sorted(ids[0].tolist()) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf"])
+def test_faiss_backends_agree_with_exact_search(index_type):
+    exact = random_kb(2000, index_type="torch")
+    approx = random_kb(2000, index_type=index_type, ivf_nlist=16, ivf_nprobe=16)
+    queries = unit(20)
+    _, exact_ids = exact.search(queries, 10)
+    scores, ids = approx.search(queries, 10)
+    recall = (
+        sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, exact_ids, strict=True)) / exact_ids.numel()
+    )
+    assert recall >= (1.0 if index_type in ("flat", "ivf") else 0.95)
+    assert (approx.index_bytes.numel() > 0) == (index_type in ("hnsw", "ivf"))
+    assert torch.all(scores[:, :-1] >= scores[:, 1:])  # best first
+
+
+@pytest.mark.parametrize("index_type", ["torch", "hnsw"])
+def test_save_load_round_trip(tmp_path, index_type):
+    kb = random_kb(100, index_type=index_type, hnsw_m=8)
+    kb.save(tmp_path / "kb.safetensors")
+    loaded = KnowledgeBase.load(tmp_path / "kb.safetensors")
+    assert loaded.index_type == index_type and loaded.index_params["hnsw_m"] == 8
+    assert torch.equal(loaded.keys, kb.keys) and torch.equal(loaded.values, kb.values)
+    queries = unit(4)
+    assert torch.equal(loaded.search(queries, 3)[1], kb.search(queries, 3)[1])
+
+
+def test_add_and_remove_return_new_knowledge_bases():
+    kb = random_kb(10, index_type="hnsw")
+    extra_keys, extra_values = unit(3, seed=7), torch.tensor([[1.0, 0.0, 0.0]] * 3)
+    grown = kb.add(extra_keys, extra_values)
+    assert grown.size == 13 and kb.size == 10 and grown.index_type == "hnsw"
+    assert torch.equal(grown.search(extra_keys, 1)[1].flatten(), torch.tensor([10, 11, 12]))
+    shrunk = grown.remove([0, 12])
+    assert shrunk.size == 11
+    torch.testing.assert_close(shrunk.keys[-1], grown.keys[11])
+
+
+@pytest.mark.parametrize(
+    ("keys", "values", "message"),
+    [
+        (torch.randn(4, 8), torch.full((5, 2), 0.5), "4 keys vs 5 soft labels"),
+        (torch.randn(4, 8), torch.full((4, 2), 0.7), "not probability distributions"),
+        (torch.randn(4, 8), torch.tensor([[1.5, -0.5]] * 4), "not probability distributions"),
+        (torch.tensor([[float("nan")] * 8] * 4), torch.full((4, 2), 0.5), "NaN or inf"),
+        (torch.randn(0, 8), torch.zeros(0, 2), "empty"),
+        (torch.randn(4, 8, 2), torch.full((4, 2), 0.5), r"\[N, d\]"),
+    ],
+)
+def test_build_rejects_bad_entries(keys, values, message):
+    with pytest.raises(ValueError, match=message):
+        KnowledgeBase.build(keys, values)
+
+
+def test_unknown_index_type_and_wrong_class_count():
+    with pytest.raises(ValueError, match="Unknown index_type 'annoy'"):
+        KnowledgeBase.build(torch.randn(4, 8), torch.full((4, 2), 0.5), "annoy")
+    with pytest.raises(ValueError, match="2 classes, expected num_labels=3"):
+        kb_module.validate_entries(torch.randn(4, 8), torch.full((4, 2), 0.5), num_labels=3)
+
+
+def test_empty_knowledge_base_search_says_what_to_do():
+    with pytest.raises(ValueError, match="knowledge base is empty.*retrieval_weight=0"):
+        KnowledgeBase(0, 16, 3).search(unit(2), 4)
+
+
+def test_corrupt_index_bytes_and_truncated_file(tmp_path):
+    kb = random_kb(50, index_type="ivf", ivf_nlist=4)
+    kb.index_bytes.copy_(
+        torch.cat([kb.index_bytes[:100], torch.zeros(kb.index_bytes.numel() - 100, dtype=torch.uint8)])
+    )
+    with pytest.raises(ValueError, match="FAISS index .* corrupt or truncated"):
+        kb.validate()
+    good = random_kb(50)
+    good.save(tmp_path / "kb.safetensors")
+    data = (tmp_path / "kb.safetensors").read_bytes()
+    (tmp_path / "kb.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="Could not read the knowledge base file"):
+        KnowledgeBase.load(tmp_path / "kb.safetensors")
+
+
+def test_without_faiss_building_says_so_and_search_falls_back_to_exact(monkeypatch):
+    hnsw = random_kb(200, index_type="hnsw")
+    exact_ids = random_kb(200).search(unit(3), 5)[1]
+    monkeypatch.setattr(kb_module, "faiss", None)
+    with pytest.raises(ImportError, match="pip install faiss-cpu"):
+        random_kb(10, index_type="flat")
+    assert torch.equal(hnsw.search(unit(3), 5)[1], exact_ids)
