@@ -67,10 +67,9 @@ def tiny_student(kb_size: int = 50, index_type: str = "torch", seed: int = 0, **
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer(tmp_path_factory) -> BertTokenizerFast:
-    vocab = tmp_path_factory.mktemp("tokenizer") / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    return BertTokenizerFast(vocab_file=str(vocab), model_max_length=32)
+def tiny_tokenizer() -> BertTokenizerFast:
+    vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    return BertTokenizerFast(vocab=vocab, model_max_length=32)
 
 
 SENTENCES = ["the movie was good", "a boring long plot", "great actor and music", "awful", "the film"]

@@ -221,7 +221,7 @@ class KnowledgeBase(nn.Module):
                     f"FAISS is not installed: searching the {self.index_type!r} knowledge base exactly in torch "
                     "instead (same or better neighbours, possibly slower). `pip install faiss-cpu` to use the index."
                 )
-            return self._search_torch(queries.to(self.keys.device, torch.float32), k)
+            return self._search_torch(queries.to(self.keys), k)
         index = self._get_faiss_index()
         if self.index_type == "hnsw":
             index.hnsw.efSearch = max(self.index_params["hnsw_ef_search"], k)

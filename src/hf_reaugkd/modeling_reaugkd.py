@@ -123,9 +123,9 @@ _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revi
 class ReAugKDPreTrainedModel(PreTrainedModel):
     config_class = ReAugKDConfig
     base_model_prefix = "reaugkd"
-    # Keys and soft labels stay fp32 under `dtype=torch.float16/bfloat16`: similarities between unit vectors
-    # lose neighbour order in half precision, and the index bytes must never be cast.
-    _keep_in_fp32_modules_strict = ["knowledge_base"]
+    # Keys and soft labels stay fp32 when loading with `dtype=torch.float16/bfloat16`: similarities between unit
+    # vectors lose neighbour order in half precision. (The uint8 index bytes are never cast.)
+    _keep_in_fp32_modules_strict = ["knowledge_base.keys", "knowledge_base.values"]
     _supports_sdpa = True
 
     @torch.no_grad()

