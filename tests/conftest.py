@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hub_server import hub_server  # noqa: F401 (fixture)
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from hf_reaugkd import KnowledgeBase, ReAugKDForSequenceClassification
@@ -77,7 +78,8 @@ SENTENCES = ["the movie was good", "a boring long plot", "great actor and music"
 
 def run_fresh_python(code: str, cwd: Path, block: tuple[str, ...] = ("hf_reaugkd",), env: dict | None = None):
     """Run `code` in a new interpreter where importing the `block`ed top-level packages fails; return its
-    stdout parsed as JSON. This proves saved checkpoints load without hf-reaugkd (and optionally faiss)."""
+    stdout parsed as JSON. This proves saved checkpoints load without hf-reaugkd (and optionally faiss).
+    Offline (`HF_HUB_OFFLINE=1`) unless an `env` is given."""
     blocker = cwd / "_import_blocker"
     blocker.mkdir(exist_ok=True)
     (blocker / "sitecustomize.py").write_text(
@@ -94,7 +96,7 @@ def run_fresh_python(code: str, cwd: Path, block: tuple[str, ...] = ("hf_reaugkd
             """
         )
     )
-    run_env = {**os.environ, **(env or {}), "PYTHONPATH": str(blocker), "HF_HUB_OFFLINE": "1"}
+    run_env = {**(env if env is not None else {**os.environ, "HF_HUB_OFFLINE": "1"}), "PYTHONPATH": str(blocker)}
     run_env.setdefault("HF_MODULES_CACHE", str(cwd / "hf_modules"))
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],

@@ -181,3 +181,22 @@ def test_untrained_student_without_kb_predicts_with_beta_zero_and_explains_other
     assert model(**batch, retrieval_weight=0.0).logits.shape == (5, 3)
     with pytest.raises(ValueError, match="knowledge base is empty"):
         model(**batch)
+
+
+@pytest.mark.slow
+def test_100k_by_384_knowledge_base_round_trips(tmp_path, batch):
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(100_000, 384, generator=generator)
+    values = torch.softmax(torch.randn(100_000, 3, generator=generator), dim=-1)
+    model = ReAugKDForSequenceClassification.from_encoder(
+        tiny_student(kb_size=0).reaugkd.encoder, ID2LABEL, knowledge_base=KnowledgeBase.build(keys, values)
+    ).eval()
+    model.save_pretrained(tmp_path)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kb_bytes = 100_000 * (384 + 3) * 4
+    header = 8 + int.from_bytes((tmp_path / "model.safetensors").read_bytes()[:8], "little")
+    assert (tmp_path / "model.safetensors").stat().st_size == header + param_bytes + kb_bytes
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded.knowledge_base.keys, model.knowledge_base.keys)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
