@@ -1,0 +1,173 @@
+"""Model cards for ReAugKD students: Hub metadata (model-index) plus a README rendered from `model_card_template.md`.
+
+The template lives at the repository root; `hf_reaugkd/model_card_template.md` is a symlink to it, so there is one
+copy to edit, and setuptools copies the target into wheels.
+"""
+
+import os
+import platform
+import tempfile
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+TAGS = ["reaugkd", "knowledge-distillation", "custom_code", "text-classification"]
+# (metrics key, row label in the evaluation table); "student" is the same checkpoint with β = 0.
+MODEL_ROWS = [("teacher", "Teacher"), ("student", "Student, β = 0"), ("student_retrieval", "Student + retrieval")]
+# (metrics key, model-index metric type, pretty name, metric args)
+METRICS = [("accuracy", "accuracy", "Accuracy", None), ("macro_f1", "f1", "Macro-F1", {"average": "macro"})]
+RETRIEVAL_KEYS = ("knn_k", "retrieval_weight", "retrieval_temperature", "index_type", "kb_size", "kb_dim")
+LOCAL_PATH_PLACEHOLDER = "path/to/checkpoint"
+EXAMPLE_TEXT = "A gripping story with a wonderful cast."
+
+
+def _package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:  # e.g. running from a source tree that is not installed
+        return "unknown"
+
+
+def _framework_versions() -> dict[str, str]:
+    """Versions read from package metadata, so writing a card does not import torch."""
+    return {
+        "Python": platform.python_version(),
+        "Transformers": _package_version("transformers"),
+        "PyTorch": _package_version("torch"),
+        "hf-reaugkd": _package_version("hf-reaugkd"),
+    }
+
+
+def _eval_results(
+    metrics: dict[str, dict[str, dict[str, float]]], dataset_name: str | None, model_key: str = "student_retrieval"
+) -> list[EvalResult]:
+    """One result per split × metric for the retrieval-augmented student: the model this checkpoint serves."""
+    dataset = dataset_name or "custom"
+    results = []
+    for split, per_model in metrics.items():
+        for key, metric_type, pretty_name, metric_args in METRICS:
+            if key not in per_model.get(model_key, {}):
+                continue
+            results.append(
+                EvalResult(
+                    task_type="text-classification",
+                    task_name="Text Classification",
+                    dataset_type=dataset,
+                    dataset_name=dataset,
+                    dataset_split=split,
+                    metric_type=metric_type,
+                    metric_name=pretty_name,
+                    metric_args=metric_args,
+                    metric_value=float(per_model[model_key][key]),
+                )
+            )
+    return results
+
+
+def _check_inputs(metrics: dict[str, dict[str, dict[str, float]]], retrieval: dict[str, Any]) -> None:
+    """Fail early instead of rendering blanks (missing retrieval keys) or 8130% (metrics passed as percentages)."""
+    missing = [key for key in RETRIEVAL_KEYS if key not in retrieval]
+    if missing:
+        raise ValueError(f"`retrieval` is missing {missing}")
+    for split, per_model in metrics.items():
+        for model_key, values in per_model.items():
+            for name, value in values.items():
+                if not 0.0 <= value <= 1.0:
+                    raise ValueError(
+                        f"metrics[{split!r}][{model_key!r}][{name!r}] = {value} is not a fraction in [0, 1]"
+                    )
+
+
+def create_model_card(
+    *,
+    model_id: str | None,
+    base_model: str,
+    teacher_model: str,
+    dataset_name: str | None,
+    id2label: dict[int, str],
+    metrics: dict[str, dict[str, dict[str, float]]],
+    retrieval: dict[str, Any],
+    hyperparameters: dict[str, Any],
+    num_parameters: int | None = None,
+    license: str | None = None,
+    language: str | None = "en",
+) -> ModelCard:
+    r"""
+    Build the model card of a ReAugKD student: YAML metadata for the Hub and a README with usage, results and settings.
+
+    Args:
+        model_id (`str`, *optional*):
+            Hub id of the checkpoint; `None` puts a local-path placeholder in the usage snippets.
+        base_model (`str`):
+            The student encoder's initialisation, e.g. `"sentence-transformers/all-MiniLM-L6-v2"`.
+        teacher_model (`str`):
+            The fine-tuned teacher whose knowledge base the checkpoint carries.
+        dataset_name (`str`, *optional*):
+            Hub dataset id; `None` for local files (the model-index then names the dataset `"custom"`).
+        id2label (`dict[int, str]`):
+            Label names, as in the model config.
+        metrics (`dict`):
+            `{split: {model: {"accuracy": a, "macro_f1": f}}}` with splits like `"validation"` / `"test"`, models
+            `"teacher"`, `"student"` (β = 0) and `"student_retrieval"`, and values fractions in [0, 1]. The
+            model-index reports `"student_retrieval"`, the model the checkpoint serves by default.
+        retrieval (`dict`):
+            The inference settings chosen on validation, `knn_k`, `retrieval_weight`, `retrieval_temperature`,
+            `index_type`, and the KB shape, `kb_size`, `kb_dim`.
+        hyperparameters (`dict`):
+            Training hyperparameters, shown as a table in the order given.
+        num_parameters (`int`, *optional*):
+            Student parameter count, mentioned in the summary when given.
+        license (`str`, *optional*), language (`str`, *optional*, defaults to `"en"`):
+            Hub metadata, written when given.
+
+    Returns:
+        `huggingface_hub.ModelCard`: save it with [`save_model_card`] or `card.push_to_hub(...)`.
+    """
+    _check_inputs(metrics, retrieval)
+    model_name = model_id or f"ReAugKD student of {teacher_model.split('/')[-1]}"
+    card_data = ModelCardData(
+        language=language,
+        license=license,
+        library_name="transformers",
+        tags=list(TAGS),
+        base_model=base_model,
+        datasets=[dataset_name] if dataset_name else None,
+        pipeline_tag="text-classification",
+        model_name=model_name,
+        eval_results=_eval_results(metrics, dataset_name) or None,
+    )
+    with resources.as_file(resources.files(__package__) / "model_card_template.md") as template_path:
+        return ModelCard.from_template(
+            card_data,
+            template_path=str(template_path),
+            model_name=model_name,
+            model_path=model_id or LOCAL_PATH_PLACEHOLDER,
+            example_text=EXAMPLE_TEXT,
+            base_model=base_model,
+            teacher_model=teacher_model,
+            dataset_name=dataset_name,
+            id2label=dict(sorted((int(i), label) for i, label in id2label.items())),
+            metrics=metrics,
+            model_rows=MODEL_ROWS,
+            retrieval=retrieval,
+            hyperparameters=hyperparameters,
+            num_parameters=num_parameters,
+            versions=_framework_versions(),
+        )
+
+
+def save_model_card(card: ModelCard, output_dir: str | os.PathLike) -> None:
+    """Write `output_dir/README.md` through a temp file and `os.replace`, so a crash never leaves half a README."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=output_dir, prefix=".README.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(str(card))
+        os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; a README is meant to be readable
+        os.replace(tmp_path, output_dir / "README.md")
+    except BaseException:
+        Path(tmp_path).unlink(missing_ok=True)
+        raise

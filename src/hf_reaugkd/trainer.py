@@ -1,0 +1,82 @@
+"""`ReAugKDTrainer`: the stock `Trainer` loop with the ReAugKD loss in `compute_loss`."""
+
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+from .losses import distillation_loss, relational_loss
+from .training_args import ReAugKDTrainingArguments
+
+TEACHER_LOGITS = "teacher_logits"
+TEACHER_KEYS = "teacher_keys"
+
+
+class ReAugKDTrainer(Trainer):
+    """Trains a `ReAugKDForSequenceClassification` student against precomputed teacher outputs.
+
+    The train dataset carries, besides the student's tokenized inputs and `labels`, two columns made once by
+    the teacher: `teacher_logits` `(C,)` and `teacher_keys` `(d,)` (the teacher's projected, normalised
+    embedding, i.e. the example's knowledge-base key). Each loss part is logged (`loss_distillation`,
+    `loss_relational`, `loss_ce`).
+
+    Under DDP the relational loss relates each local example to the teacher keys of *all* processes' batches
+    (gathered; they are constants, so no gradient needs to flow through the gather), which makes it the same
+    loss as one process with the global batch.
+    """
+
+    args: ReAugKDTrainingArguments
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Our loss is a mean over the batch: let the Trainer divide by the accumulation steps as usual instead of
+        # expecting the model to normalise by `num_items_in_batch` (the model's `**kwargs` would suggest it does).
+        self.model_accepts_loss_kwargs = False
+        self._loss_part_sums = defaultdict(float)
+        self._loss_part_count = 0
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        for column in (TEACHER_LOGITS, TEACHER_KEYS):
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        teacher_logits = inputs.pop(TEACHER_LOGITS)  # (B, C)
+        teacher_keys = inputs.pop(TEACHER_KEYS)  # (B, d)
+        labels = inputs.pop("labels")  # (B,)
+        outputs = model(**inputs, retrieval_weight=0.0)
+        args = self.args
+
+        parts = {}
+        if args.distillation_weight > 0:
+            parts["distillation"] = distillation_loss(
+                outputs.student_logits, teacher_logits, args.distillation_temperature
+            )
+        if args.relational_weight > 0:
+            all_teacher_keys = self.accelerator.gather(teacher_keys.contiguous())  # (world × B, d)
+            parts["relational"] = relational_loss(
+                outputs.query_embedding, teacher_keys, all_teacher_keys, args.relational_temperature
+            )
+        if args.ce_weight > 0:
+            parts["ce"] = torch.nn.functional.cross_entropy(outputs.student_logits.float(), labels)
+        weights = {
+            "distillation": args.distillation_weight,
+            "relational": args.relational_weight,
+            "ce": args.ce_weight,
+        }
+        loss = sum(weights[name] * value for name, value in parts.items())
+
+        if model.training:
+            for name, value in parts.items():
+                self._loss_part_sums[name] += value.item()
+            self._loss_part_count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._loss_part_count:
+            for name, total in self._loss_part_sums.items():
+                logs[f"loss_{name}"] = round(total / self._loss_part_count, 4)
+            self._loss_part_sums.clear()
+            self._loss_part_count = 0
+        super().log(logs, start_time)

@@ -1,0 +1,42 @@
+"""Training arguments of the distillation stages: `TrainingArguments` plus the ReAugKD loss weights."""
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class ReAugKDTrainingArguments(TrainingArguments):
+    """`TrainingArguments` for the student, with the loss of METHOD.md §4:
+
+        L = distillation_weight · L_kd + relational_weight · L_rel + ce_weight · CE
+
+    The defaults (KD and relational terms at full weight, no gold-label CE) follow the reference run in which
+    `L_kd + 1.0 · L_rel` beat both vanilla KD and `α · L_kd + (1 − α) · L_rel` with α = 0.5.
+    The baselines are the same code with other weights: student without KD = (0, 0, 1), vanilla KD = (1, 0, 0).
+    """
+
+    distillation_weight: float = field(default=1.0, metadata={"help": "Weight of the soft-label KD loss (T² · KL)."})
+    relational_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the relational alignment loss; 0 trains a plain KD student."}
+    )
+    ce_weight: float = field(default=0.0, metadata={"help": "Weight of cross-entropy on the gold labels."})
+    distillation_temperature: float = field(
+        default=1.0, metadata={"help": "T: temperature of the teacher's soft labels (KD loss and knowledge base)."}
+    )
+    relational_temperature: float = field(
+        default=0.1, metadata={"help": "τ: temperature of the similarity distributions in the relational loss."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        weights = (self.distillation_weight, self.relational_weight, self.ce_weight)
+        if min(weights) < 0 or max(weights) == 0:
+            raise ValueError(
+                f"distillation_weight, relational_weight and ce_weight must be >= 0 and not all 0, got {weights}."
+            )
+        if self.distillation_temperature <= 0 or self.relational_temperature <= 0:
+            raise ValueError(
+                "distillation_temperature and relational_temperature must be > 0, got "
+                f"{self.distillation_temperature} and {self.relational_temperature}."
+            )

@@ -1,0 +1,164 @@
+"""The whole distillation pipeline on a tiny random teacher/student and a tiny synthetic task."""
+
+import json
+import random
+
+import pytest
+from conftest import run_fresh_python, tiny_encoder
+from transformers import BertForSequenceClassification
+
+from hf_reaugkd.distill import main, parse_args
+
+POSITIVE, NEGATIVE, FILLER = (
+    ["good", "great", "loved", "fun"],
+    ["bad", "awful", "hated", "boring"],
+    ["the", "movie", "plot", "story", "actor", "scene"],
+)
+
+
+def write_task(directory):
+    sizes = {"train": 96, "validation": 32, "test": 32}
+    rng = random.Random(0)
+    for split, size in sizes.items():
+        rows = ["text,label"]
+        for i in range(size):
+            label = ["negative", "positive"][i % 2]
+            words = rng.sample(FILLER, 3) + [rng.choice(POSITIVE if label == "positive" else NEGATIVE)]
+            rng.shuffle(words)
+            rows.append(f"{' '.join(words)},{label}")
+        (directory / f"{split}.csv").write_text("\n".join(rows) + "\n")
+
+
+@pytest.fixture
+def task(tmp_path, tiny_tokenizer):
+    """CSV splits, an encoder checkpoint to fine-tune as teacher and one to use as student."""
+    write_task(tmp_path)
+    tiny_encoder(seed=1).save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer.save_pretrained(tmp_path / "teacher")
+    tiny_encoder(seed=2).save_pretrained(tmp_path / "student")
+    tiny_tokenizer.save_pretrained(tmp_path / "student")
+    return tmp_path
+
+
+def pipeline_args(task, output_dir, *extra):
+    return [
+        "--teacher_model_name_or_path", str(task / "teacher"),
+        "--student_model_name_or_path", str(task / "student"),
+        "--student_num_layers", "1",
+        "--train_file", str(task / "train.csv"),
+        "--validation_file", str(task / "validation.csv"),
+        "--test_file", str(task / "test.csv"),
+        "--output_dir", str(output_dir),
+        "--max_seq_length", "16",
+        "--num_train_epochs", "2",
+        "--teacher_num_train_epochs", "3",
+        "--teacher_learning_rate", "1e-3",
+        "--learning_rate", "1e-3",
+        "--per_device_train_batch_size", "16",
+        "--projection_num_epochs", "3",
+        "--knn_k_grid", "1,4",
+        "--retrieval_weight_grid", "0,0.5,1",
+        "--report_to", "none",
+        "--save_strategy", "epoch",
+        "--use_cpu",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_end_to_end_then_fresh_process_pipeline(task, capsys):
+    output_dir = task / "out"
+    main(pipeline_args(task, output_dir))
+    printed = capsys.readouterr().out
+    assert "student + retrieval" in printed and "chosen on validation" in printed
+
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert set(metrics["splits"]) == {"train", "validation", "test"}
+    for split in metrics["splits"].values():
+        assert set(split) == {"teacher", "student", "student_retrieval"}
+        assert all(0 <= m["accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1 for m in split.values())
+    chosen = metrics["selection"]
+    assert chosen["knn_k"] in (1, 4) and chosen["retrieval_weight"] in (0.0, 0.5, 1.0)
+    best = max(row["accuracy"] for row in metrics["validation_grid"])
+    assert chosen["accuracy"] == best
+
+    model_dir = output_dir / "model"
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["knn_k"] == chosen["knn_k"] and config["retrieval_weight"] == chosen["retrieval_weight"]
+    assert config["kb_size"] == 96 and config["encoder_config"]["num_hidden_layers"] == 1
+    card = (model_dir / "README.md").read_text()
+    assert "reaugkd" in card and "trust_remote_code=True" in card
+
+    got = run_fresh_python(
+        f"""
+        import json
+        from transformers import pipeline
+        classifier = pipeline("text-classification", model={str(model_dir)!r}, trust_remote_code=True)
+        print(json.dumps(classifier(["the movie was great fun", "awful boring plot"])))
+        """,
+        task,
+    )
+    assert [row["label"] for row in got] and all(row["label"] in ("negative", "positive") for row in got)
+
+
+def test_rerun_skips_finished_stages(task):
+    output_dir = task / "out"
+    main(pipeline_args(task, output_dir, "--num_train_epochs", "1"))
+    stages = sorted(p.name for p in (output_dir / "stages").iterdir())
+    stamps = {p.name: p.stat().st_mtime_ns for p in (output_dir / "stages").iterdir()}
+    main(pipeline_args(task, output_dir, "--num_train_epochs", "1"))
+    assert sorted(p.name for p in (output_dir / "stages").iterdir()) == stages
+    assert {p.name: p.stat().st_mtime_ns for p in (output_dir / "stages").iterdir()} == stamps
+    # a changed input (projection epochs) rebuilds the knowledge base but reuses the teacher
+    main(pipeline_args(task, output_dir, "--num_train_epochs", "1", "--projection_num_epochs", "1"))
+    after = sorted(p.name for p in (output_dir / "stages").iterdir())
+    assert len([n for n in after if n.startswith("knowledge-base-")]) == 2
+    assert len([n for n in after if n.startswith("teacher-") and n != "teacher-checkpoints"]) == 1
+
+
+def test_finetuned_teacher_with_these_labels_is_used_as_is(task):
+    teacher = BertForSequenceClassification(tiny_encoder(seed=1).config)
+    teacher.config.id2label, teacher.config.label2id = {0: "negative", 1: "positive"}, {"negative": 0, "positive": 1}
+    teacher.save_pretrained(task / "teacher")
+    output_dir = task / "out"
+    main(pipeline_args(task, output_dir, "--num_train_epochs", "1"))
+    assert not any(
+        p.name.startswith("teacher-") and p.name != "teacher-checkpoints" for p in (output_dir / "stages").iterdir()
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"--text_column_name": "sentence"}, "Column 'sentence' not found in the train file"),
+        ({"--label_column_name": "gold"}, "Column 'gold' not found"),
+    ],
+)
+def test_bad_columns_fail_before_training(task, change, message):
+    args = pipeline_args(task, task / "out")
+    for flag, value in change.items():
+        args[args.index(flag) + 1] if flag in args else args.extend([flag, value])
+    with pytest.raises(ValueError, match=message):
+        main(args)
+    assert not (task / "out" / "stages").exists()
+
+
+def test_unseen_labels_empty_texts_and_foreign_teacher_are_rejected(task):
+    (task / "test.csv").write_text("text,label\ngood movie,positive\nbad plot,neutral\n")
+    with pytest.raises(ValueError, match=r"test file .* labels never seen in training: \['neutral'\]"):
+        main(pipeline_args(task, task / "out"))
+    (task / "test.csv").write_text('text,label\ngood movie,positive\n" ",negative\n')
+    with pytest.raises(ValueError, match="Empty text in column 'text', row 1 of the test file"):
+        main(pipeline_args(task, task / "out"))
+    write_task(task)
+    teacher = BertForSequenceClassification(tiny_encoder(seed=1).config)
+    teacher.config.id2label = {0: "sports", 1: "politics"}
+    teacher.save_pretrained(task / "teacher")
+    with pytest.raises(ValueError, match=r"classifier for the labels \['sports', 'politics'\]"):
+        main(pipeline_args(task, task / "out"))
+
+
+def test_missing_file_and_bad_flags_are_reported():
+    with pytest.raises(ValueError, match="Data file not found: nope.csv"):
+        parse_args(["--train_file", "nope.csv", "--validation_file", "nope.csv"])
+    with pytest.raises(ValueError, match="index_type must be one of"):
+        parse_args(["--index_type", "annoy"])
