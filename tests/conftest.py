@@ -109,3 +109,31 @@ def run_fresh_python(code: str, cwd: Path, block: tuple[str, ...] = ("hf_reaugkd
     if result.returncode != 0:
         raise AssertionError(f"fresh process failed:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def tiny_distillation_data(tokenizer, size: int = 32, kb_dim: int = 16, num_labels: int = 3, seed: int = 0):
+    """A tokenized train set with the columns ReAugKDTrainer reads: labels, teacher_logits, teacher_keys."""
+    from datasets import Dataset
+
+    generator = torch.Generator().manual_seed(seed)
+    texts = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(2 + i % 5)) for i in range(size)]
+    encoded = tokenizer(texts, truncation=True, max_length=16)
+    keys = torch.nn.functional.normalize(torch.randn(size, kb_dim, generator=generator), dim=-1)
+    return Dataset.from_dict(
+        {
+            **encoded,
+            "labels": [i % num_labels for i in range(size)],
+            "teacher_logits": (2 * torch.randn(size, num_labels, generator=generator)).tolist(),
+            "teacher_keys": keys.tolist(),
+        }
+    )
+
+
+def dropout_free_student(seed: int = 0):
+    """A tiny student whose training step is deterministic (no dropout), for gradient comparisons."""
+    encoder = tiny_encoder(seed)
+    encoder.config.hidden_dropout_prob = encoder.config.attention_probs_dropout_prob = 0.0
+    torch.manual_seed(seed)
+    return ReAugKDForSequenceClassification.from_encoder(
+        BertModel(encoder.config), ID2LABEL, kb_dim=16, classifier_dropout=0.0
+    )

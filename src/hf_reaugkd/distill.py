@@ -49,7 +49,10 @@ logger = logging.getLogger(__name__)
 
 DEMO_TRAIN_SAMPLES = 4000  # with 2 teacher and 3 student epochs at length 64: the demo fits in ~10 min on 2 cores
 DEMO_STUDENT_LAYERS = 3
-DEFAULT_OUTPUT_DIR = "trainer_output"  # TrainingArguments' own default; the demo writes to outputs/demo instead
+DEMO_BATCH_SIZE = 32
+# TrainingArguments' own defaults, replaced in the demo when the user did not set them
+DEFAULT_OUTPUT_DIR = "trainer_output"
+DEFAULT_BATCH_SIZE = 8
 
 
 @dataclass
@@ -148,9 +151,12 @@ def apply_demo_defaults(model_args, data_args, training_args) -> tuple:
     data_args = dataclasses.replace(
         data_args, dataset_name="rotten_tomatoes", max_train_samples=data_args.max_train_samples or DEMO_TRAIN_SAMPLES
     )
+    demo_training = {}
     if training_args.output_dir == DEFAULT_OUTPUT_DIR:
-        training_args = dataclasses.replace(training_args, output_dir="outputs/demo")
-    return model_args, data_args, training_args
+        demo_training["output_dir"] = "outputs/demo"
+    if training_args.per_device_train_batch_size == DEFAULT_BATCH_SIZE:
+        demo_training["per_device_train_batch_size"] = DEMO_BATCH_SIZE
+    return model_args, data_args, dataclasses.replace(training_args, **demo_training)
 
 
 def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: ReAugKDTrainingArguments) -> dict:

@@ -75,8 +75,11 @@ class ReAugKDTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._loss_part_count:
-            for name, total in self._loss_part_sums.items():
-                logs[f"loss_{name}"] = round(total / self._loss_part_count, 4)
+            names = sorted(self._loss_part_sums)
+            means = torch.tensor([self._loss_part_sums[name] / self._loss_part_count for name in names])
+            means = self.accelerator.reduce(means.to(self.args.device), reduction="mean")  # over processes, like "loss"
+            for name, value in zip(names, means.tolist(), strict=True):
+                logs[f"loss_{name}"] = round(value, 4)
             self._loss_part_sums.clear()
             self._loss_part_count = 0
         super().log(logs, start_time)
