@@ -42,13 +42,14 @@ def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path):
     single = tmp_path / "single.json"
     subprocess.run([sys.executable, str(WORKER), str(single), "32"], env=env, check=True, timeout=300)
     ddp = tmp_path / "ddp.json"
-    subprocess.run(
-        ["torchrun", "--nproc_per_node", "2", "--master_port", "29517", str(WORKER), str(ddp), "16"],
+    result = subprocess.run(
+        ["torchrun", "--standalone", "--nproc_per_node", "2", str(WORKER), str(ddp), "16"],
         env=env,
-        check=True,
         timeout=300,
         capture_output=True,
+        text=True,
     )
+    assert result.returncode == 0, result.stderr[-4000:]
     one, two = json.loads(single.read_text()), json.loads(ddp.read_text())
     assert one["world_size"] == 1 and two["world_size"] == 2
     assert two["loss_relational"] == pytest.approx(one["loss_relational"], rel=1e-3)

@@ -80,6 +80,14 @@ class ReAugKDSequenceClassifierOutput(ModelOutput):
     neighbor_weights: torch.FloatTensor | None = None
 
 
+def mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention-masked mean of token states `(B, T, H)` → `(B, H)` (the sentence-transformers pooling)."""
+    if attention_mask is None:
+        return hidden_states.mean(dim=1)
+    mask = attention_mask.unsqueeze(-1).to(hidden_states.dtype)  # (B, T, 1)
+    return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)  # (B, H)
+
+
 def knowledge_base_from_config(config: ReAugKDConfig) -> KnowledgeBase:
     """An empty KB with the shapes and index settings the config records (filled by loading or by build)."""
     index_params = {name: getattr(config, name) for name in DEFAULT_INDEX_PARAMS}
@@ -195,10 +203,7 @@ class ReAugKDModel(ReAugKDPreTrainedModel):
         """Sentence embedding `(B, H)` from token states `(B, T, H)`: CLS token or attention-masked mean."""
         if self.config.pooling == "cls":
             return hidden_states[:, 0]
-        if attention_mask is None:
-            return hidden_states.mean(dim=1)
-        mask = attention_mask.unsqueeze(-1).to(hidden_states.dtype)  # (B, T, 1)
-        return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+        return mean_pool(hidden_states, attention_mask)
 
     def retrieve(
         self, query_embedding: torch.Tensor, knn_k: int, retrieval_temperature: float

@@ -28,6 +28,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from .data import LABEL_COLUMN, TaskData
 from .knowledge_base import KnowledgeBase
 from .losses import supervised_contrastive_loss
+from .modeling_reaugkd import mean_pool
 from .trainer import TEACHER_LOGITS, ReAugKDTrainer
 from .training_args import ReAugKDTrainingArguments
 
@@ -69,11 +70,6 @@ def tokenize_function(
         return tokenizer(batch[text_column], pairs, truncation=True, max_length=max_seq_length)
 
     return tokenize
-
-
-def mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    mask = attention_mask.unsqueeze(-1).to(hidden_states.dtype)  # (B, T, 1)
-    return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)  # (B, H)
 
 
 # 1. Teacher fine-tuning ------------------------------------------------------------------------------------

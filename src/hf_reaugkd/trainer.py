@@ -77,7 +77,9 @@ class ReAugKDTrainer(Trainer):
         if "loss" in logs and self._loss_part_count:
             names = sorted(self._loss_part_sums)
             means = torch.tensor([self._loss_part_sums[name] / self._loss_part_count for name in names])
-            means = self.accelerator.reduce(means.to(self.args.device), reduction="mean")  # over processes, like "loss"
+            means = self.accelerator.reduce(
+                means.to(self.args.device), reduction="mean"
+            )  # over processes, like "loss"
             for name, value in zip(names, means.tolist(), strict=True):
                 logs[f"loss_{name}"] = round(value, 4)
             self._loss_part_sums.clear()
