@@ -82,6 +82,14 @@ class ModelArguments:
     projection_temperature: float = field(
         default=0.1, metadata={"help": "Temperature of the projection head's supervised contrastive loss."}
     )
+    stages_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the fine-tuned teacher, its outputs and the knowledge base are cached; reruns with the "
+            "same inputs reuse them. Share it between runs that differ only in the student. Default: "
+            "<output_dir>/stages."
+        },
+    )
     index_type: str = field(default="torch", metadata={"help": f"Knowledge-base search backend: {INDEX_TYPES}."})
     knn_k_grid: str = field(default="1,4,8,16,32", metadata={"help": "k values tried on validation."})
     retrieval_weight_grid: str = field(
@@ -167,7 +175,7 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
     if demo:
         model_args, data_args, training_args = apply_demo_defaults(model_args, data_args, training_args)
     output_dir = Path(training_args.output_dir)
-    work_dir = output_dir / "stages"
+    work_dir = Path(model_args.stages_dir) if model_args.stages_dir else output_dir / "stages"
     set_seed(training_args.seed)
 
     # Data, checked before any long work.
@@ -297,6 +305,20 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
     }
     val_labels = with_teacher["validation"][LABEL_COLUMN][:]
     selection = select_retrieval_settings(val_probs, retrieved["validation"], val_labels, model_args.betas)
+    # How good a query the student is: kNN accuracy (β=1) of its queries vs the teacher's own projected queries.
+    with torch.no_grad():
+        teacher_queries = torch.nn.functional.normalize(
+            projection(with_teacher["validation"][TEACHER_EMBEDDINGS][:].float()), dim=-1
+        )
+    teacher_retrieved = retrieved_distributions(
+        kb, teacher_queries, model_args.knn_ks, model_args.retrieval_temperature
+    )
+    knn_accuracy = {
+        "student_query": {
+            k: classification_metrics(p, val_labels)["accuracy"] for k, p in retrieved["validation"].items()
+        },
+        "teacher_query": {k: classification_metrics(p, val_labels)["accuracy"] for k, p in teacher_retrieved.items()},
+    }
     student.config.knn_k, student.config.retrieval_weight = selection["knn_k"], selection["retrieval_weight"]
     logger.info("Chosen on validation: k=%d, β=%.2f", selection["knn_k"], selection["retrieval_weight"])
 
@@ -305,6 +327,7 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
     metrics = {
         "selection": {key: value for key, value in selection.items() if key != "grid"},
         "validation_grid": selection["grid"],
+        "validation_knn_accuracy": knn_accuracy,
         "splits": {},
     }
     for name, (probs, _) in predictions.items():

@@ -1,0 +1,80 @@
+"""What every benchmark shares: the environment record written next to its results, and atomic JSON writes."""
+
+import csv
+import datetime
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).parent / "results"
+LIBRARIES = ("hf-reaugkd", "torch", "transformers", "accelerate", "datasets", "faiss-cpu", "numpy")
+
+
+def environment() -> dict:
+    """Machine, library versions and date, so a result can be compared only with results from its own setting."""
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = version(name)
+        except Exception:  # not installed
+            versions[name] = None
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "libraries": versions,
+    }
+
+
+def write_json(path: Path, payload) -> None:
+    """Write `payload` to `path` through a temporary file, so an interrupted run never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}-", delete=False) as tmp:
+        json.dump(payload, tmp, indent=2)
+    os.replace(tmp.name, path)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall-clock seconds of `fn()` (CUDA work is waited for)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def read_csv(path: Path) -> tuple[list[str], list[str]]:
+    """Texts and labels of a `text,label` CSV file."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    missing = {"text", "label"} - set(rows[0] if rows else {})
+    if missing:
+        raise ValueError(f"{path}: expected columns text,label; missing {sorted(missing)}")
+    return [row["text"] for row in rows], [row["label"] for row in rows]
+
+
+def batches(tokenizer, texts: list[str], batch_size: int, max_length: int) -> list[dict]:
+    """Pre-tokenized, padded batches, so that timings leave tokenization out."""
+    return [
+        tokenizer(texts[i : i + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        for i in range(0, len(texts), batch_size)
+    ]
