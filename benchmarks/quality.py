@@ -77,20 +77,29 @@ def run_dir(work_dir: Path, setting: Setting, task: str, seed: int) -> Path:
     return work_dir / fingerprint(dataclasses.asdict(setting)) / task / f"seed{seed}"
 
 
-def train_run(task: str, data_dir: Path, seed: int, name: str, setting: Setting, work_dir: Path) -> dict:
-    """One student training through the user-facing pipeline; returns its metrics (cached in metrics.json)."""
-    output_dir = run_dir(work_dir, setting, task, seed) / name
+def train_run(
+    task: str, data_dir: Path, seed: int, name: str, setting: Setting, work_dir: Path, overrides: dict | None = None
+) -> dict:
+    """One student training through the user-facing pipeline; returns its metrics (cached in metrics.json).
+
+    `overrides` sets other `ModelArguments` / `ReAugKDTrainingArguments` fields (ablations); the teacher and, when
+    its inputs are unchanged, the knowledge base are shared with the plain run."""
+    overrides = overrides or {}
+    suffix = "".join(f"+{key}={value}" for key, value in sorted(overrides.items()))
+    output_dir = run_dir(work_dir, setting, task, seed) / f"{name}{suffix}"
     metrics_file = output_dir / "metrics.json"
     if metrics_file.exists():
         return json.loads(metrics_file.read_text())
-    logger.info("Running %s / seed %d / %s", task, seed, name)
+    logger.info("Running %s / seed %d / %s%s", task, seed, name, suffix)
     weights, _ = RUNS[name]
+    model_fields = {f.name for f in dataclasses.fields(ModelArguments)}
     model_args = ModelArguments(
         teacher_model_name_or_path=setting.teacher,
         student_model_name_or_path=setting.student,
         student_num_layers=setting.student_num_layers,
         teacher_num_train_epochs=setting.teacher_epochs,
         stages_dir=str(run_dir(work_dir, setting, task, seed) / "stages"),
+        **{key: value for key, value in overrides.items() if key in model_fields},
     )
     data_args = DataTrainingArguments(
         train_file=str(data_dir / "train.csv"),
@@ -99,18 +108,20 @@ def train_run(task: str, data_dir: Path, seed: int, name: str, setting: Setting,
         max_seq_length=setting.max_seq_length,
         max_train_samples=setting.max_train_samples,
     )
-    training_args = ReAugKDTrainingArguments(
-        output_dir=str(output_dir),
-        seed=seed,
-        num_train_epochs=setting.student_epochs,
-        learning_rate=setting.learning_rate,
-        per_device_train_batch_size=setting.batch_size,
-        per_device_eval_batch_size=64,
-        save_strategy="no",
-        logging_steps=50,
-        report_to=[],
+    training_kwargs = {
+        "output_dir": str(output_dir),
+        "seed": seed,
+        "num_train_epochs": setting.student_epochs,
+        "learning_rate": setting.learning_rate,
+        "per_device_train_batch_size": setting.batch_size,
+        "per_device_eval_batch_size": 64,
+        "save_strategy": "no",
+        "logging_steps": 50,
+        "report_to": [],
         **weights,
-    )
+    }
+    training_kwargs.update((key, value) for key, value in overrides.items() if key not in model_fields)
+    training_args = ReAugKDTrainingArguments(**training_kwargs)
     return run(model_args, data_args, training_args)
 
 
