@@ -80,6 +80,13 @@ def test_end_to_end_then_fresh_process_pipeline(task, capsys):
     assert chosen["knn_k"] in (1, 4) and chosen["retrieval_weight"] in (0.0, 0.5, 1.0)
     best = max(row["accuracy"] for row in metrics["validation_grid"])
     assert chosen["accuracy"] == best
+    # kNN accuracy of the student's queries is the β=1 column of the grid; the teacher's queries get their own
+    knn = metrics["validation_knn_accuracy"]
+    beta_one = {
+        str(row["knn_k"]): row["accuracy"] for row in metrics["validation_grid"] if row["retrieval_weight"] == 1
+    }
+    assert knn["student_query"] == beta_one
+    assert set(knn["teacher_query"]) == {"1", "4"} and all(0 <= a <= 1 for a in knn["teacher_query"].values())
 
     model_dir = output_dir / "model"
     config = json.loads((model_dir / "config.json").read_text())
@@ -113,6 +120,21 @@ def test_rerun_skips_finished_stages(task):
     after = sorted(p.name for p in (output_dir / "stages").iterdir())
     assert len([n for n in after if n.startswith("knowledge-base-")]) == 2
     assert len([n for n in after if n.startswith("teacher-") and n != "teacher-checkpoints"]) == 1
+
+
+def test_runs_share_a_stages_dir(task):
+    stages = task / "shared-stages"
+    main(pipeline_args(task, task / "reaugkd", "--num_train_epochs", "1", "--stages_dir", str(stages)))
+    stamps = {p.name: p.stat().st_mtime_ns for p in stages.iterdir() if p.name != "teacher-checkpoints"}
+    assert any(name.startswith("knowledge-base-") for name in stamps)
+    # a run that differs only in the student's loss reuses the teacher and the knowledge base
+    main(
+        pipeline_args(
+            task, task / "kd", "--num_train_epochs", "1", "--relational_weight", "0", "--stages_dir", str(stages)
+        )
+    )
+    assert {p.name: p.stat().st_mtime_ns for p in stages.iterdir() if p.name != "teacher-checkpoints"} == stamps
+    assert not (task / "kd" / "stages").exists() and (task / "kd" / "model" / "model.safetensors").is_file()
 
 
 def test_finetuned_teacher_with_these_labels_is_used_as_is(task):
