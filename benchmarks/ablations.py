@@ -24,6 +24,7 @@ VARIANTS = {
     "relational_weight=4": ({"relational_weight": 4.0}, ("reaugkd",)),
     "relational_temperature=0.5": ({"relational_temperature": 0.5}, ("reaugkd",)),
     "projection_temperature=0.5": ({"projection_temperature": 0.5}, ("reaugkd",)),
+    "relational_neighbors=16": ({"relational_neighbors": 16}, ("reaugkd",)),
     "learning_rate=1e-4": ({"learning_rate": 1e-4}, ("reaugkd", "vanilla_kd")),
 }
 

@@ -29,6 +29,19 @@ def test_relational_loss_hand_computed():
     assert RelationalLoss()(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
 
 
+def test_relational_loss_with_keys_per_example_is_the_rowwise_loss():
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = (torch.nn.functional.normalize(torch.randn(4, 8, generator=generator), dim=-1) for _ in "st")
+    keys = torch.nn.functional.normalize(torch.randn(4, 6, 8, generator=generator), dim=-1)  # (B, M, d)
+    loss = RelationalLoss(temperature=0.5)
+    rowwise = torch.stack([loss(student[i : i + 1], teacher[i : i + 1], keys[i]) for i in range(4)]).mean()
+    assert loss(student, teacher, keys).item() == pytest.approx(rowwise.item(), rel=1e-5)
+    # one shared key set, expanded per example, is the shared-key loss
+    assert loss(student, teacher, keys[0].expand(4, -1, -1)).item() == pytest.approx(
+        loss(student, teacher, keys[0]).item(), rel=1e-5
+    )
+
+
 def test_supervised_contrastive_loss_hand_computed():
     embeddings = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     labels = torch.tensor([0, 0, 1])

@@ -67,7 +67,7 @@ def pipeline_args(task, output_dir, *extra):
 
 def test_end_to_end_then_fresh_process_pipeline(task, capsys):
     output_dir = task / "out"
-    main(pipeline_args(task, output_dir))
+    main(pipeline_args(task, output_dir, "--relational_neighbors", "4"))
     printed = capsys.readouterr().out
     assert "student + retrieval" in printed and "chosen on validation" in printed
 

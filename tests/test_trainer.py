@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import dropout_free_student, tiny_distillation_data
 from ddp_worker import one_step
+
+from hf_reaugkd import KnowledgeBase
+from hf_reaugkd.losses import distillation_loss, relational_loss
+from hf_reaugkd.trainer import TEACHER_NEIGHBORS, ReAugKDTrainer
+from hf_reaugkd.training_args import ReAugKDTrainingArguments
 
 WORKER = Path(__file__).parent / "ddp_worker.py"
 
@@ -55,3 +61,34 @@ def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path):
     assert two["loss_relational"] == pytest.approx(one["loss_relational"], rel=1e-3)
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-3)
     torch.testing.assert_close(torch.tensor(two["update"]), torch.tensor(one["update"]), atol=1e-5, rtol=1e-3)
+
+
+def test_relational_neighbors_relate_each_example_to_its_knowledge_base_neighbours(tmp_path, tiny_tokenizer):
+    data = tiny_distillation_data(tiny_tokenizer, size=16)
+    kb = KnowledgeBase.build(
+        torch.tensor(data["teacher_keys"]), torch.softmax(torch.tensor(data["teacher_logits"]), -1)
+    )
+    data = data.add_column(TEACHER_NEIGHBORS, kb.search(kb.keys, 4)[1][:, 1:].tolist())  # 3 nearest other entries
+    student = dropout_free_student()
+    student.set_knowledge_base(kb)
+    args = ReAugKDTrainingArguments(
+        output_dir=str(tmp_path), relational_neighbors=3, per_device_train_batch_size=8, report_to="none", use_cpu=True
+    )
+    trainer = ReAugKDTrainer(model=student, args=args, train_dataset=data, processing_class=tiny_tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch[TEACHER_NEIGHBORS].shape == (8, 3)
+
+    loss = trainer.compute_loss(student, dict(batch))
+    outputs = student(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+    distillation = distillation_loss(outputs.student_logits, batch["teacher_logits"], 1.0)
+    keys = torch.cat([batch["teacher_keys"].expand(8, -1, -1), kb.keys[batch[TEACHER_NEIGHBORS]]], dim=1)  # (8, 11, d)
+    expected = distillation + relational_loss(outputs.query_embedding, batch["teacher_keys"], keys, 0.1)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    batch_only = distillation + relational_loss(
+        outputs.query_embedding, batch["teacher_keys"], batch["teacher_keys"], 0.1
+    )
+    assert abs(loss.item() - batch_only.item()) > 1e-4  # the neighbours are part of the loss
+
+    without_ids = {k: v for k, v in batch.items() if k != TEACHER_NEIGHBORS}
+    with pytest.raises(ValueError, match="relational_neighbors=3 needs a 'teacher_neighbor_ids' column"):
+        trainer.compute_loss(student, without_ids)

@@ -42,7 +42,7 @@ from .stages import (
     tokenize_function,
     train_teacher_projection,
 )
-from .trainer import TEACHER_KEYS, TEACHER_LOGITS
+from .trainer import TEACHER_KEYS, TEACHER_LOGITS, TEACHER_NEIGHBORS
 from .training_args import ReAugKDTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -280,11 +280,19 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
         name: split.map(tokenize, batched=True, desc=f"Tokenizing {name} for the student")
         for name, split in with_teacher.items()
     }
+    student.set_knowledge_base(kb)
+    neighbors = training_args.relational_neighbors
+    # each training example's nearest other KB entries (its own entry, the nearest, is dropped)
+    neighbor_ids = kb.search(kb.keys, neighbors + 1)[1][:, 1:] if neighbors else None  # (N, neighbors)
+
+    def attach_teacher_keys(batch, indices):
+        columns = {TEACHER_KEYS: kb.keys[indices]}
+        if neighbor_ids is not None:
+            columns[TEACHER_NEIGHBORS] = neighbor_ids[indices]
+        return columns
+
     student_train = student_splits["train"].map(
-        lambda batch, indices: {TEACHER_KEYS: kb.keys[indices]},
-        with_indices=True,
-        batched=True,
-        desc="Attaching knowledge-base keys",
+        attach_teacher_keys, with_indices=True, batched=True, desc="Attaching knowledge-base keys"
     )
     student_args = dataclasses.replace(
         training_args, output_dir=str(output_dir / "student-checkpoints"), push_to_hub=False
@@ -292,7 +300,6 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
     student = distill_student(student, student_train, student_args, student_tokenizer, resume)
     if not training_args.should_save:  # only the main process evaluates and saves
         return {}
-    student.set_knowledge_base(kb)
 
     # 5. k and β on validation only.
     predictions = {
@@ -437,6 +444,7 @@ def _hyperparameters(model_args, data_args, training_args) -> dict:
     keys = (
         "learning_rate", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
         "distillation_weight", "relational_weight", "ce_weight", "distillation_temperature", "relational_temperature",
+        "relational_neighbors",
     )  # fmt: skip
     values = {key: getattr(training_args, key) for key in keys}
     values.update(

@@ -10,6 +10,7 @@ from .training_args import ReAugKDTrainingArguments
 
 TEACHER_LOGITS = "teacher_logits"
 TEACHER_KEYS = "teacher_keys"
+TEACHER_NEIGHBORS = "teacher_neighbor_ids"
 
 
 class ReAugKDTrainer(Trainer):
@@ -17,7 +18,9 @@ class ReAugKDTrainer(Trainer):
 
     The train dataset carries, besides the student's tokenized inputs and `labels`, two columns made once by
     the teacher: `teacher_logits` `(C,)` and `teacher_keys` `(d,)` (the teacher's projected, normalised
-    embedding, i.e. the example's knowledge-base key). Each loss part is logged (`loss_distillation`,
+    embedding, i.e. the example's knowledge-base key), and with `relational_neighbors > 0` a third,
+    `teacher_neighbor_ids` `(N,)`: the example's nearest entries in the student's attached knowledge base.
+    Each loss part is logged (`loss_distillation`,
     `loss_relational`, `loss_ce`).
 
     Under DDP the relational loss relates each local example to the teacher keys of *all* processes' batches
@@ -37,7 +40,7 @@ class ReAugKDTrainer(Trainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        for column in (TEACHER_LOGITS, TEACHER_KEYS):
+        for column in (TEACHER_LOGITS, TEACHER_KEYS, TEACHER_NEIGHBORS):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 
@@ -45,6 +48,7 @@ class ReAugKDTrainer(Trainer):
         teacher_logits = inputs.pop(TEACHER_LOGITS)  # (B, C)
         teacher_keys = inputs.pop(TEACHER_KEYS)  # (B, d)
         labels = inputs.pop("labels")  # (B,)
+        neighbor_ids = inputs.pop(TEACHER_NEIGHBORS, None)  # (B, N)
         outputs = model(**inputs, retrieval_weight=0.0)
         args = self.args
 
@@ -54,9 +58,12 @@ class ReAugKDTrainer(Trainer):
                 outputs.student_logits, teacher_logits, args.distillation_temperature
             )
         if args.relational_weight > 0:
-            all_teacher_keys = self.accelerator.gather(teacher_keys.contiguous())  # (world × B, d)
+            keys = self.accelerator.gather(teacher_keys.contiguous())  # (world × B, d)
+            if args.relational_neighbors > 0:
+                neighbor_keys = self._neighbor_keys(model, neighbor_ids)  # (B, N, d)
+                keys = torch.cat([keys.expand(len(teacher_keys), -1, -1), neighbor_keys], dim=1)  # (B, M + N, d)
             parts["relational"] = relational_loss(
-                outputs.query_embedding, teacher_keys, all_teacher_keys, args.relational_temperature
+                outputs.query_embedding, teacher_keys, keys, args.relational_temperature
             )
         if args.ce_weight > 0:
             parts["ce"] = torch.nn.functional.cross_entropy(outputs.student_logits.float(), labels)
@@ -72,6 +79,16 @@ class ReAugKDTrainer(Trainer):
                 self._loss_part_sums[name] += value.item()
             self._loss_part_count += 1
         return (loss, outputs) if return_outputs else loss
+
+    def _neighbor_keys(self, model, neighbor_ids: torch.Tensor | None) -> torch.Tensor:
+        """Keys `(B, N, d)` of each example's knowledge-base neighbours, from the KB attached to the student."""
+        knowledge_base = self.accelerator.unwrap_model(model).reaugkd.knowledge_base
+        if neighbor_ids is None or knowledge_base.size == 0:
+            raise ValueError(
+                f"relational_neighbors={self.args.relational_neighbors} needs a '{TEACHER_NEIGHBORS}' column in the "
+                "train dataset and the knowledge base attached to the student (student.set_knowledge_base(kb))."
+            )
+        return knowledge_base.keys[neighbor_ids.to(knowledge_base.keys.device)]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._loss_part_count:

@@ -28,6 +28,15 @@ class ReAugKDTrainingArguments(TrainingArguments):
         default=0.1, metadata={"help": "τ: temperature of the similarity distributions in the relational loss."}
     )
 
+    relational_neighbors: int = field(
+        default=0,
+        metadata={
+            "help": "Also relate each example to its teacher key's N nearest knowledge-base entries, besides the "
+            "batch: the student then learns the teacher's neighbourhoods, not only its in-batch (mostly "
+            "class-level) similarities. 0: the batch only."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         weights = (self.distillation_weight, self.relational_weight, self.ce_weight)
@@ -35,6 +44,8 @@ class ReAugKDTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"distillation_weight, relational_weight and ce_weight must be >= 0 and not all 0, got {weights}."
             )
+        if self.relational_neighbors < 0:
+            raise ValueError(f"relational_neighbors must be >= 0, got {self.relational_neighbors}.")
         if self.distillation_temperature <= 0 or self.relational_temperature <= 0:
             raise ValueError(
                 "distillation_temperature and relational_temperature must be > 0, got "

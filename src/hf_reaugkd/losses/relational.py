@@ -20,12 +20,15 @@ def relational_loss(
     Args:
         student_queries (`torch.Tensor` of shape `(B, d)`): L2-normalised student projections z^s.
         teacher_queries (`torch.Tensor` of shape `(B, d)`): the teacher keys of the same B examples, z^t.
-        teacher_keys (`torch.Tensor` of shape `(M, d)`): the keys to relate to: the batch's teacher keys
-            (M = B), all processes' batches under DDP, or retrieved KB neighbours.
+        teacher_keys (`torch.Tensor` of shape `(M, d)` or `(B, M, d)`): the keys to relate to: shared by the
+            batch (its teacher keys, M = B, or all processes' batches under DDP), or one set per example (e.g.
+            the batch's keys plus each example's own knowledge-base neighbours).
         temperature (`float`): τ.
     """
-    teacher_logits = teacher_queries.float() @ teacher_keys.float().T / temperature  # (B, M)
-    student_logits = student_queries.float() @ teacher_keys.float().T / temperature  # (B, M)
+    keys = teacher_keys.float()
+    equation = "bd,md->bm" if keys.ndim == 2 else "bd,bmd->bm"
+    teacher_logits = torch.einsum(equation, teacher_queries.float(), keys) / temperature  # (B, M)
+    student_logits = torch.einsum(equation, student_queries.float(), keys) / temperature  # (B, M)
     teacher_probs = torch.softmax(teacher_logits, dim=-1)  # (B, M)
     student_log_probs = torch.log_softmax(student_logits, dim=-1)  # (B, M)
     return nn.functional.kl_div(student_log_probs, teacher_probs, reduction="batchmean")
