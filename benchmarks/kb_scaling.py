@@ -5,8 +5,9 @@
 Keys are realistic rather than uniform: MiniLM-L6 sentence embeddings of the texts in the --data directories
 (d=384), and for larger sizes random mixtures of two such embeddings plus a little noise, so the keys lie where
 real embeddings lie (anisotropic, clustered) instead of spreading uniformly over the sphere, which would make
-approximate search look harder than it is. Queries are other mixtures. At each size every backend is built, then
-timed in rounds that take each backend in turn, next to the student's own forward pass at batch 32 (MiniLM-L6's
+approximate search look harder than it is. Queries are other mixtures. At each size every backend is built once
+(package defaults), then timed in rounds that take each search setting in turn (exact torch and FAISS flat, HNSW
+at several efSearch, IVF at several nprobe), next to the student's own forward pass at batch 32 (MiniLM-L6's
 first 3 layers), which gives the overhead retrieval adds. Recall@16 is measured against the torch-exact ids.
 Each size is saved to `results/kb_scaling.json` when done, and a rerun skips sizes already there. On a CUDA GPU,
 torch-exact search also runs on the GPU and its achieved memory bandwidth is reported.
@@ -96,48 +97,64 @@ def gpu_search(keys: torch.Tensor, queries: torch.Tensor) -> dict:
     }
 
 
+def operating_points(hnsw_ef_search: list[int], ivf_nprobe: list[int]) -> dict[str, tuple[str, dict]]:
+    """Named search settings: exact backends once, approximate ones at each efSearch / nprobe."""
+    points = {"torch": ("torch", {}), "flat": ("flat", {})}
+    points.update({f"hnsw ef={ef}": ("hnsw", {"hnsw_ef_search": ef}) for ef in hnsw_ef_search})
+    points.update({f"ivf nprobe={n}": ("ivf", {"ivf_nprobe": n}) for n in ivf_nprobe})
+    return points
+
+
 @torch.no_grad()
-def measure_size(size: int, base: torch.Tensor, student_run, rounds: int, index_params: dict) -> dict:
+def measure_size(size: int, base: torch.Tensor, student_run, rounds: int, points: dict) -> dict:
     generator = torch.Generator().manual_seed(size)
     keys = base[:size].clone() if size <= len(base) else torch.cat([base, mixtures(base, size - len(base), generator)])
     values = torch.nn.functional.one_hot(torch.randint(2, (size,), generator=generator), 2).float()
     query_batches = mixtures(base, 32 * rounds, generator).split(32)
 
-    kbs, rows = {}, {}
-    for backend in BACKENDS:
+    kbs, built = {}, {}
+    for backend in BACKENDS:  # each index is built once (package defaults); search settings vary below
         start = time.perf_counter()
-        kbs[backend] = KnowledgeBase.build(keys, values, backend, **index_params.get(backend, {}))
+        kbs[backend] = KnowledgeBase.build(keys, values, backend)
         kbs[backend].search(query_batches[0], K)  # FAISS indexes are deserialized on first search
-        rows[backend] = {"build_seconds": time.perf_counter() - start}
-        tqdm.write(f"{size}: built {backend} in {rows[backend]['build_seconds']:.1f} s")
+        seconds = time.perf_counter() - start
+        built[backend] = {
+            "build_seconds": seconds,
+            "memory_bytes": memory_bytes(kbs[backend]),
+            "checkpoint_bytes": checkpoint_bytes(kbs[backend]),
+        }
+        tqdm.write(f"{size}: built {backend} in {seconds:.1f} s")
 
-    times: dict[str, list[float]] = {name: [] for name in (*BACKENDS, "student")}
-    found: dict[str, list[torch.Tensor]] = {backend: [] for backend in BACKENDS}
+    times: dict[str, list[float]] = {name: [] for name in (*points, "student")}
+    found: dict[str, list[torch.Tensor]] = {name: [] for name in points}
     for queries in tqdm(query_batches, desc=f"{size} keys: timing rounds"):
         start = time.perf_counter()
         student_run()
         times["student"].append(time.perf_counter() - start)
-        for backend, kb in kbs.items():
+        for name, (backend, params) in points.items():
+            kb = kbs[backend]
+            kb.index_params.update(params)
             start = time.perf_counter()
             _, ids = kb.search(queries, K)
-            times[backend].append(time.perf_counter() - start)
-            found[backend].append(ids)
+            times[name].append(time.perf_counter() - start)
+            found[name].append(ids)
 
     student_ms = 1000 * statistics.median(times["student"])
     exact = torch.cat(found["torch"])
-    for backend, kb in kbs.items():
-        ids = torch.cat(found[backend])
+    rows = {}
+    for name, (backend, params) in points.items():
+        ids = torch.cat(found[name])
         recall = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, exact, strict=True)) / exact.numel()
-        search_ms = 1000 * statistics.median(times[backend])
-        rows[backend].update(
-            search_ms_batch32=search_ms,
-            overhead_vs_student_batch32=search_ms / student_ms,
-            recall_at_16=recall,
-            memory_bytes=memory_bytes(kb),
-            checkpoint_bytes=checkpoint_bytes(kb),
-            index_params={name: kb.index_params[name] for name in sorted(kb.index_params) if name.startswith(backend)},
-        )
-    result = {"size": size, "dim": keys.shape[1], "student_ms_batch32": student_ms, "backends": rows}
+        search_ms = 1000 * statistics.median(times[name])
+        rows[name] = {
+            "backend": backend,
+            "search_params": params,
+            "search_ms_batch32": search_ms,
+            "overhead_vs_student_batch32": search_ms / student_ms,
+            "recall_at_16": recall,
+            **built[backend],
+        }
+    result = {"size": size, "dim": keys.shape[1], "student_ms_batch32": student_ms, "rows": rows}
     if torch.cuda.is_available():
         result["gpu_torch_exact"] = gpu_search(keys, torch.cat(query_batches))
     return result
@@ -149,17 +166,13 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--rounds", type=int, default=10, help="Timed batches of 32 queries per backend")
     parser.add_argument("--max_seq_length", type=int, default=64)
-    parser.add_argument("--hnsw_ef_search", type=int, help="Override the package default efSearch.")
-    parser.add_argument("--ivf_nprobe", type=int, help="Override the package default nprobe.")
+    parser.add_argument("--hnsw_ef_search", type=int, nargs="+", default=[64, 128, 256], help="efSearch values")
+    parser.add_argument("--ivf_nprobe", type=int, nargs="+", default=[8, 32], help="nprobe values")
     parser.add_argument("--work_dir", type=Path, default=Path(__file__).parent / "runs" / "kb_scaling")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "kb_scaling.json")
     args = parser.parse_args()
 
-    index_params = {}
-    if args.hnsw_ef_search:
-        index_params["hnsw"] = {"hnsw_ef_search": args.hnsw_ef_search}
-    if args.ivf_nprobe:
-        index_params["ivf"] = {"ivf_nprobe": args.ivf_nprobe}
+    points = operating_points(args.hnsw_ef_search, args.ivf_nprobe)
     names = "-".join(d.name for d in args.data)
     base = real_embeddings(args.data, args.max_seq_length, args.work_dir / f"{names}-{args.max_seq_length}.pt")
 
@@ -169,14 +182,13 @@ def main() -> None:
     student_batch = batches(tokenizer, read_csv(args.data[0] / "test.csv")[0][:32], 32, args.max_seq_length)[0]
 
     report = json.loads(args.output.read_text()) if args.output.exists() else {"sizes": []}
-    done = {(r["size"], json.dumps(r.get("index_overrides", {}))) for r in report["sizes"]}
+    done = {(r["size"], tuple(r["rows"])) for r in report["sizes"]}
     report.update(environment=environment(), base_embeddings=len(base), k=K, data=[d.name for d in args.data])
     for size in args.sizes:
-        if (size, json.dumps(index_params)) in done:
+        if (size, tuple(points)) in done:
             print(f"{size}: already measured, skipping")
             continue
-        result = measure_size(size, base, lambda: student(**student_batch), args.rounds, index_params)
-        result["index_overrides"] = index_params
+        result = measure_size(size, base, lambda: student(**student_batch), args.rounds, points)
         report["sizes"].append(result)
         write_json(args.output, report)
         print_size(result)
@@ -186,12 +198,13 @@ def print_size(result: dict) -> None:
     print(
         f"\n{result['size']} keys × {result['dim']}; student forward at batch 32: {result['student_ms_batch32']:.1f} ms"
     )
-    print(
-        f"{'backend':<8}{'build s':>9}{'ms/32 q':>9}{'overhead':>10}{'recall@16':>11}{'memory MB':>11}{'ckpt MB':>9}"
+    header = (
+        f"{'search':<16}{'build s':>9}{'ms/32 q':>9}{'overhead':>10}{'recall@16':>11}{'memory MB':>11}{'ckpt MB':>9}"
     )
-    for backend, row in result["backends"].items():
+    print(header)
+    for name, row in result["rows"].items():
         print(
-            f"{backend:<8}{row['build_seconds']:>9.2f}{row['search_ms_batch32']:>9.2f}"
+            f"{name:<16}{row['build_seconds']:>9.2f}{row['search_ms_batch32']:>9.2f}"
             f"{100 * row['overhead_vs_student_batch32']:>9.1f}%{row['recall_at_16']:>11.3f}"
             f"{row['memory_bytes'] / 2**20:>11.1f}{row['checkpoint_bytes'] / 2**20:>9.1f}"
         )

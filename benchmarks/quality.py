@@ -161,10 +161,11 @@ def summarize(records: list[dict]) -> str:
             accuracy = mean_std([r["accuracy"] for r in found])
             lines.append(f"| {method} | {accuracy} | {mean_std([r['macro_f1'] for r in found])} | {chosen} |")
         by_seed = {(r["method"], r["seed"]): r["accuracy"] for r in records if r["task"] == task}
+        lines.append("")
         for a, b in (("reaugkd", "vanilla_kd"), ("reaugkd", "teacher"), ("reaugkd", "reaugkd_no_retrieval")):
             gaps = [by_seed[a, s] - by_seed[b, s] for s in seeds if (a, s) in by_seed and (b, s) in by_seed]
             if gaps:
-                lines.append(f"\npaired {a} − {b}: {mean_std(gaps)} points ({len(gaps)} seeds)")
+                lines.append(f"- paired accuracy {a} − {b}: {mean_std(gaps)} points over {len(gaps)} seeds")
         lines.append("")
     return "\n".join(lines)
 
