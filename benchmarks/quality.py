@@ -14,7 +14,7 @@ one teacher and one knowledge base are shared by three student trainings (the me
 Every run goes through `hf_reaugkd.distill.run`, the pipeline users run. Finished runs are kept under --work_dir
 and skipped, so an interrupted benchmark resumes where it stopped. Results: `results/quality.json` (a list of
 `{"task", "method", "seed", "accuracy", "macro_f1", ...}` records on test), `results/quality_details.json`
-(environment, setting, validation grids) and `results/retrieval_grid.png` (validation accuracy against β).
+(environment, setting, validation grids) and `results/quality_retrieval_grid.png` (validation accuracy against β).
 """
 
 import argparse
@@ -222,7 +222,7 @@ def write_results(finished: list[tuple[str, int, str, dict]], setting: Setting, 
     write_json(output, records)
     details = {"environment": environment(), "setting": dataclasses.asdict(setting), "runs": runs}
     write_json(output.with_name(output.stem + "_details.json"), details)
-    plot_retrieval_grid(details, output.with_name("retrieval_grid.png"))
+    plot_retrieval_grid(details, output.with_name(output.stem + "_retrieval_grid.png"))
 
 
 def parse_task(value: str) -> tuple[str, Path]:
@@ -235,11 +235,29 @@ def parse_task(value: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
+def parse_override(value: str) -> tuple[str, object]:
+    key, sep, raw = value.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--overrides takes KEY=VALUE, got {value!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", type=parse_task, action="append", required=True, help="NAME=DIRECTORY (repeat)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument(
+        "--overrides",
+        type=parse_override,
+        nargs="+",
+        default=[],
+        help="KEY=VALUE settings of ModelArguments / ReAugKDTrainingArguments for every run (e.g. a setting "
+        "chosen with ablations.py); write to another --output",
+    )
     parser.add_argument("--work_dir", type=Path, default=Path(__file__).parent / "runs" / "quality")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "quality.json")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -261,7 +279,7 @@ def main() -> None:
     for seed in args.seeds:  # seed-major: an interrupted benchmark has whole seeds for every task
         for task, data_dir in args.task:
             for name in args.runs:
-                metrics = train_run(task, data_dir, seed, name, setting, args.work_dir)
+                metrics = train_run(task, data_dir, seed, name, setting, args.work_dir, dict(args.overrides))
                 finished.append((task, seed, name, metrics))
                 write_results(finished, setting, args.output)
     print(summarize(json.loads(args.output.read_text())))
