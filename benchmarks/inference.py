@@ -98,8 +98,8 @@ def main() -> None:
     for backend, (model, _) in with_retrieval.items():
         configs[f"student+retrieval[{backend}]"] = lambda batch, model=model: model(**batch)
     queries = {
-        32: [student(**batch, retrieval_weight=0).query_embedding for batch in inputs[32]],
-        1: [student(**batch, retrieval_weight=0).query_embedding for batch in inputs[1]],
+        size: [student(**batch, retrieval_weight=0).query_embedding for batch in batch_list]
+        for size, batch_list in inputs.items()
     }
     for backend, (model, _) in with_retrieval.items():
         kb = model.reaugkd.knowledge_base

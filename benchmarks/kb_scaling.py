@@ -21,12 +21,13 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS_DIR, batches, environment, median_seconds, read_csv, write_json
+from common import RESULTS_DIR, batches, environment, read_csv, write_json
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 from hf_reaugkd import KnowledgeBase, assets
 from hf_reaugkd.modeling_reaugkd import mean_pool
+from hf_reaugkd.stages import time_per_example
 
 BACKENDS = ("torch", "flat", "hnsw", "ivf")
 K = 16
@@ -89,11 +90,11 @@ def gpu_search(keys: torch.Tensor, queries: torch.Tensor) -> dict:
     """Torch-exact search on the GPU: time per batch of 32 and the key bytes read per second."""
     kb = KnowledgeBase.build(keys, torch.full((len(keys), 2), 0.5)).to("cuda")
     batch = queries[:32].to("cuda")
-    seconds = median_seconds(lambda: kb.search(batch, K), repeats=20, warmup=3)
+    milliseconds = time_per_example(lambda: kb.search(batch, K), num_examples=1, repeats=20)
     return {
         "device": torch.cuda.get_device_name(),
-        "ms_batch32": 1000 * seconds,
-        "achieved_gb_per_s": kb.keys.numel() * kb.keys.element_size() / seconds / 1e9,
+        "ms_batch32": milliseconds,
+        "achieved_gb_per_s": kb.keys.numel() * kb.keys.element_size() / milliseconds / 1e6,
     }
 
 

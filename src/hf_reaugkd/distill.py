@@ -321,10 +321,8 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
         kb, teacher_queries, model_args.knn_ks, model_args.retrieval_temperature
     )
     knn_accuracy = {
-        "student_query": {
-            k: classification_metrics(p, val_labels)["accuracy"] for k, p in retrieved["validation"].items()
-        },
-        "teacher_query": {k: classification_metrics(p, val_labels)["accuracy"] for k, p in teacher_retrieved.items()},
+        name: {k: classification_metrics(probs, val_labels)["accuracy"] for k, probs in by_k.items()}
+        for name, by_k in (("student_query", retrieved["validation"]), ("teacher_query", teacher_retrieved))
     }
     student.config.knn_k, student.config.retrieval_weight = selection["knn_k"], selection["retrieval_weight"]
     logger.info("Chosen on validation: k=%d, β=%.2f", selection["knn_k"], selection["retrieval_weight"])

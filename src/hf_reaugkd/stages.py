@@ -303,11 +303,19 @@ def select_retrieval_settings(
 
 
 def time_per_example(run: Callable[[], object], num_examples: int, repeats: int = 3) -> float:
-    """Median wall-clock milliseconds per example of `run()` (after one warm-up call)."""
+    """Median wall-clock milliseconds per example of `run()` (after one warm-up call). CUDA work is waited for,
+    so asynchronous kernels are counted in the call that launched them."""
     run()
     times = []
     for _ in range(repeats):
+        _synchronize()
         start = time.perf_counter()
         run()
+        _synchronize()
         times.append(time.perf_counter() - start)
     return 1000 * float(np.median(times)) / num_examples
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()

@@ -20,8 +20,7 @@ class ReAugKDTrainer(Trainer):
     the teacher: `teacher_logits` `(C,)` and `teacher_keys` `(d,)` (the teacher's projected, normalised
     embedding, i.e. the example's knowledge-base key), and with `relational_neighbors > 0` a third,
     `teacher_neighbor_ids` `(N,)`: the example's nearest entries in the student's attached knowledge base.
-    Each loss part is logged (`loss_distillation`,
-    `loss_relational`, `loss_ce`).
+    Each loss part is logged (`loss_distillation`, `loss_relational`, `loss_ce`).
 
     Under DDP the relational loss relates each local example to the teacher keys of *all* processes' batches
     (gathered; they are constants, so no gradient needs to flow through the gather), which makes it the same
