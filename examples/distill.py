@@ -6,18 +6,12 @@
         --train_file train.csv --validation_file validation.csv --test_file test.csv \
         --output_dir outputs/my-student --num_train_epochs 3 --per_device_train_batch_size 32
 
-With no model or data flags it runs the offline demo. Arguments are those of `ModelArguments`,
-`DataTrainingArguments` (hf_reaugkd.distill) and `ReAugKDTrainingArguments` (all `TrainingArguments` flags,
-plus the loss weights and temperatures), as flags or one JSON file.
+With no flags (or `--demo`) it runs the offline demo. Arguments are those of `ModelArguments`, `TeacherArguments`,
+`DataTrainingArguments` (hf_reaugkd.arguments) and `ReAugKDTrainingArguments` (all `TrainingArguments` flags, plus
+the loss weights and temperatures), as flags or one JSON file.
 """
 
-from hf_reaugkd.distill import parse_args, run
-
-
-def main() -> None:
-    model_args, data_args, training_args = parse_args()
-    run(model_args, data_args, training_args)
-
+from hf_reaugkd.distill import main
 
 if __name__ == "__main__":
     main()

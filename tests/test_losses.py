@@ -10,23 +10,64 @@ from hf_reaugkd.losses import DistillationLoss, RelationalLoss, SupervisedContra
 
 def test_distillation_loss_hand_computed():
     student, teacher = torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]])
-    # teacher probs (0.75, 0.25), student (0.5, 0.5): KL = 0.75 ln 1.5 + 0.25 ln 0.5
+    # teacher probs (0.75, 0.25), student (0.5, 0.5): KL(t || s) = 0.75 ln 1.5 + 0.25 ln 0.5 ≈ 0.131
+    # (the reverse KL(s || t) = 0.5 ln(2/3) + 0.5 ln 2 ≈ 0.144 would not match)
     kl = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
     assert DistillationLoss(temperature=1.0)(student, teacher).item() == pytest.approx(kl, abs=1e-6)
-    # at T = 2 the teacher logits (2 ln 3, 0) soften to the same (0.75, 0.25); T² = 4 scales the KL
-    teacher_t2 = torch.tensor([[2 * math.log(3.0), 0.0]])
-    assert DistillationLoss(temperature=2.0)(student, teacher_t2).item() == pytest.approx(4 * kl, abs=1e-6)
     assert DistillationLoss()(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
 
 
+def test_distillation_loss_softens_both_sides_scales_by_t_squared_and_averages_rows():
+    """At T = 2 both sides are divided by T (a student left at T = 1 would give a different KL), the KL is
+    scaled by T² and averaged over the rows, not summed."""
+    student = torch.tensor([[0.0, 2 * math.log(3.0)], [1.0, -1.0]])  # (2, C)
+    teacher = torch.tensor([[2 * math.log(3.0), 0.0], [1.0, -1.0]])
+    # row 0 at T = 2: teacher (ln 3, 0) → (3/4, 1/4); student (0, ln 3) → (1/4, 3/4)
+    #   KL = 3/4 ln 3 + 1/4 ln(1/3) = ½ ln 3; row 1: student = teacher, KL = 0
+    # T² · mean = 4 · (½ ln 3 + 0) / 2 = ln 3
+    assert DistillationLoss(temperature=2.0)(student, teacher).item() == pytest.approx(math.log(3.0), abs=1e-6)
+
+
 def test_relational_loss_hand_computed():
-    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    student, teacher = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
-    # q = softmax(0, 1) = (a, b), p = softmax(1, 0) = (b, a): KL(q||p) = (b − a) · ln(b / a) = (b − a) · 1
+    """Three keys and a student that relates differently to them than the teacher: the value pins down the
+    temperature, the batch mean and the KL direction (q = teacher's relations is the target)."""
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])  # (M=3, d=2)
+    teacher = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # (B=2, d)
+    student = torch.tensor([[0.0, 1.0], [0.0, 1.0]])  # row 0 differs from the teacher, row 1 equals it
+    # row 0 at τ = 1: teacher logits t·k = (1, 0, −1), student logits s·k = (0, 1, 0)
+    #   q = (e, 1, 1/e) / Zq, Zq = e + 1 + 1/e;  p = (1, e, 1) / Zp, Zp = e + 2
+    #   ln q − ln p = (1, −1, −1) + ln Zp − ln Zq, so KL(q || p) = q1 − q2 − q3 + ln Zp − ln Zq ≈ 0.474
+    # row 1: student = teacher, KL = 0; the loss is the mean over the 2 rows
+    zq, zp = math.e + 1 + 1 / math.e, math.e + 2
+    q = (math.e / zq, 1 / zq, 1 / math.e / zq)
+    kl_qp = q[0] - q[1] - q[2] + math.log(zp) - math.log(zq)
+    assert RelationalLoss(temperature=1.0)(student, teacher, keys).item() == pytest.approx(kl_qp / 2, abs=1e-6)
+
+    # swapping the roles gives KL(p || q) = −p1 + p2 + p3 − ln Zp + ln Zq ≈ 0.432: the loss is not symmetric
+    p = (1 / zp, math.e / zp, 1 / zp)
+    kl_pq = -p[0] + p[1] + p[2] - math.log(zp) + math.log(zq)
+    assert abs(kl_pq - kl_qp) > 0.04
+    assert RelationalLoss(temperature=1.0)(teacher, student, keys).item() == pytest.approx(kl_pq / 2, abs=1e-6)
+
+    # τ = 0.5 doubles every logit: teacher (2, 0, −2), student (0, 2, 0), so
+    #   KL = 2 (q1 − q2 − q3) + ln Zp − ln Zq with Zq = e² + 1 + e⁻², Zp = e² + 2; no T² factor
+    e2 = math.exp(2)
+    zq, zp = e2 + 1 + 1 / e2, e2 + 2
+    kl_sharp = 2 * (e2 - 1 - 1 / e2) / zq + math.log(zp) - math.log(zq)
+    assert RelationalLoss(temperature=0.5)(student, teacher, keys).item() == pytest.approx(kl_sharp / 2, abs=1e-6)
+
+    # a student equal to the teacher scores 0 against several keys, at any temperature
+    for temperature in (1.0, 0.1):
+        assert RelationalLoss(temperature)(teacher, teacher, keys).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_relational_loss_defaults_to_the_in_batch_teacher_keys():
+    teacher = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # also the keys
+    student = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    # row 0: q = softmax(1, 0) = (b, a), p = softmax(0, 1) = (a, b): KL = b ln(b/a) + a ln(a/b) = (b − a) · 1
+    # row 1: student = teacher, KL = 0; mean over the rows = (b − a) / 2
     a, b = 1 / (1 + math.e), math.e / (1 + math.e)
-    assert RelationalLoss(temperature=1.0)(student, teacher, keys).item() == pytest.approx(b - a, abs=1e-6)
-    # a student query equal to the teacher's has nothing to learn; in-batch keys are the default
-    assert RelationalLoss()(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
+    assert RelationalLoss(temperature=1.0)(student, teacher).item() == pytest.approx((b - a) / 2, abs=1e-6)
 
 
 def test_relational_loss_with_keys_per_example_is_the_rowwise_loss():
@@ -45,13 +86,26 @@ def test_relational_loss_with_keys_per_example_is_the_rowwise_loss():
 def test_supervised_contrastive_loss_hand_computed():
     embeddings = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     labels = torch.tensor([0, 0, 1])
-    # anchors 0 and 1 each have one positive (similarity 1) against one negative (similarity 0):
-    # −log(e / (e + 1)) each; anchor 2 has no positive and is left out.
+    # anchors 0 and 1 each have one positive (similarity 1) against one negative (similarity 0), the anchor
+    # itself left out of the denominator: −log(e / (e + 1)) each; anchor 2 has no positive and is left out.
     expected = -math.log(math.e / (math.e + 1))
     assert SupervisedContrastiveLoss(temperature=1.0)(embeddings, labels).item() == pytest.approx(expected, abs=1e-6)
     # a lower temperature sharpens it: −log(e^10 / (e^10 + 1)) at τ = 0.1
     sharp = -math.log(math.exp(10) / (math.exp(10) + 1))
     assert SupervisedContrastiveLoss(temperature=0.1)(embeddings, labels).item() == pytest.approx(sharp, abs=1e-6)
+
+
+def test_supervised_contrastive_loss_averages_log_probs_over_several_positives():
+    """L_out: the mean of the positives' log-probabilities (not their sum, not the log of their mean)."""
+    embeddings = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    labels = torch.tensor([0, 0, 0, 1])
+    # anchor 0: others have similarities (1, 0, −1), D0 = e + 1 + 1/e; positives 1 and 2:
+    #   −½ [(1 − ln D0) + (0 − ln D0)] = ln D0 − ½; anchor 1 is the same
+    # anchor 2: others all at similarity 0, D2 = 3; positives 0 and 1: −½ [2 (0 − ln 3)] = ln 3
+    # anchor 3 has no positive; the mean is over the 3 anchors with one
+    d0 = math.e + 1 + 1 / math.e
+    expected = (2 * (math.log(d0) - 0.5) + math.log(3.0)) / 3
+    assert SupervisedContrastiveLoss(temperature=1.0)(embeddings, labels).item() == pytest.approx(expected, abs=1e-6)
 
 
 def test_supervised_contrastive_without_positives_is_zero_with_gradient():

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -14,17 +15,110 @@ def batch(tiny_tokenizer):
     return tiny_tokenizer(SENTENCES, padding=True, return_tensors="pt")
 
 
-def test_beta_zero_is_the_plain_student(batch):
+# A knowledge base laid out by hand around the query of SENTENCES[0] (see `hand_built_student`):
+COSINES = (0.3, 0.9, -0.5, 0.6)  # cosine similarity of KB row j to the query
+NEIGHBOR_ORDER = (1, 3, 0, 2)  # the rows by decreasing cosine
+SOFT_LABELS = ((0.1, 0.1, 0.8), (0.7, 0.2, 0.1), (0.0, 0.0, 1.0), (0.2, 0.6, 0.2))  # (N=4, C=3)
+STUDENT_PROBS = (1 / 8, 2 / 8, 5 / 8)  # what the student classifier predicts for any input
+
+
+def hand_built_student(tiny_tokenizer, **config_kwargs):
+    """A student whose predictions can be written down with plain floats: its classifier always says
+    STUDENT_PROBS, and its KB has one key at each of COSINES to the query of SENTENCES[0]. Returns the model
+    and a batch holding that sentence twice (two rows, so that the loss is a mean over rows)."""
+    model = tiny_student(kb_size=0, **config_kwargs)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor(STUDENT_PROBS).log())
+    batch = tiny_tokenizer([SENTENCES[0]] * 2, return_tensors="pt")
+    with torch.no_grad():
+        query = model(**batch, retrieval_weight=0.0).query_embedding[0]  # (d,), unit norm
+    generator = torch.Generator().manual_seed(0)
+    keys = []
+    for cos in COSINES:
+        other = torch.randn(query.shape, generator=generator)
+        other = torch.nn.functional.normalize(other - (other @ query) * query, dim=0)  # unit, ⟂ query
+        keys.append(cos * query + math.sqrt(1 - cos**2) * other)  # unit, at cosine `cos` to the query
+    model.set_knowledge_base(KnowledgeBase.build(torch.stack(keys), torch.tensor(SOFT_LABELS)))
+    return model, batch
+
+
+def hand_mixture(k: int, tau: float, beta: float):
+    """(neighbour rows, weights e^{s_j/τ} / Σ e^{s/τ}, retrieved Σ w_j y_j, β · retrieved + (1 − β) · student)."""
+    rows = NEIGHBOR_ORDER[:k]
+    exps = [math.exp(COSINES[j] / tau) for j in rows]
+    weights = [e / sum(exps) for e in exps]
+    retrieved = [sum(w * SOFT_LABELS[j][c] for w, j in zip(weights, rows, strict=True)) for c in range(3)]
+    mixed = [beta * r + (1 - beta) * p for r, p in zip(retrieved, STUDENT_PROBS, strict=True)]
+    return list(rows), weights, retrieved, mixed
+
+
+def test_hand_mixture_worked_example():
+    """The helper against numbers worked out by hand, for k = 3, τ = 0.5, β = 0.3:
+    scores (0.9, 0.6, 0.3) → e^1.8, e^1.2, e^0.6 ≈ 6.050, 3.320, 1.822 (Σ ≈ 11.192) → w ≈ (0.5405, 0.2967, 0.1628);
+    retrieved = 0.5405 (0.7, 0.2, 0.1) + 0.2967 (0.2, 0.6, 0.2) + 0.1628 (0.1, 0.1, 0.8) ≈ (0.4540, 0.3024, 0.2436);
+    mixed = 0.3 · retrieved + 0.7 · (0.125, 0.25, 0.625) ≈ (0.2237, 0.2657, 0.5106)."""
+    rows, weights, retrieved, mixed = hand_mixture(3, 0.5, 0.3)
+    assert rows == [1, 3, 0]
+    assert weights == pytest.approx([0.5405, 0.2967, 0.1628], abs=1e-4)
+    assert retrieved == pytest.approx([0.4540, 0.3024, 0.2436], abs=1e-4)
+    assert mixed == pytest.approx([0.2237, 0.2657, 0.5106], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "k", "tau", "beta"),
+    [
+        ({}, 3, 0.5, 0.3),  # the config's k, τ_r and β
+        ({"knn_k": 2}, 2, 0.5, 0.3),  # the 0.3-cosine row drops out and the weights renormalise
+        ({"retrieval_temperature": 0.1}, 3, 0.1, 0.3),  # sharper weights
+        ({"retrieval_weight": 0.8}, 3, 0.5, 0.8),  # more of the retrieved distribution
+        ({"knn_k": 100}, 4, 0.5, 0.3),  # k clamped to the 4 KB rows
+        ({"knn_k": 4, "retrieval_temperature": 2.0, "retrieval_weight": 1.0}, 4, 2.0, 1.0),  # retrieval only
+    ],
+)
+def test_prediction_matches_the_hand_computed_mixture(tiny_tokenizer, overrides, k, tau, beta):
+    """Neighbour order, softmax(s / τ_r) weights, retrieved distribution and β-mixture, each against plain-float
+    values; every per-call override changes the expected prediction (checked first), so ignoring one fails."""
+    model, batch = hand_built_student(tiny_tokenizer, knn_k=3, retrieval_weight=0.3, retrieval_temperature=0.5)
+    rows, weights, retrieved, mixed = hand_mixture(k, tau, beta)
+    if overrides:
+        default = hand_mixture(3, 0.5, 0.3)[3]
+        assert max(abs(a - b) for a, b in zip(mixed, default, strict=True)) > 1e-3
+    with torch.no_grad():
+        out = model(**batch, output_neighbors=True, **overrides)
+    assert out.neighbor_ids.tolist() == [rows, rows]
+    torch.testing.assert_close(out.neighbor_scores, torch.tensor([COSINES[j] for j in rows]).expand(2, -1))
+    torch.testing.assert_close(out.neighbor_weights, torch.tensor(weights).expand(2, -1))
+    torch.testing.assert_close(out.student_logits.softmax(-1), torch.tensor(STUDENT_PROBS).expand(2, -1))
+    torch.testing.assert_close(out.retrieved_probs, torch.tensor(retrieved).expand(2, -1))
+    torch.testing.assert_close(out.logits.exp(), torch.tensor(mixed).expand(2, -1))  # logits = log(mixed)
+    torch.testing.assert_close(out.logits.softmax(-1), torch.tensor(mixed).expand(2, -1))  # what pipeline shows
+
+
+def test_beta_zero_is_the_plain_student(tiny_tokenizer):
+    """β = 0 skips retrieval: the prediction is the student's own, although the KB would change it."""
+    model, batch = hand_built_student(tiny_tokenizer, retrieval_weight=0.5)
+    with torch.no_grad():
+        out = model(**batch, retrieval_weight=0.0, output_neighbors=True)
+        mixed = model(**batch).logits.softmax(-1)
+    assert out.retrieved_probs is None and out.neighbor_ids is None
+    torch.testing.assert_close(out.logits.softmax(-1), torch.tensor(STUDENT_PROBS).expand(2, -1))
+    assert (mixed - torch.tensor(STUDENT_PROBS)).abs().max() > 0.01
+
+
+def test_student_logits_are_the_classifier_on_the_mean_of_the_unpadded_token_states(batch, tiny_tokenizer):
+    """Mean pooling ignores padding: each row of a padded batch equals its sentence run alone, which equals the
+    classifier applied to the plain mean of that sentence's token states; the query is a unit vector."""
     model = tiny_student()
+    assert (batch["attention_mask"] == 0).any()  # the batch really is padded
     with torch.no_grad():
         out = model(**batch, retrieval_weight=0.0)
-        encoder_states = model.reaugkd.encoder(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        pooled = (encoder_states * mask).sum(1) / mask.sum(1)
-        expected = torch.log_softmax(model.classifier(pooled), dim=-1)
-    assert out.retrieved_probs is None
-    assert torch.equal(out.logits, torch.log_softmax(out.student_logits, dim=-1))
-    torch.testing.assert_close(out.logits, expected)
+        for i, sentence in enumerate(SENTENCES):
+            alone = tiny_tokenizer(sentence, return_tensors="pt")
+            states = model.reaugkd.encoder(**alone).last_hidden_state  # (1, T_i, H), no padding
+            expected = torch.log_softmax(model.classifier(states.mean(1)), dim=-1)  # (1, C)
+            torch.testing.assert_close(out.logits[i : i + 1], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.query_embedding.norm(dim=-1), torch.ones(len(SENTENCES)))
 
 
 def test_k1_beta1_with_own_embedding_returns_that_soft_label(batch):
@@ -41,30 +135,10 @@ def test_k1_beta1_with_own_embedding_returns_that_soft_label(batch):
     torch.testing.assert_close(out.logits.softmax(-1), soft_labels)
 
 
-def test_retrieval_weights_are_a_distribution_and_k_is_clamped(batch):
-    model = tiny_student(kb_size=6)
-    with torch.no_grad():
-        out = model(**batch, knn_k=100, output_neighbors=True)
-    assert out.neighbor_ids.shape == (len(SENTENCES), 6)
-    torch.testing.assert_close(out.neighbor_weights.sum(-1), torch.ones(len(SENTENCES)))
-    torch.testing.assert_close(out.retrieved_probs.sum(-1), torch.ones(len(SENTENCES)))
-    torch.testing.assert_close(out.logits.exp().sum(-1), torch.ones(len(SENTENCES)))
-
-
-def test_mixing_follows_beta_and_per_call_overrides(batch):
-    model = tiny_student(kb_size=40, knn_k=4, retrieval_weight=0.3, retrieval_temperature=0.5)
-    with torch.no_grad():
-        default = model(**batch, output_neighbors=True)
-        student = default.student_logits.softmax(-1)
-        torch.testing.assert_close(default.logits.exp(), 0.3 * default.retrieved_probs + 0.7 * student)
-        assert default.neighbor_ids.shape[1] == 4
-        torch.testing.assert_close(default.neighbor_weights, (default.neighbor_scores / 0.5).softmax(-1))
-        sharp = model(**batch, knn_k=8, retrieval_temperature=0.01, retrieval_weight=0.9, output_neighbors=True)
-    assert sharp.neighbor_ids.shape[1] == 8
-    torch.testing.assert_close(sharp.neighbor_weights, (sharp.neighbor_scores / 0.01).softmax(-1))
-    torch.testing.assert_close(sharp.logits.exp(), 0.9 * sharp.retrieved_probs + 0.1 * student)
-    with pytest.raises(ValueError, match=r"retrieval_weight \(β\) must be in \[0, 1\], got 1.5"):
-        model(**batch, retrieval_weight=1.5)
+@pytest.mark.parametrize("beta", [1.5, -0.1])
+def test_retrieval_weight_outside_0_1_is_rejected(batch, beta):
+    with pytest.raises(ValueError, match=rf"retrieval_weight \(β\) must be in \[0, 1\], got {beta}"):
+        tiny_student()(**batch, retrieval_weight=beta)
 
 
 def test_batch_sizes_1_and_512_agree(tiny_tokenizer):
@@ -77,11 +151,17 @@ def test_batch_sizes_1_and_512_agree(tiny_tokenizer):
     torch.testing.assert_close(full[::37], singles, atol=1e-5, rtol=1e-5)
 
 
-def test_labels_give_nll_of_mixed_prediction(batch):
-    model = tiny_student(kb_size=20)
-    labels = torch.tensor([0, 1, 2, 0, 1])
-    out = model(**batch, labels=labels)
-    torch.testing.assert_close(out.loss, torch.nn.functional.nll_loss(out.logits, labels))
+def test_labels_give_nll_of_mixed_prediction(tiny_tokenizer):
+    """The loss is −log of the mixed probability of each row's label, averaged over rows (not the student's NLL)."""
+    model, batch = hand_built_student(tiny_tokenizer, knn_k=3, retrieval_weight=0.3, retrieval_temperature=0.5)
+    labels = torch.tensor([0, 2])
+    mixed = hand_mixture(3, 0.5, 0.3)[3]  # ≈ (0.2237, 0.2657, 0.5106)
+    with torch.no_grad():
+        loss = model(**batch, labels=labels).loss
+        student_loss = model(**batch, labels=labels, retrieval_weight=0.0).loss
+    assert loss.item() == pytest.approx(-(math.log(mixed[0]) + math.log(mixed[2])) / 2, rel=1e-5)
+    # β = 0: the student's own NLL, −(ln 1/8 + ln 5/8) / 2
+    assert student_loss.item() == pytest.approx(-(math.log(1 / 8) + math.log(5 / 8)) / 2, rel=1e-5)
 
 
 def test_pipeline_with_in_memory_instance(tiny_tokenizer):

@@ -1,6 +1,7 @@
 """The whole distillation pipeline on a tiny random teacher/student and a tiny synthetic task."""
 
 import json
+import math
 import random
 
 import pytest
@@ -72,7 +73,8 @@ def test_end_to_end_then_fresh_process_pipeline(task, capsys):
     assert "student + retrieval" in printed and "chosen on validation" in printed
 
     metrics = json.loads((output_dir / "metrics.json").read_text())
-    assert set(metrics["splits"]) == {"train", "validation", "test"}
+    # train is never scored: its examples are in the knowledge base, so retrieval would find each one itself
+    assert set(metrics["splits"]) == {"validation", "test"}
     for split in metrics["splits"].values():
         assert set(split) == {"teacher", "student", "student_retrieval"}
         assert all(0 <= m["accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1 for m in split.values())
@@ -115,11 +117,20 @@ def test_rerun_skips_finished_stages(task):
     main(pipeline_args(task, output_dir, "--num_train_epochs", "1"))
     assert sorted(p.name for p in (output_dir / "stages").iterdir()) == stages
     assert {p.name: p.stat().st_mtime_ns for p in (output_dir / "stages").iterdir()} == stamps
-    # a changed input (projection epochs) rebuilds the knowledge base but reuses the teacher
+    # a changed input (projection epochs) rebuilds the knowledge base but reuses the teacher and its outputs
     main(pipeline_args(task, output_dir, "--num_train_epochs", "1", "--projection_num_epochs", "1"))
     after = sorted(p.name for p in (output_dir / "stages").iterdir())
     assert len([n for n in after if n.startswith("knowledge-base-")]) == 2
-    assert len([n for n in after if n.startswith("teacher-") and n != "teacher-checkpoints"]) == 1
+    assert len([n for n in after if n.startswith("teacher-outputs-")]) == 1
+    assert len(_teachers(output_dir / "stages")) == 1
+
+
+def _teachers(stages):
+    return [
+        p
+        for p in stages.iterdir()
+        if p.name.startswith("teacher-") and p.name.split("-")[1] not in ("outputs", "checkpoints")
+    ]
 
 
 def test_runs_share_a_stages_dir(task):
@@ -143,9 +154,7 @@ def test_finetuned_teacher_with_these_labels_is_used_as_is(task):
     teacher.save_pretrained(task / "teacher")
     output_dir = task / "out"
     main(pipeline_args(task, output_dir, "--num_train_epochs", "1"))
-    assert not any(
-        p.name.startswith("teacher-") and p.name != "teacher-checkpoints" for p in (output_dir / "stages").iterdir()
-    )
+    assert not _teachers(output_dir / "stages")
 
 
 @pytest.mark.parametrize(
@@ -184,3 +193,33 @@ def test_missing_file_and_bad_flags_are_reported():
         parse_args(["--train_file", "nope.csv", "--validation_file", "nope.csv"])
     with pytest.raises(ValueError, match="index_type must be one of"):
         parse_args(["--index_type", "annoy"])
+
+
+def test_training_flags_reach_the_student_and_teacher_flags_the_teacher(task):
+    """--max_steps limits the student only, --eval_strategy steps evaluates on validation, gradient checkpointing
+    runs; the teacher has its own --teacher_* budget, and a changed teacher budget retrains the teacher."""
+    output_dir = task / "out"
+    flags = ["--max_steps", "3", "--eval_strategy", "steps", "--eval_steps", "2", "--gradient_checkpointing"]
+    main(pipeline_args(task, output_dir, *flags, "--teacher_max_steps", "2", "--save_strategy", "steps"))
+    state = json.loads((output_dir / "student-checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and state["max_steps"] == 3
+    evaluations = [row for row in state["log_history"] if "eval_loss" in row]
+    assert evaluations[0]["step"] == 2 and all(math.isfinite(row["eval_loss"]) for row in evaluations)
+    teachers = _teachers(output_dir / "stages")
+    assert len(teachers) == 1
+    # the student's --max_steps does not touch the teacher's fingerprint; the teacher's own budget does
+    main(pipeline_args(task, output_dir, "--max_steps", "2", "--teacher_max_steps", "2"))
+    assert _teachers(output_dir / "stages") == teachers
+    main(pipeline_args(task, output_dir, "--max_steps", "2", "--teacher_max_steps", "3"))
+    assert len(_teachers(output_dir / "stages")) == 2
+
+
+def test_bf16_training_keeps_the_saved_knowledge_base_fp32(task):
+    output_dir = task / "out"
+    main(pipeline_args(task, output_dir, "--max_steps", "2", "--teacher_max_steps", "2", "--bf16"))
+    config = json.loads((output_dir / "model" / "config.json").read_text())
+    assert config["kb_size"] == 96
+    from safetensors import safe_open
+
+    with safe_open(output_dir / "model" / "model.safetensors", "pt") as f:
+        assert f.get_slice("reaugkd.knowledge_base.keys").get_dtype() == "F32"

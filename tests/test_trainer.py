@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,14 +41,14 @@ def test_accumulation_averages_micro_batch_gradients_once(tmp_path):
     torch.testing.assert_close(accumulated, (first + last) / 2, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not found")
 def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
     single = tmp_path / "single.json"
     subprocess.run([sys.executable, str(WORKER), str(single), "32"], env=env, check=True, timeout=300)
     ddp = tmp_path / "ddp.json"
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]  # `torchrun` itself may not be on PATH
     result = subprocess.run(
-        ["torchrun", "--standalone", "--nproc_per_node", "2", str(WORKER), str(ddp), "16"],
+        [*torchrun, "--standalone", "--nproc_per_node", "2", str(WORKER), str(ddp), "16"],
         env=env,
         timeout=300,
         capture_output=True,
@@ -70,16 +69,19 @@ def test_relational_neighbors_relate_each_example_to_its_knowledge_base_neighbou
     )
     data = data.add_column(TEACHER_NEIGHBORS, kb.search(kb.keys, 4)[1][:, 1:].tolist())  # 3 nearest other entries
     student = dropout_free_student()
-    student.set_knowledge_base(kb)
     args = ReAugKDTrainingArguments(
         output_dir=str(tmp_path), relational_neighbors=3, per_device_train_batch_size=8, report_to="none", use_cpu=True
     )
-    trainer = ReAugKDTrainer(model=student, args=args, train_dataset=data, processing_class=tiny_tokenizer)
+    trainer = ReAugKDTrainer(
+        model=student, args=args, train_dataset=data, processing_class=tiny_tokenizer, knowledge_base=kb
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch[TEACHER_NEIGHBORS].shape == (8, 3)
+    assert student.config.kb_size == 0  # the knowledge base stays with the trainer: not broadcast, not checkpointed
 
     loss = trainer.compute_loss(student, dict(batch))
-    outputs = student(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    outputs = student(**inputs, retrieval_weight=0.0)
     distillation = distillation_loss(outputs.student_logits, batch["teacher_logits"], 1.0)
     keys = torch.cat([batch["teacher_keys"].expand(8, -1, -1), kb.keys[batch[TEACHER_NEIGHBORS]]], dim=1)  # (8, 11, d)
     expected = distillation + relational_loss(outputs.query_embedding, batch["teacher_keys"], keys, 0.1)

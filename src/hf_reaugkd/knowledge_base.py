@@ -26,7 +26,10 @@ logger = logging.get_logger(__name__)
 INDEX_TYPES = ("torch", "flat", "hnsw", "ivf")
 TRAINED_INDEX_TYPES = ("hnsw", "ivf")  # stored serialized; exact indexes are rebuilt from the keys
 DEFAULT_INDEX_PARAMS = {
+    # torch backend: KB rows scored per block, and queries scored at once; memory is at most
+    # search_query_block_size × search_block_size × 4 bytes (256 MiB at the defaults) for any number of queries.
     "search_block_size": 65536,
+    "search_query_block_size": 1024,
     "hnsw_m": 32,
     "hnsw_ef_construction": 80,
     "hnsw_ef_search": 64,
@@ -146,6 +149,14 @@ class KnowledgeBase(nn.Module):
     def num_labels(self) -> int:
         return self.values.shape[1]
 
+    def _apply(self, fn, recurse=True):
+        """Follow device moves but not dtype casts: `model.half()` / `model.to(torch.bfloat16)` would round the keys
+        and lose neighbour order among close similarities (the same reason as `_keep_in_fp32_modules_strict`)."""
+        for name, buffer in self._buffers.items():
+            moved = fn(buffer)
+            self._buffers[name] = moved if moved.dtype == buffer.dtype else buffer.to(moved.device)
+        return self
+
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, num_labels={self.num_labels}, index_type={self.index_type!r}"
 
@@ -166,16 +177,16 @@ class KnowledgeBase(nn.Module):
         if index_type != "torch":
             _require_faiss(index_type)
         validate_entries(keys, values)
-        keys = nn.functional.normalize(keys.detach().float().cpu(), dim=-1)
-        values = values.detach().float().cpu()
-        index_bytes = torch.zeros(0, dtype=torch.uint8)
+        params = {**DEFAULT_INDEX_PARAMS, **index_params}
+        kb = cls(len(keys), keys.shape[1], values.shape[1], index_type, 0, **index_params)
+        block = params["search_block_size"]
+        for start in range(0, len(keys), block):  # normalise in blocks: no full-size temporaries
+            chunk = keys[start : start + block].detach().float().cpu()  # (block, d)
+            kb.keys[start : start + block] = nn.functional.normalize(chunk, dim=-1)
+        kb.values.copy_(values.detach())
         if index_type in TRAINED_INDEX_TYPES:
-            params = {**DEFAULT_INDEX_PARAMS, **index_params}
-            index_bytes = torch.from_numpy(faiss.serialize_index(_train_faiss_index(keys, index_type, params)))
-        kb = cls(len(keys), keys.shape[1], values.shape[1], index_type, len(index_bytes), **index_params)
-        kb.keys.copy_(keys)
-        kb.values.copy_(values)
-        kb.index_bytes.copy_(index_bytes)
+            index = _train_faiss_index(kb.keys, index_type, params)
+            kb.index_bytes = torch.from_numpy(faiss.serialize_index(index))
         return kb
 
     def validate(self, num_labels: int | None = None) -> None:
@@ -215,6 +226,8 @@ class KnowledgeBase(nn.Module):
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"Queries must be [B, {self.dim}], got {tuple(queries.shape)}.")
         k = min(k, self.size)
+        if len(queries) == 0:
+            return queries.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long, device=queries.device)
         if self.index_type == "torch" or faiss is None:
             if self.index_type != "torch":
                 logger.warning_once(
@@ -233,16 +246,22 @@ class KnowledgeBase(nn.Module):
         return scores.to(queries.device), ids.to(queries.device)
 
     def _search_torch(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k over blocks of queries × blocks of keys, so memory never grows with N or B."""
+        query_block = self.index_params["search_query_block_size"]
+        results = [self._search_torch_block(chunk, k) for chunk in queries.split(query_block)]
+        return torch.cat([scores for scores, _ in results]), torch.cat([ids for _, ids in results])
+
+    def _search_torch_block(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         block = self.index_params["search_block_size"]
         best_scores = best_ids = None
         for start in range(0, self.size, block):
-            scores = queries @ self.keys[start : start + block].T  # (B, block)
-            top_scores, top_ids = scores.topk(min(k, scores.shape[1]), dim=1)  # (B, ≤k)
+            scores = queries @ self.keys[start : start + block].T  # (b, block)
+            top_scores, top_ids = scores.topk(min(k, scores.shape[1]), dim=1)  # (b, ≤k)
             top_ids += start
             if best_scores is not None:
-                top_scores = torch.cat([best_scores, top_scores], dim=1)  # (B, ≤2k)
+                top_scores = torch.cat([best_scores, top_scores], dim=1)  # (b, ≤2k)
                 top_ids = torch.cat([best_ids, top_ids], dim=1)
-                top_scores, order = top_scores.topk(k, dim=1)  # (B, k)
+                top_scores, order = top_scores.topk(k, dim=1)  # (b, k)
                 top_ids = top_ids.gather(1, order)
             best_scores, best_ids = top_scores, top_ids
         return best_scores, best_ids
@@ -313,9 +332,7 @@ class KnowledgeBase(nn.Module):
             len(index_bytes),
             **json.loads(metadata["index_params"]),
         )
-        kb.keys.copy_(keys)
-        kb.values.copy_(values)
-        kb.index_bytes.copy_(index_bytes)
+        kb.keys, kb.values, kb.index_bytes = keys, values, index_bytes
         kb.validate()
         return kb
 

@@ -6,12 +6,13 @@ copy to edit, and setuptools copies the target into wheels.
 
 import os
 import platform
-import tempfile
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .caching import atomic_path
 
 TAGS = ["reaugkd", "knowledge-distillation", "custom_code", "text-classification"]
 # (metrics key, row label in the evaluation table); "student" is the same checkpoint with β = 0.
@@ -159,15 +160,6 @@ def create_model_card(
 
 
 def save_model_card(card: ModelCard, output_dir: str | os.PathLike) -> None:
-    """Write `output_dir/README.md` through a temp file and `os.replace`, so a crash never leaves half a README."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=output_dir, prefix=".README.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(str(card))
-        os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; a README is meant to be readable
-        os.replace(tmp_path, output_dir / "README.md")
-    except BaseException:
-        Path(tmp_path).unlink(missing_ok=True)
-        raise
+    """Write `output_dir/README.md` atomically, so a crash never leaves half a README."""
+    with atomic_path(Path(output_dir) / "README.md") as tmp:
+        tmp.write_text(str(card), encoding="utf-8")

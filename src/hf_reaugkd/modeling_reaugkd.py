@@ -43,6 +43,7 @@ class ReAugKDModelOutput(ModelOutput):
         neighbor_ids (`torch.LongTensor` of shape `(B, k)`, *optional*): KB rows of the neighbours, best first.
         neighbor_scores (`torch.FloatTensor` of shape `(B, k)`, *optional*): their cosine similarities.
         neighbor_weights (`torch.FloatTensor` of shape `(B, k)`, *optional*): `softmax(scores / τ_r)`.
+        hidden_states, attentions (*optional*): the encoder's, with `output_hidden_states` / `output_attentions`.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -52,6 +53,8 @@ class ReAugKDModelOutput(ModelOutput):
     neighbor_ids: torch.LongTensor | None = None
     neighbor_scores: torch.FloatTensor | None = None
     neighbor_weights: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -68,6 +71,7 @@ class ReAugKDSequenceClassifierOutput(ModelOutput):
         query_embedding (`torch.FloatTensor` of shape `(B, kb_dim)`): the normalised KB query.
         neighbor_ids, neighbor_scores, neighbor_weights (*optional*, `(B, k)`): returned with
             `output_neighbors=True`.
+        hidden_states, attentions (*optional*): the encoder's, with `output_hidden_states` / `output_attentions`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -78,6 +82,43 @@ class ReAugKDSequenceClassifierOutput(ModelOutput):
     neighbor_ids: torch.LongTensor | None = None
     neighbor_scores: torch.FloatTensor | None = None
     neighbor_weights: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+def neighbor_label_distribution(
+    scores: torch.Tensor, ids: torch.Tensor, soft_labels: torch.Tensor, retrieval_temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The label distribution the retrieved neighbours vote for: `Σ_j softmax(s_j / τ_r) · y_j`.
+
+    Missing hits (id -1, score -inf: an approximate index may find fewer than k) get weight 0; a query with no hit at
+    all gets an all-zero row, which `mix_probabilities` reads as "nothing retrieved". This is the only
+    implementation: `forward` and the pipeline's validation grid both call it.
+
+    Args:
+        scores, ids (`torch.Tensor` of shape `(B, k)`): search results, best first.
+        soft_labels (`torch.Tensor` of shape `(N, C)`): the knowledge base's values.
+        retrieval_temperature (`float`): τ_r.
+
+    Returns:
+        `(retrieved_probs (B, C), weights (B, k))`.
+    """
+    hit = ids >= 0  # (B, k)
+    logits = (scores.float() / retrieval_temperature).masked_fill(~hit, float("-inf"))  # (B, k)
+    weights = torch.where(hit, torch.softmax(logits, dim=-1), 0.0)  # (B, k); rows without hits: 0, not NaN
+    neighbor_labels = soft_labels[ids.clamp_min(0)]  # (B, k, C)
+    retrieved_probs = torch.einsum("bk,bkc->bc", weights, neighbor_labels.float())  # (B, C)
+    return retrieved_probs, weights
+
+
+def mix_probabilities(
+    student_probs: torch.Tensor, retrieved_probs: torch.Tensor, retrieval_weight: float
+) -> torch.Tensor:
+    """`β · retrieved + (1 − β) · student` `(B, C)`; a query for which retrieval found nothing (an all-zero row of
+    `retrieved_probs`) keeps the student's own prediction. The only implementation of the mixing."""
+    mixed = retrieval_weight * retrieved_probs + (1 - retrieval_weight) * student_probs  # (B, C)
+    found = retrieved_probs.sum(dim=-1, keepdim=True) > 0  # (B, 1)
+    return torch.where(found, mixed, student_probs)
 
 
 def mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -135,6 +176,8 @@ class ReAugKDPreTrainedModel(PreTrainedModel):
     # vectors lose neighbour order in half precision. (The uint8 index bytes are never cast.)
     _keep_in_fp32_modules_strict = ["knowledge_base.keys", "knowledge_base.values"]
     _supports_sdpa = True
+    # The encoder's layers checkpoint themselves (`--gradient_checkpointing`); the heads are single linear layers.
+    supports_gradient_checkpointing = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -213,9 +256,9 @@ class ReAugKDModel(ReAugKDPreTrainedModel):
         Returns `(retrieved_probs (B, C), neighbor_ids (B, k), neighbor_scores (B, k), neighbor_weights (B, k))`.
         """
         scores, ids = self.knowledge_base.search(query_embedding, knn_k)  # (B, k), (B, k)
-        weights = torch.softmax(scores / retrieval_temperature, dim=-1)  # (B, k); missing hits (-inf) get 0
-        neighbor_labels = self.knowledge_base.values[ids.clamp_min(0)]  # (B, k, C)
-        retrieved_probs = (weights.unsqueeze(-1) * neighbor_labels).sum(dim=1)  # (B, C)
+        retrieved_probs, weights = neighbor_label_distribution(
+            scores, ids, self.knowledge_base.values, retrieval_temperature
+        )
         return retrieved_probs, ids, scores, weights
 
     def forward(
@@ -225,11 +268,13 @@ class ReAugKDModel(ReAugKDPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         knn_k: int | None = None,
         retrieval_temperature: float | None = None,
         retrieve: bool = True,
-        **kwargs,
-    ) -> ReAugKDModelOutput:
+    ) -> ReAugKDModelOutput | tuple:
         r"""
         knn_k (`int`, *optional*): neighbours to retrieve; defaults to `config.knn_k`.
         retrieval_temperature (`float`, *optional*): τ_r; defaults to `config.retrieval_temperature`.
@@ -242,9 +287,12 @@ class ReAugKDModel(ReAugKDPreTrainedModel):
             "token_type_ids": token_type_ids,
             "position_ids": position_ids,
             "inputs_embeds": inputs_embeds,
+            "output_attentions": output_attentions,
+            "output_hidden_states": output_hidden_states,
         }
         encoder_inputs = {name: value for name, value in encoder_inputs.items() if value is not None}
-        hidden_states = self.encoder(**encoder_inputs, return_dict=True).last_hidden_state  # (B, T, H)
+        encoded = self.encoder(**encoder_inputs, return_dict=True)
+        hidden_states = encoded.last_hidden_state  # (B, T, H)
         sentence_embedding = self.pool(hidden_states, attention_mask)  # (B, H)
         query_embedding = nn.functional.normalize(self.projection(sentence_embedding), dim=-1)  # (B, kb_dim)
 
@@ -256,7 +304,7 @@ class ReAugKDModel(ReAugKDPreTrainedModel):
                 retrieval_temperature if retrieval_temperature is not None else self.config.retrieval_temperature,
             )
         retrieved_probs, neighbor_ids, neighbor_scores, neighbor_weights = retrieved
-        return ReAugKDModelOutput(
+        output = ReAugKDModelOutput(
             last_hidden_state=hidden_states,
             sentence_embedding=sentence_embedding,
             query_embedding=query_embedding,
@@ -264,7 +312,14 @@ class ReAugKDModel(ReAugKDPreTrainedModel):
             neighbor_ids=neighbor_ids,
             neighbor_scores=neighbor_scores,
             neighbor_weights=neighbor_weights,
+            hidden_states=encoded.get("hidden_states"),
+            attentions=encoded.get("attentions"),
         )
+        return output if _return_dict(return_dict, self.config) else output.to_tuple()
+
+
+def _return_dict(return_dict: bool | None, config: ReAugKDConfig) -> bool:
+    return return_dict if return_dict is not None else getattr(config, "return_dict", True)
 
 
 class ReAugKDForSequenceClassification(ReAugKDPreTrainedModel):
@@ -330,12 +385,14 @@ class ReAugKDForSequenceClassification(ReAugKDPreTrainedModel):
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         knn_k: int | None = None,
         retrieval_weight: float | None = None,
         retrieval_temperature: float | None = None,
         output_neighbors: bool = False,
-        **kwargs,
-    ) -> ReAugKDSequenceClassifierOutput:
+    ) -> ReAugKDSequenceClassifierOutput | tuple:
         r"""
         labels (`torch.LongTensor` of shape `(B,)`, *optional*): gold labels for the returned NLL loss.
         knn_k, retrieval_weight, retrieval_temperature (*optional*): per-call overrides of the config's k, β, τ_r.
@@ -351,6 +408,9 @@ class ReAugKDForSequenceClassification(ReAugKDPreTrainedModel):
             token_type_ids=token_type_ids,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
             knn_k=knn_k,
             retrieval_temperature=retrieval_temperature,
             retrieve=beta > 0,
@@ -358,7 +418,7 @@ class ReAugKDForSequenceClassification(ReAugKDPreTrainedModel):
         student_logits = self.classifier(self.dropout(outputs.sentence_embedding))  # (B, C)
         if beta > 0:
             student_probs = torch.softmax(student_logits.float(), dim=-1)  # (B, C)
-            mixed_probs = beta * outputs.retrieved_probs + (1 - beta) * student_probs  # (B, C)
+            mixed_probs = mix_probabilities(student_probs, outputs.retrieved_probs, beta)  # (B, C)
             logits = mixed_probs.clamp_min(torch.finfo(mixed_probs.dtype).tiny).log()  # (B, C)
         else:
             logits = torch.log_softmax(student_logits.float(), dim=-1)  # (B, C)
@@ -366,7 +426,7 @@ class ReAugKDForSequenceClassification(ReAugKDPreTrainedModel):
         loss = None
         if labels is not None:
             loss = nn.functional.nll_loss(logits, labels.to(logits.device))
-        return ReAugKDSequenceClassifierOutput(
+        output = ReAugKDSequenceClassifierOutput(
             loss=loss,
             logits=logits,
             student_logits=student_logits,
@@ -375,7 +435,10 @@ class ReAugKDForSequenceClassification(ReAugKDPreTrainedModel):
             neighbor_ids=outputs.neighbor_ids if output_neighbors else None,
             neighbor_scores=outputs.neighbor_scores if output_neighbors else None,
             neighbor_weights=outputs.neighbor_weights if output_neighbors else None,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
+        return output if _return_dict(return_dict, self.config) else output.to_tuple()
 
 
 ReAugKDConfig.register_for_auto_class()
@@ -383,6 +446,8 @@ ReAugKDModel.register_for_auto_class("AutoModel")
 ReAugKDForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
 __all__ = [
+    "mix_probabilities",
+    "neighbor_label_distribution",
     "ReAugKDModel",
     "ReAugKDForSequenceClassification",
     "ReAugKDPreTrainedModel",

@@ -5,12 +5,10 @@ from collections import defaultdict
 import torch
 from transformers import Trainer
 
+from .data import TEACHER_KEYS, TEACHER_LOGITS, TEACHER_NEIGHBORS
+from .knowledge_base import KnowledgeBase
 from .losses import distillation_loss, relational_loss
 from .training_args import ReAugKDTrainingArguments
-
-TEACHER_LOGITS = "teacher_logits"
-TEACHER_KEYS = "teacher_keys"
-TEACHER_NEIGHBORS = "teacher_neighbor_ids"
 
 
 class ReAugKDTrainer(Trainer):
@@ -19,7 +17,9 @@ class ReAugKDTrainer(Trainer):
     The train dataset carries, besides the student's tokenized inputs and `labels`, two columns made once by
     the teacher: `teacher_logits` `(C,)` and `teacher_keys` `(d,)` (the teacher's projected, normalised
     embedding, i.e. the example's knowledge-base key), and with `relational_neighbors > 0` a third,
-    `teacher_neighbor_ids` `(N,)`: the example's nearest entries in the student's attached knowledge base.
+    `teacher_neighbor_ids` `(n,)`: the example's nearest other entries of `knowledge_base`. The knowledge base is
+    held by the trainer, not by the student: under DDP it is never broadcast as a model buffer, and training
+    checkpoints do not carry it; it is attached to the student after training.
     Each loss part is logged (`loss_distillation`, `loss_relational`, `loss_ce`).
 
     Under DDP the relational loss relates each local example to the teacher keys of *all* processes' batches
@@ -29,10 +29,11 @@ class ReAugKDTrainer(Trainer):
 
     args: ReAugKDTrainingArguments
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, knowledge_base: KnowledgeBase | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        # Our loss is a mean over the batch: let the Trainer divide by the accumulation steps as usual instead of
-        # expecting the model to normalise by `num_items_in_batch` (the model's `**kwargs` would suggest it does).
+        self.knowledge_base = knowledge_base
+        # Our loss is a mean over the batch: the Trainer divides it by the accumulation steps as usual, and must not
+        # expect a normalisation by `num_items_in_batch` as well.
         self.model_accepts_loss_kwargs = False
         self._loss_part_sums = defaultdict(float)
         self._loss_part_count = 0
@@ -59,8 +60,8 @@ class ReAugKDTrainer(Trainer):
         if args.relational_weight > 0:
             keys = self.accelerator.gather(teacher_keys.contiguous())  # (world × B, d)
             if args.relational_neighbors > 0:
-                neighbor_keys = self._neighbor_keys(model, neighbor_ids)  # (B, N, d)
-                keys = torch.cat([keys.expand(len(teacher_keys), -1, -1), neighbor_keys], dim=1)  # (B, M + N, d)
+                neighbor_keys = self._neighbor_keys(neighbor_ids)  # (B, n, d)
+                keys = torch.cat([keys.expand(len(teacher_keys), -1, -1), neighbor_keys], dim=1)  # (B, M + n, d)
             parts["relational"] = relational_loss(
                 outputs.query_embedding, teacher_keys, keys, args.relational_temperature
             )
@@ -75,24 +76,25 @@ class ReAugKDTrainer(Trainer):
 
         if model.training:
             for name, value in parts.items():
-                self._loss_part_sums[name] += value.item()
+                self._loss_part_sums[name] += value.detach().float()  # a tensor: no device sync per step
             self._loss_part_count += 1
         return (loss, outputs) if return_outputs else loss
 
-    def _neighbor_keys(self, model, neighbor_ids: torch.Tensor | None) -> torch.Tensor:
-        """Keys `(B, N, d)` of each example's knowledge-base neighbours, from the KB attached to the student."""
-        knowledge_base = self.accelerator.unwrap_model(model).reaugkd.knowledge_base
-        if neighbor_ids is None or knowledge_base.size == 0:
+    def _neighbor_keys(self, neighbor_ids: torch.Tensor | None) -> torch.Tensor:
+        """Keys `(B, n, d)` of each example's knowledge-base neighbours."""
+        if neighbor_ids is None or self.knowledge_base is None:
             raise ValueError(
                 f"relational_neighbors={self.args.relational_neighbors} needs a '{TEACHER_NEIGHBORS}' column in the "
-                "train dataset and the knowledge base attached to the student (student.set_knowledge_base(kb))."
+                "train dataset and the knowledge base passed to the trainer (ReAugKDTrainer(..., knowledge_base=kb))."
             )
-        return knowledge_base.keys[neighbor_ids.to(knowledge_base.keys.device)]
+        if self.knowledge_base.keys.device != neighbor_ids.device:  # once: the keys then stay on the device
+            self.knowledge_base.to(neighbor_ids.device)
+        return self.knowledge_base.keys[neighbor_ids]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._loss_part_count:
             names = sorted(self._loss_part_sums)
-            means = torch.tensor([self._loss_part_sums[name] / self._loss_part_count for name in names])
+            means = torch.stack([self._loss_part_sums[name] / self._loss_part_count for name in names])
             means = self.accelerator.reduce(
                 means.to(self.args.device), reduction="mean"
             )  # over processes, like "loss"

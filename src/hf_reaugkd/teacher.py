@@ -1,0 +1,315 @@
+"""The teacher's side of ReAugKD (METHOD.md steps 1–3): fine-tuning, its outputs over every split, the projection
+head into the knowledge-base space, and the knowledge base itself.
+
+Each step is a cached stage under `work_dir` (see `caching`): its folder name carries a fingerprint of the teacher's
+*weights*, the data's *content* and every setting that changes the result. Everything that touches all examples
+streams: teacher outputs are written batch by batch into memory-mapped `.npy` files, the projection head reads
+random batches from them, and the knowledge base is filled chunk by chunk, so memory grows with N only by the
+knowledge base itself (`N × (kb_dim + C) × 4` bytes).
+"""
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+
+from .arguments import ModelArguments, TeacherArguments
+from .caching import atomic_path, fingerprint, model_fingerprint
+from .data import TEACHER_KEYS, TEACHER_LOGITS, TEACHER_NEIGHBORS, TaskData, padded_batches, tokenize
+from .knowledge_base import KnowledgeBase
+from .losses import supervised_contrastive_loss
+from .modeling_reaugkd import mean_pool
+
+logger = logging.getLogger(__name__)
+
+CHUNK_ROWS = 65_536  # rows projected / written at once when a step runs over every example
+
+
+@dataclass
+class TeacherOutputs:
+    """One split's teacher outputs, memory-mapped: `logits` `(N, C)` and mean-pooled `embeddings` `(N, H)`;
+    `fingerprint` identifies the teacher and data they came from (later stages build their own on it)."""
+
+    logits: np.ndarray
+    embeddings: np.ndarray
+    fingerprint: str
+
+
+# 1. Teacher fine-tuning ------------------------------------------------------------------------------------
+
+
+def needs_finetuning(teacher: str, label_names: list[str]) -> bool:
+    """False when the teacher already classifies exactly these labels (it is used as is).
+
+    A teacher with task-specific label names that differ from the data's raises: its head predicts other
+    classes. A generic head (`LABEL_0`, ...) or none means the teacher still needs fine-tuning.
+    """
+    config = AutoConfig.from_pretrained(teacher)
+    names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
+    is_classifier = any(arch.endswith("ForSequenceClassification") for arch in config.architectures or [])
+    if names == label_names and is_classifier:
+        return False
+    if names and not all(name.startswith("LABEL_") for name in names):
+        raise ValueError(
+            f"The teacher {teacher} is a classifier for the labels {names}, but the data has {label_names}. "
+            "Pass a teacher fine-tuned on this task, or an encoder checkpoint to fine-tune."
+        )
+    return True
+
+
+def finetune_teacher(
+    teacher_args: TeacherArguments,
+    data: TaskData,
+    student_args: TrainingArguments,
+    max_seq_length: int,
+    work_dir: Path,
+) -> Path:
+    """Fine-tune the teacher with cross-entropy on the train split; return the saved teacher's folder."""
+    name = teacher_args.teacher_model_name_or_path
+    precision = {"bf16": student_args.bf16, "fp16": student_args.fp16, "seed": student_args.seed}
+    key = fingerprint(
+        model_fingerprint(name), data.fingerprint, data.label_names, max_seq_length, asdict(teacher_args), precision
+    )
+    path = work_dir / f"teacher-{key}"
+    if path.exists():
+        logger.info("teacher: reused %s (same teacher, data and settings)", path)
+        return path
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    teacher = AutoModelForSequenceClassification.from_pretrained(
+        name,
+        num_labels=len(data.label_names),
+        id2label=dict(enumerate(data.label_names)),
+        label2id={label: i for i, label in enumerate(data.label_names)},
+    )
+    train = tokenize(data.splits["train"], tokenizer, data, max_seq_length, "Tokenizing train for the teacher")
+    args = teacher_args.training_arguments(student_args, output_dir=str(work_dir / "teacher-checkpoints"))
+    trainer = Trainer(model=teacher, args=args, train_dataset=train, processing_class=tokenizer)
+    trainer.train()
+    if trainer.is_world_process_zero():
+        with atomic_path(path, directory=True) as tmp:
+            trainer.save_model(str(tmp))
+    trainer.accelerator.wait_for_everyone()
+    return path
+
+
+# Teacher outputs, computed once per teacher and data ---------------------------------------------------------
+
+
+@torch.no_grad()
+def teacher_outputs(
+    teacher_path: str | Path,
+    data: TaskData,
+    max_seq_length: int,
+    work_dir: Path,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> dict[str, TeacherOutputs]:
+    """Logits and mean-pooled last-layer embeddings of the teacher for every split (a cached stage)."""
+    key = fingerprint(model_fingerprint(teacher_path), data.fingerprint, max_seq_length)
+    path = work_dir / f"teacher-outputs-{key}"
+    if path.exists():
+        logger.info("teacher outputs: reused %s", path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+        teacher = AutoModelForSequenceClassification.from_pretrained(teacher_path).to(device).eval()
+        with atomic_path(path, directory=True) as tmp:
+            for name, split in data.splits.items():
+                encoded = tokenize(split, tokenizer, data, max_seq_length, f"Tokenizing {name} for the teacher")
+                logits = np.lib.format.open_memmap(
+                    tmp / f"{name}-logits.npy", mode="w+", dtype=np.float32, shape=(len(split), teacher.num_labels)
+                )
+                embeddings = np.lib.format.open_memmap(
+                    tmp / f"{name}-embeddings.npy",
+                    mode="w+",
+                    dtype=np.float32,
+                    shape=(len(split), teacher.config.hidden_size),
+                )
+                start = 0
+                batches = padded_batches(encoded, tokenizer, batch_size, device)
+                for inputs in tqdm(batches, total=-(-len(split) // batch_size), desc=f"Teacher outputs ({name})"):
+                    outputs = teacher(**inputs, output_hidden_states=True)
+                    pooled = mean_pool(outputs.hidden_states[-1], inputs["attention_mask"])  # (B, H)
+                    end = start + len(pooled)
+                    logits[start:end] = outputs.logits.float().cpu().numpy()
+                    embeddings[start:end] = pooled.float().cpu().numpy()
+                    start = end
+                logits.flush()
+                embeddings.flush()
+                del logits, embeddings
+    return {
+        name: TeacherOutputs(
+            logits=np.load(path / f"{name}-logits.npy", mmap_mode="r"),
+            embeddings=np.load(path / f"{name}-embeddings.npy", mmap_mode="r"),
+            fingerprint=key,
+        )
+        for name in data.splits
+    }
+
+
+# 2. Teacher projection head ---------------------------------------------------------------------------------
+
+
+def train_teacher_projection(
+    embeddings: np.ndarray,
+    labels: torch.Tensor,
+    kb_dim: int,
+    temperature: float = 0.1,
+    num_epochs: int = 10,
+    learning_rate: float = 1e-3,
+    batch_size: int = 256,
+    seed: int = 42,
+) -> nn.Linear:
+    """Train a linear head `H → kb_dim` on frozen teacher embeddings `(N, H)` with the supervised contrastive
+    loss, so that same-label examples cluster in the knowledge-base space. Random batches are read from the
+    (memory-mapped) embeddings, so memory does not grow with N; it takes seconds, the teacher is not run again."""
+    generator = torch.Generator().manual_seed(seed)
+    projection = nn.Linear(embeddings.shape[1], kb_dim)
+    with torch.no_grad():
+        nn.init.normal_(projection.weight, std=embeddings.shape[1] ** -0.5, generator=generator)
+        projection.bias.zero_()
+    optimizer = torch.optim.AdamW(projection.parameters(), lr=learning_rate)
+    progress = tqdm(range(num_epochs), desc="Teacher projection head")
+    for _ in progress:
+        order = torch.randperm(len(embeddings), generator=generator)
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size].sort().values  # sorted rows: sequential reads of the file
+            inputs = torch.from_numpy(embeddings[batch.numpy()])  # (b, H)
+            keys = nn.functional.normalize(projection(inputs), dim=-1)  # (b, kb_dim)
+            loss = supervised_contrastive_loss(keys, labels[batch], temperature)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+    return projection.eval()
+
+
+@torch.no_grad()
+def project(projection: nn.Linear, embeddings: np.ndarray) -> torch.Tensor:
+    """Knowledge-base keys `normalize(W_t · h_t)` `(N, kb_dim)` of teacher embeddings `(N, H)`, chunk by chunk."""
+    keys = torch.empty(len(embeddings), projection.out_features)
+    for start in range(0, len(embeddings), CHUNK_ROWS):
+        chunk = torch.from_numpy(np.array(embeddings[start : start + CHUNK_ROWS]))  # (chunk, H)
+        keys[start : start + len(chunk)] = nn.functional.normalize(projection(chunk), dim=-1)
+    return keys
+
+
+# 3. Knowledge base ------------------------------------------------------------------------------------------
+
+
+def soft_labels(logits: np.ndarray, temperature: float) -> torch.Tensor:
+    """`softmax(teacher_logits / T)` `(N, C)`, chunk by chunk."""
+    values = torch.empty(logits.shape)
+    for start in range(0, len(logits), CHUNK_ROWS):
+        chunk = torch.from_numpy(np.array(logits[start : start + CHUNK_ROWS]))  # (chunk, C)
+        values[start : start + len(chunk)] = torch.softmax(chunk / temperature, dim=-1)
+    return values
+
+
+def knowledge_base_stage(
+    train_outputs: TeacherOutputs,
+    labels: torch.Tensor,
+    model_args: ModelArguments,
+    kb_dim: int,
+    temperature: float,
+    seed: int,
+    work_dir: Path,
+) -> tuple[nn.Linear, KnowledgeBase]:
+    """Train the projection head and build the knowledge base over the training set (a cached stage)."""
+    key = fingerprint(
+        train_outputs.fingerprint, kb_dim, model_args.projection_num_epochs, model_args.projection_learning_rate,
+        model_args.projection_temperature, temperature, model_args.index_type, seed,
+    )  # fmt: skip
+    path = work_dir / f"knowledge-base-{key}"
+    if path.exists():
+        logger.info("knowledge base: reused %s", path)
+    else:
+        projection = train_teacher_projection(
+            train_outputs.embeddings,
+            labels,
+            kb_dim,
+            temperature=model_args.projection_temperature,
+            num_epochs=model_args.projection_num_epochs,
+            learning_rate=model_args.projection_learning_rate,
+            seed=seed,
+        )
+        keys = project(projection, train_outputs.embeddings)  # (N, kb_dim)
+        kb = KnowledgeBase.build(keys, soft_labels(train_outputs.logits, temperature), model_args.index_type)
+        del keys
+        with atomic_path(path, directory=True) as tmp:
+            save_projection(projection, tmp / "projection.safetensors")
+            kb.save(tmp / "knowledge_base.safetensors")
+        del kb
+    return load_projection(path / "projection.safetensors"), KnowledgeBase.load(path / "knowledge_base.safetensors")
+
+
+def save_projection(projection: nn.Linear, path: Path) -> None:
+    save_file({"weight": projection.weight.detach().contiguous(), "bias": projection.bias.detach()}, str(path))
+
+
+def load_projection(path: Path) -> nn.Linear:
+    state = load_file(str(path))
+    projection = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+    projection.load_state_dict(state)
+    return projection.eval()
+
+
+def knowledge_base_neighbors(
+    knowledge_base: KnowledgeBase, keys: torch.Tensor, num_neighbors: int, own_rows: bool
+) -> torch.Tensor:
+    """The `num_neighbors` nearest knowledge-base rows `(N, num_neighbors)` of teacher keys `(N, d)`, searched chunk
+    by chunk. With `own_rows` (the keys are the knowledge base's own, row i = key i) row i's own id is dropped
+    wherever it comes back: not assumed first, since duplicate keys tie with it and an approximate index may not
+    return it at all. A missing hit (-1, approximate indexes) is filled with the best hit."""
+    neighbors = torch.empty(len(keys), num_neighbors, dtype=torch.long)
+    for start in tqdm(range(0, len(keys), CHUNK_ROWS), desc="Knowledge-base neighbours", leave=False):
+        chunk = keys[start : start + CHUNK_ROWS]  # (chunk, d)
+        _, ids = knowledge_base.search(chunk, num_neighbors + 1)  # (chunk, n + 1)
+        if own_rows:
+            rows = torch.arange(start, start + len(chunk)).unsqueeze(1)  # (chunk, 1)
+            others_first = (ids == rows).int().argsort(dim=1, stable=True)  # rank order kept, self last
+            ids = ids.gather(1, others_first)
+        ids = ids[:, :num_neighbors]  # (chunk, n)
+        neighbors[start : start + len(chunk)] = torch.where(ids < 0, ids[:, :1], ids)
+    return neighbors
+
+
+# The student's training data: its tokens plus the teacher's columns ------------------------------------------
+
+
+def with_teacher_columns(
+    dataset: Dataset,
+    outputs: TeacherOutputs,
+    keys: torch.Tensor,
+    neighbors: torch.Tensor | None = None,
+) -> Dataset:
+    """Add `teacher_logits` `(C,)`, `teacher_keys` `(d,)` and (for the relational loss's knowledge-base variant)
+    `teacher_neighbor_ids` `(n,)`, written batch by batch by `datasets.map`."""
+
+    def attach(batch: dict, indices: list[int]) -> dict:
+        rows = np.asarray(indices)
+        columns = {TEACHER_LOGITS: np.asarray(outputs.logits[rows]), TEACHER_KEYS: keys[rows].numpy()}
+        if neighbors is not None:
+            columns[TEACHER_NEIGHBORS] = neighbors[rows].numpy()
+        return columns
+
+    return dataset.map(attach, with_indices=True, batched=True, desc="Attaching teacher outputs")
+
+
+__all__ = [
+    "TeacherOutputs",
+    "finetune_teacher",
+    "knowledge_base_neighbors",
+    "knowledge_base_stage",
+    "needs_finetuning",
+    "project",
+    "teacher_outputs",
+    "train_teacher_projection",
+    "with_teacher_columns",
+]
