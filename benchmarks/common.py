@@ -1,15 +1,19 @@
-"""What every benchmark shares: the environment record written next to its results, and atomic JSON writes."""
+"""What every benchmark shares: the environment record written next to its results, timing, peak memory, and
+the package's atomic JSON write."""
 
 import csv
 import datetime
-import json
 import os
 import platform
-import tempfile
+import time
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from hf_reaugkd.caching import write_json  # noqa: F401 (re-exported: one atomic-write helper)
 
 RESULTS_DIR = Path(__file__).parent / "results"
 LIBRARIES = ("hf-reaugkd", "torch", "transformers", "accelerate", "datasets", "faiss-cpu", "numpy")
@@ -35,14 +39,6 @@ def environment() -> dict:
     }
 
 
-def write_json(path: Path, payload) -> None:
-    """Write `payload` to `path` through a temporary file, so an interrupted run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}-", delete=False) as tmp:
-        json.dump(payload, tmp, indent=2)
-    os.replace(tmp.name, path)
-
-
 def read_csv(path: Path) -> tuple[list[str], list[str]]:
     """Texts and labels of a `text,label` CSV file."""
     with open(path, newline="", encoding="utf-8") as f:
@@ -59,3 +55,22 @@ def batches(tokenizer, texts: list[str], batch_size: int, max_length: int) -> li
         tokenizer(texts[i : i + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
         for i in range(0, len(texts), batch_size)
     ]
+
+
+def time_per_example(run: Callable[[], object], num_examples: int, repeats: int = 3) -> float:
+    """Median wall-clock milliseconds per example of `run()` (after one warm-up call). CUDA work is waited for,
+    so asynchronous kernels are counted in the call that launched them."""
+    run()
+    times = []
+    for _ in range(repeats):
+        _synchronize()
+        start = time.perf_counter()
+        run()
+        _synchronize()
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times)) / num_examples
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()

@@ -21,13 +21,12 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS_DIR, batches, environment, read_csv, write_json
+from common import RESULTS_DIR, batches, environment, read_csv, time_per_example, write_json
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 from hf_reaugkd import KnowledgeBase, assets
 from hf_reaugkd.modeling_reaugkd import mean_pool
-from hf_reaugkd.stages import time_per_example
 
 BACKENDS = ("torch", "flat", "hnsw", "ivf")
 K = 16

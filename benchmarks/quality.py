@@ -28,8 +28,9 @@ import torch
 from common import RESULTS_DIR, environment, write_json
 
 from hf_reaugkd import assets
-from hf_reaugkd.distill import DataTrainingArguments, ModelArguments, run
-from hf_reaugkd.stages import fingerprint
+from hf_reaugkd.arguments import DataTrainingArguments, ModelArguments, TeacherArguments
+from hf_reaugkd.caching import fingerprint
+from hf_reaugkd.distill import run
 from hf_reaugkd.training_args import ReAugKDTrainingArguments
 
 logger = logging.getLogger("quality")
@@ -82,7 +83,7 @@ def train_run(
 ) -> dict:
     """One student training through the user-facing pipeline; returns its metrics (cached in metrics.json).
 
-    `overrides` sets other `ModelArguments` / `ReAugKDTrainingArguments` fields (ablations); the teacher and, when
+    `overrides` sets other `ModelArguments` / `TeacherArguments` / `ReAugKDTrainingArguments` fields (ablations); the teacher and, when
     its inputs are unchanged, the knowledge base are shared with the plain run."""
     overrides = overrides or {}
     suffix = "".join(f"+{key}={value}" for key, value in sorted(overrides.items()))
@@ -93,13 +94,18 @@ def train_run(
     logger.info("Running %s / seed %d / %s%s", task, seed, name, suffix)
     weights, _ = RUNS[name]
     model_fields = {f.name for f in dataclasses.fields(ModelArguments)}
+    teacher_fields = {f.name for f in dataclasses.fields(TeacherArguments)}
     model_args = ModelArguments(
-        teacher_model_name_or_path=setting.teacher,
         student_model_name_or_path=setting.student,
         student_num_layers=setting.student_num_layers,
-        teacher_num_train_epochs=setting.teacher_epochs,
         stages_dir=str(run_dir(work_dir, setting, task, seed) / "stages"),
         **{key: value for key, value in overrides.items() if key in model_fields},
+    )
+    teacher_args = TeacherArguments(
+        teacher_model_name_or_path=setting.teacher,
+        teacher_num_train_epochs=setting.teacher_epochs,
+        teacher_per_device_train_batch_size=setting.batch_size,
+        **{key: value for key, value in overrides.items() if key in teacher_fields},
     )
     data_args = DataTrainingArguments(
         train_file=str(data_dir / "train.csv"),
@@ -120,9 +126,11 @@ def train_run(
         "report_to": [],
         **weights,
     }
-    training_kwargs.update((key, value) for key, value in overrides.items() if key not in model_fields)
+    training_kwargs.update(
+        (key, value) for key, value in overrides.items() if key not in model_fields | teacher_fields
+    )
     training_args = ReAugKDTrainingArguments(**training_kwargs)
-    return run(model_args, data_args, training_args)
+    return run(model_args, teacher_args, data_args, training_args)
 
 
 def records_from(task: str, seed: int, name: str, metrics: dict) -> list[dict]:
