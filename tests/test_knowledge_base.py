@@ -115,3 +115,61 @@ def test_without_faiss_building_says_so_and_search_falls_back_to_exact(monkeypat
     with pytest.raises(ImportError, match="pip install faiss-cpu"):
         random_kb(10, index_type="flat")
     assert torch.equal(hnsw.search(unit(3), 5)[1], exact_ids)
+
+
+def test_blocked_search_over_queries_and_keys_matches_brute_force():
+    """Blocks of 7 keys × 5 queries (neither divides N=200 or B=37) give the brute-force top-k, scores and order."""
+    kb = random_kb(200, search_block_size=7, search_query_block_size=5)
+    assert kb.index_params["search_block_size"] == 7 and kb.index_params["search_query_block_size"] == 5
+    queries = unit(37, seed=3)
+    for k in (1, 6, 10, 14):
+        brute_scores, brute_ids = (queries @ kb.keys.T).topk(k, dim=1)
+        scores, ids = kb.search(queries, k)
+        assert scores.shape == ids.shape == (37, k)
+        assert torch.equal(ids, brute_ids), k
+        torch.testing.assert_close(scores, brute_scores)
+
+
+@pytest.mark.parametrize("k", [15, 50, 200])
+def test_blocked_search_with_k_larger_than_two_blocks_matches_brute_force(k):
+    """k above 2 × search_block_size: the running top-k holds fewer than k candidates after two blocks."""
+    kb = random_kb(200, search_block_size=7, search_query_block_size=5)
+    queries = unit(37, seed=3)
+    brute_scores, brute_ids = (queries @ kb.keys.T).topk(k, dim=1)
+    scores, ids = kb.search(queries, k)
+    assert torch.equal(ids, brute_ids)
+    torch.testing.assert_close(scores, brute_scores)
+
+
+def test_empty_query_batch_returns_empty_results():
+    kb = random_kb(20)
+    scores, ids = kb.search(torch.zeros(0, 16), 4)
+    assert scores.shape == ids.shape == (0, 4)
+    assert ids.dtype == torch.long
+    assert kb.search(torch.zeros(0, 16), 50)[1].shape == (0, 20)  # k is still clamped to the KB size
+
+
+@pytest.mark.parametrize("cast", [lambda kb: kb.to(torch.bfloat16), lambda kb: kb.half(), lambda kb: kb.double()])
+def test_dtype_casts_keep_keys_and_values_fp32_and_unchanged(cast):
+    kb = random_kb(30, index_type="ivf", ivf_nlist=4)
+    keys, values, index_bytes = kb.keys.clone(), kb.values.clone(), kb.index_bytes.clone()
+    assert index_bytes.numel() > 0
+    cast(kb)
+    assert kb.keys.dtype == kb.values.dtype == torch.float32
+    assert kb.index_bytes.dtype == torch.uint8
+    assert torch.equal(kb.keys, keys) and torch.equal(kb.values, values) and torch.equal(kb.index_bytes, index_bytes)
+    queries = unit(3)
+    assert torch.equal(kb.search(queries.half(), 3)[1], (queries @ keys.T).topk(3, dim=1).indices)
+
+
+def test_build_normalises_keys_without_touching_the_callers_tensors():
+    keys = torch.tensor([[3.0, 4.0], [0.0, -2.0], [1.0, 1.0]])
+    values = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.25, 0.75]])
+    keys_before, values_before = keys.clone(), values.clone()
+    kb = KnowledgeBase.build(keys, values, search_block_size=2)  # normalised in two blocks
+    s = 2**-0.5
+    torch.testing.assert_close(kb.keys, torch.tensor([[0.6, 0.8], [0.0, -1.0], [s, s]]))
+    assert torch.equal(keys, keys_before) and torch.equal(values, values_before)
+    assert torch.equal(kb.values, values) and kb.values.data_ptr() != values.data_ptr()
+    kb.keys.mul_(2)  # the KB's buffers are its own: the caller's tensor does not change either way
+    assert torch.equal(keys, keys_before)

@@ -1,13 +1,15 @@
+import copy
 import json
 import math
 
 import pytest
 import torch
-from conftest import ID2LABEL, SENTENCES, tiny_student
+from conftest import ID2LABEL, SENTENCES, dropout_free_student, tiny_student
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForSequenceClassification, pipeline
 
 from hf_reaugkd import KnowledgeBase, ReAugKDForSequenceClassification, ReAugKDModel
+from hf_reaugkd.modeling_reaugkd import mix_probabilities, neighbor_label_distribution
 
 
 @pytest.fixture
@@ -261,6 +263,155 @@ def test_untrained_student_without_kb_predicts_with_beta_zero_and_explains_other
     assert model(**batch, retrieval_weight=0.0).logits.shape == (5, 3)
     with pytest.raises(ValueError, match="knowledge base is empty"):
         model(**batch)
+
+
+def test_misspelled_keyword_is_rejected(batch):
+    with pytest.raises(TypeError, match="retrival_weight"):
+        tiny_student()(**batch, retrival_weight=0)
+
+
+def test_return_dict_false_gives_a_tuple_led_by_logits_or_loss(batch):
+    model = tiny_student()
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    with torch.no_grad():
+        as_dict = model(**batch, labels=labels)
+        plain = model(**batch, return_dict=False)
+        with_loss = model(**batch, labels=labels, return_dict=False)
+    assert isinstance(plain, tuple) and isinstance(with_loss, tuple)
+    assert plain[0].shape == (5, 3)
+    torch.testing.assert_close(plain[0], as_dict.logits)
+    assert with_loss[0].ndim == 0
+    torch.testing.assert_close(with_loss[0], as_dict.loss)
+    torch.testing.assert_close(with_loss[1], as_dict.logits)
+
+
+def test_output_hidden_states_are_the_encoders(batch):
+    model = tiny_student()
+    num_layers, hidden = model.config.encoder_config.num_hidden_layers, model.config.encoder_config.hidden_size
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+        encoder = model.reaugkd.encoder(**batch, output_hidden_states=True).hidden_states
+        default = model(**batch)
+    assert default.hidden_states is None
+    assert len(out.hidden_states) == num_layers + 1 == len(encoder)
+    for got, expected in zip(out.hidden_states, encoder, strict=True):
+        assert got.shape == (*batch["input_ids"].shape, hidden)
+        torch.testing.assert_close(got, expected)
+
+
+def test_bf16_model_keeps_fp32_knowledge_base_and_finds_the_same_neighbours(batch):
+    model = tiny_student(kb_size=50)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    assert half.classifier.weight.dtype == torch.bfloat16
+    assert half.reaugkd.encoder.embeddings.word_embeddings.weight.dtype == torch.bfloat16
+    kb = half.knowledge_base
+    assert kb.keys.dtype == kb.values.dtype == torch.float32 and kb.index_bytes.dtype == torch.uint8
+    assert torch.equal(kb.keys, model.knowledge_base.keys) and torch.equal(kb.values, model.knowledge_base.values)
+    with torch.no_grad():
+        expected = model(**batch, knn_k=2, output_neighbors=True)
+        got = half(**batch, knn_k=2, output_neighbors=True)
+    assert got.query_embedding.dtype == torch.bfloat16
+    assert torch.equal(got.neighbor_ids, expected.neighbor_ids)
+    assert torch.isfinite(got.logits).all()
+    torch.testing.assert_close(got.logits.float().exp(), expected.logits.exp(), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("enable", ["gradient_checkpointing_enable", "activation_checkpointing_enable"])
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
+def test_checkpointed_training_step_gives_the_same_gradients(tiny_tokenizer, enable):
+    inputs = tiny_tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    labels = torch.tensor([0, 1, 2, 1, 0])
+    plain, checkpointed = dropout_free_student(), dropout_free_student()
+    getattr(checkpointed, enable)()
+    assert checkpointed.is_activation_checkpointing and not plain.is_activation_checkpointing
+    calls = []
+    # a module inside a checkpointed layer runs again when the backward pass recomputes the layer
+    checkpointed.reaugkd.encoder.encoder.layer[0].intermediate.register_forward_hook(lambda *args: calls.append(1))
+    grads = []
+    for model in (plain, checkpointed):
+        model.train()
+        model.zero_grad()
+        model(**inputs, labels=labels, retrieval_weight=0.0).loss.backward()
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
+    assert len(calls) == 2  # forward + recompute: checkpointing really was on
+    # the same parameters get gradients (not the unused BERT pooler, nor the projection at β = 0) ...
+    assert {name for name, grad in grads[0].items() if grad is None} == {
+        name for name, grad in grads[1].items() if grad is None
+    }
+    assert all(grads[0][name] is not None for name in grads[0] if name.startswith("reaugkd.encoder.encoder."))
+    # ... and the same ones
+    for name, grad in grads[0].items():
+        if grad is not None:
+            torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=0, msg=name)
+    assert grads[0]["reaugkd.encoder.encoder.layer.0.attention.self.query.weight"].abs().max() > 0
+
+
+def test_missing_hits_fall_back_to_the_student_and_partial_hits_renormalise(tiny_tokenizer, monkeypatch):
+    """An approximate index that finds nothing for row 0 (all -1) and two of three for row 1: row 0 is the plain
+    student whatever β, row 1 mixes over its two neighbours only, row 2 (all found) is the usual mixture."""
+    model, _ = hand_built_student(tiny_tokenizer, knn_k=3, retrieval_weight=0.3, retrieval_temperature=0.5)
+    batch = tiny_tokenizer([SENTENCES[0]] * 3, return_tensors="pt")
+    inf = float("inf")
+    ids = torch.tensor([[-1, -1, -1], [1, 3, -1], [1, 3, 0]])
+    scores = torch.tensor([[-inf, -inf, -inf], [0.9, 0.6, -inf], [0.9, 0.6, 0.3]])
+
+    def search(queries, k):
+        assert k == 3 and len(queries) == 3
+        return scores.clone(), ids.clone()
+
+    monkeypatch.setattr(model.knowledge_base, "search", search)
+    for beta in (0.3, 1.0):
+        with torch.no_grad():
+            out = model(**batch, labels=torch.tensor([0, 1, 2]), retrieval_weight=beta, output_neighbors=True)
+        for tensor in (out.logits, out.retrieved_probs, out.neighbor_weights, out.loss):
+            assert not torch.isnan(tensor).any()
+        assert torch.isfinite(out.loss)
+        _, two_weights, two_retrieved, two_mixed = hand_mixture(2, 0.5, beta)
+        _, three_weights, _, three_mixed = hand_mixture(3, 0.5, beta)
+        probs = out.logits.exp()
+        torch.testing.assert_close(probs[0], torch.tensor(STUDENT_PROBS))
+        torch.testing.assert_close(probs[1], torch.tensor(two_mixed))
+        torch.testing.assert_close(probs[2], torch.tensor(three_mixed))
+        torch.testing.assert_close(out.retrieved_probs[0], torch.zeros(3))
+        torch.testing.assert_close(out.retrieved_probs[1], torch.tensor(two_retrieved))
+        torch.testing.assert_close(out.neighbor_weights[0], torch.zeros(3))
+        torch.testing.assert_close(out.neighbor_weights[1], torch.tensor([*two_weights, 0.0]))
+        torch.testing.assert_close(out.neighbor_weights[2], torch.tensor(three_weights))
+
+
+def test_neighbor_label_distribution_by_hand():
+    """τ = 0.5 and scores (0.5 ln 3, 0) give e^{s/τ} = (3, 1), weights (3/4, 1/4). A -1 id gets weight 0 whatever its
+    score, and a row without any hit gets all-zero weights and an all-zero distribution (not NaN)."""
+    soft_labels = torch.tensor([[1.0, 0.0], [0.2, 0.8], [0.5, 0.5]])
+    inf = float("inf")
+    scores = torch.tensor([[0.5 * math.log(3), 0.0], [0.1, -inf], [0.0, 5.0], [-inf, -inf]])
+    ids = torch.tensor([[0, 1], [2, -1], [1, -1], [-1, -1]])
+    retrieved, weights = neighbor_label_distribution(scores, ids, soft_labels, 0.5)
+    expected_weights = torch.tensor([[0.75, 0.25], [1.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    # row 0: 0.75 (1, 0) + 0.25 (0.2, 0.8) = (0.8, 0.2)
+    expected = torch.tensor([[0.8, 0.2], [0.5, 0.5], [0.2, 0.8], [0.0, 0.0]])
+    torch.testing.assert_close(weights, expected_weights)
+    torch.testing.assert_close(retrieved, expected)
+    # τ = 1: weights e^{s} / Σ: scores (ln 4, 0) → (0.8, 0.2); retrieved 0.8 (0.5, 0.5) + 0.2 (1, 0) = (0.6, 0.4)
+    retrieved, weights = neighbor_label_distribution(
+        torch.tensor([[math.log(4), 0.0]]), torch.tensor([[2, 0]]), soft_labels, 1.0
+    )
+    torch.testing.assert_close(weights, torch.tensor([[0.8, 0.2]]))
+    torch.testing.assert_close(retrieved, torch.tensor([[0.6, 0.4]]))
+
+
+def test_mix_probabilities_by_hand():
+    student = torch.tensor([[0.5, 0.5], [0.1, 0.9], [0.3, 0.7]])
+    retrieved = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.2, 0.8]])  # row 1: nothing retrieved
+    # β = 0.25: 0.25 (1, 0) + 0.75 (0.5, 0.5) = (0.625, 0.375); row 1 stays the student; 0.25 (0.2, 0.8) + 0.75
+    # (0.3, 0.7) = (0.275, 0.725)
+    torch.testing.assert_close(
+        mix_probabilities(student, retrieved, 0.25), torch.tensor([[0.625, 0.375], [0.1, 0.9], [0.275, 0.725]])
+    )
+    torch.testing.assert_close(
+        mix_probabilities(student, retrieved, 1.0), torch.tensor([[1.0, 0.0], [0.1, 0.9], [0.2, 0.8]])
+    )
+    torch.testing.assert_close(mix_probabilities(student, retrieved, 0.0), student)
 
 
 @pytest.mark.slow

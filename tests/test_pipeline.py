@@ -91,6 +91,7 @@ def test_end_to_end_then_fresh_process_pipeline(task, capsys):
     assert set(knn["teacher_query"]) == {"1", "4"} and all(0 <= a <= 1 for a in knn["teacher_query"].values())
 
     model_dir = output_dir / "model"
+    assert not (output_dir / "student-checkpoints").exists()  # removed once the model is saved
     config = json.loads((model_dir / "config.json").read_text())
     assert config["knn_k"] == chosen["knn_k"] and config["retrieval_weight"] == chosen["retrieval_weight"]
     assert config["kb_size"] == 96 and config["encoder_config"]["num_hidden_layers"] == 1
@@ -200,7 +201,11 @@ def test_training_flags_reach_the_student_and_teacher_flags_the_teacher(task):
     runs; the teacher has its own --teacher_* budget, and a changed teacher budget retrains the teacher."""
     output_dir = task / "out"
     flags = ["--max_steps", "3", "--eval_strategy", "steps", "--eval_steps", "2", "--gradient_checkpointing"]
-    main(pipeline_args(task, output_dir, *flags, "--teacher_max_steps", "2", "--save_strategy", "steps"))
+    main(
+        pipeline_args(
+            task, output_dir, *flags, "--teacher_max_steps", "2", "--save_strategy", "steps", "--keep_checkpoints"
+        )
+    )
     state = json.loads((output_dir / "student-checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and state["max_steps"] == 3
     evaluations = [row for row in state["log_history"] if "eval_loss" in row]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
+from .errors import InputError
 from .knowledge_base import INDEX_TYPES
 
 
@@ -13,6 +14,8 @@ from .knowledge_base import INDEX_TYPES
 class TeacherArguments:
     """The teacher and its own fine-tuning budget: separate from the student's `TrainingArguments`, so that e.g.
     `--max_steps` limits the student only. Precision, device and logging flags are shared with the student."""
+
+    _argument_group_name = "teacher (used as is, or fine-tuned with these settings first)"
 
     teacher_model_name_or_path: str | None = field(
         default=None,
@@ -58,6 +61,7 @@ class TeacherArguments:
             use_cpu=student.use_cpu,
             activation_checkpointing=student.activation_checkpointing,
             dataloader_num_workers=student.dataloader_num_workers,
+            dataloader_pin_memory=student.dataloader_pin_memory,
             logging_steps=student.logging_steps,
             disable_tqdm=student.disable_tqdm,
             report_to=student.report_to,
@@ -69,6 +73,8 @@ class TeacherArguments:
 @dataclass
 class ModelArguments:
     """The student, the teacher's projection head and knowledge base, and the retrieval settings tried."""
+
+    _argument_group_name = "student, projection head, knowledge base and retrieval"
 
     student_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Student encoder checkpoint. Default: the teacher's base encoder."}
@@ -100,20 +106,31 @@ class ModelArguments:
         default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", metadata={"help": "β values tried on validation."}
     )
     retrieval_temperature: float = field(default=0.1, metadata={"help": "τ_r of the neighbour weights."})
+    keep_checkpoints: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the student's training checkpoints (<output_dir>/student-checkpoints) once the model is "
+            "saved. By default they are removed then: they only serve --resume_from_checkpoint while training."
+        },
+    )
 
     def __post_init__(self):
         if self.pooling not in ("mean", "cls"):
-            raise ValueError(f"--pooling must be 'mean' or 'cls', got {self.pooling!r}")
+            raise InputError(f"--pooling must be 'mean' or 'cls', got {self.pooling!r}")
         if self.index_type not in INDEX_TYPES:
-            raise ValueError(f"--index_type must be one of {INDEX_TYPES}, got {self.index_type!r}")
+            raise InputError(f"--index_type must be one of {INDEX_TYPES}, got {self.index_type!r}")
         self.knn_ks = sorted({int(k) for k in self.knn_k_grid.split(",")})
         self.betas = sorted({float(b) for b in self.retrieval_weight_grid.split(",")})
         if min(self.knn_ks) < 1 or not all(0 <= b <= 1 for b in self.betas):
-            raise ValueError(f"--knn_k_grid needs k >= 1 and --retrieval_weight_grid β in [0, 1]: {self}")
+            raise InputError(f"--knn_k_grid needs k >= 1 and --retrieval_weight_grid β in [0, 1]: {self}")
 
 
 @dataclass
 class DataTrainingArguments:
+    """Where the labelled splits come from (or the offline demo) and how they are cut."""
+
+    _argument_group_name = "data"
+
     demo: bool = field(
         default=False,
         metadata={
@@ -141,12 +158,12 @@ class DataTrainingArguments:
 
     def __post_init__(self):
         if self.dataset_name and self.train_file:
-            raise ValueError("Give either --dataset_name or --train_file/--validation_file, not both.")
+            raise InputError("Give either --dataset_name or --train_file/--validation_file, not both.")
         if self.train_file and not self.validation_file:
-            raise ValueError("--train_file needs a --validation_file: k and β are chosen on validation.")
+            raise InputError("--train_file needs a --validation_file: k and β are chosen on validation.")
         for path in (self.train_file, self.validation_file, self.test_file):
             if path and not Path(path).is_file():
-                raise ValueError(f"Data file not found: {path}")
+                raise InputError(f"Data file not found: {path}")
 
     @property
     def data_files(self) -> dict[str, str]:

@@ -51,7 +51,7 @@ def default_cache_dir() -> Path:
 def fetch_wheel(name: str, version: str, cache_dir: Path | None = None) -> Path:
     """Download the wheel ``name==version`` from PyPI (no dependencies) once and return its path.
 
-    pip's stdout (and so its progress bar) is left alone; its stderr is kept for the error message.
+    pip's own output is not shown (one log line says what is fetched); its stderr is kept for the error message.
     The wheel is downloaded into a temporary folder and moved into place, so an interrupted
     download never leaves a truncated wheel in the cache.
     """
@@ -67,7 +67,7 @@ def fetch_wheel(name: str, version: str, cache_dir: Path | None = None) -> Path:
     with tempfile.TemporaryDirectory(dir=wheel_dir, prefix=".download-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
         cmd += [f"{name}=={version}", "-d", tmp]
-        result = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, check=False)
+        result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
         downloaded = sorted(Path(tmp).glob(pattern))
         if result.returncode != 0 or not downloaded:
             tail = "\n".join(result.stderr.strip().splitlines()[-15:])

@@ -6,9 +6,11 @@ changed input recomputes it. Every result is written next to its destination and
 interrupted write never looks finished and never destroys the previous result.
 """
 
+import ctypes
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -53,25 +55,30 @@ def atomic_path(path: str | os.PathLike, directory: bool = False) -> Iterator[Pa
     """Yield a temporary file (or directory) next to `path` that replaces `path` only if the block finishes.
 
     The temporary sits in the same folder, so the final rename is atomic; on an exception it is removed and
-    whatever was at `path` before is left as it was.
+    whatever was at `path` before is left as it was. A directory that already exists is swapped with the new one
+    in one step (Linux `renameat2(RENAME_EXCHANGE)`), so there is no instant without either; elsewhere the old one is
+    moved aside first. The temporary's name carries this process id, so `remove_stale_temporaries` can tell a
+    leftover of a killed run from one being written right now.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.name}-{os.getpid()}-"
     if directory:
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix))
     else:
-        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=prefix)
         os.close(handle)
         tmp = Path(name)
     try:
         yield tmp
         _set_default_permissions(tmp)
         if directory and path.exists():
-            backup = path.with_name(f".{path.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(path, backup)
-            os.replace(tmp, path)
-            shutil.rmtree(backup, ignore_errors=True)
+            if not _exchange(tmp, path):  # tmp now holds the old directory, removed below
+                backup = path.with_name(f".{path.name}.old")
+                shutil.rmtree(backup, ignore_errors=True)
+                os.replace(path, backup)
+                os.replace(tmp, path)
+                shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(tmp, path)
     finally:
@@ -79,6 +86,45 @@ def atomic_path(path: str | os.PathLike, directory: bool = False) -> Iterator[Pa
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux `renameat2` with `RENAME_EXCHANGE`); False where that is not available."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)-(?P<pid>\d+)-[A-Za-z0-9_]{8}$")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove what interrupted `atomic_path` writes left in `folder`: temporaries of processes that no longer run,
+    and `.NAME.old` backups whose NAME is in place. Returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    for entry in folder.iterdir() if folder.is_dir() else ():
+        match = _TEMPORARY.match(entry.name)
+        stale_backup = (
+            entry.name.startswith(".") and entry.name.endswith(".old") and (folder / entry.name[1:-4]).exists()
+        )
+        if (match and not _process_is_running(int(match["pid"]))) or stale_backup:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            removed.append(entry)
+    return removed
+
+
+def _process_is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _set_default_permissions(path: Path) -> None:

@@ -20,5 +20,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"hf-reaugkd: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
     from .distill import main as distill_main
+    from .errors import InputError
 
-    distill_main(argv[1:])
+    try:
+        distill_main(argv[1:])
+    except (InputError, FileNotFoundError) as err:  # the user can fix these: the message, not a traceback
+        print(f"hf-reaugkd distill: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,6 +1,8 @@
 """The task's data: loading and checking the labelled splits before any long work, the column names every stage
 shares, tokenization, and the one loop that turns a tokenized dataset into padded batches."""
 
+import codecs
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -9,6 +11,9 @@ from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from transformers import PreTrainedTokenizerBase
 
 from .caching import fingerprint, hash_files
+from .errors import InputError
+
+logger = logging.getLogger(__name__)
 
 LABEL_COLUMN = "labels"  # integer class ids, the name Trainer and the models expect
 TEACHER_LOGITS = "teacher_logits"  # (C,) the teacher's logits
@@ -50,16 +55,7 @@ def load_task_data(
     missing, a column is missing, a text or label is empty, or validation/test hold labels that train does not.
     """
     if data_files:
-        extension = next(iter(data_files.values())).rsplit(".", 1)[-1]
-        extension = {"jsonl": "json", "tsv": "csv"}.get(extension, extension)
-        # CSV cells are read as written: "N/A" or "None" in a text is text, and an empty label stays empty (and is
-        # rejected below) instead of becoming the class "None". The files are re-read every run: datasets' own cache
-        # is keyed by path, size and mtime, so an edited file with the same size and mtime would load stale rows.
-        options = {"na_filter": False} if extension == "csv" else {}
-        try:
-            raw = load_dataset(extension, data_files=data_files, download_mode="force_redownload", **options)
-        except Exception as err:
-            raise ValueError(f"Could not read the data files {data_files}: {err}") from err
+        raw = DatasetDict({split: _read_data_file(split, path) for split, path in data_files.items()})
         describe = {split: f"{split} file {path}" for split, path in data_files.items()}
         source = ", ".join(data_files.values())
         content = hash_files([data_files[split] for split in sorted(data_files)])
@@ -70,7 +66,7 @@ def load_task_data(
         content = {split: raw[split]._fingerprint for split in sorted(raw)}  # datasets hashes the Hub revision
     for required in ("train", "validation"):
         if required not in raw:
-            raise ValueError(
+            raise InputError(
                 f"A {required} split is needed (validation chooses k and β; test is never used for that); "
                 f"found splits {sorted(raw)}."
             )
@@ -86,7 +82,7 @@ def load_task_data(
     for name, split in splits.items():
         for column in [*text_columns, label_column]:
             if column not in split.column_names:
-                raise ValueError(
+                raise InputError(
                     f"Column {column!r} not found in the {describe[name]}; its columns are {split.column_names}. "
                     f"Set --text_column_name / --text_pair_column_name / --label_column_name."
                 )
@@ -95,7 +91,7 @@ def load_task_data(
                 for offset, value in enumerate(batch):
                     if value is None or not str(value).strip():
                         kind = "label" if column == label_column else "text"
-                        raise ValueError(
+                        raise InputError(
                             f"Empty {kind} in column {column!r}, row {start + offset} of the {describe[name]}."
                         )
 
@@ -105,21 +101,22 @@ def load_task_data(
         to_name = label_feature.int2str
     else:
         label_names = sorted(
-            {str(label) for _, batch in _iter_column(splits["train"], label_column) for label in batch}
+            {str(label).strip() for _, batch in _iter_column(splits["train"], label_column) for label in batch}
         )
-        to_name = str
+        _check_label_kinds(splits["train"], label_column, describe["train"])
+        to_name = _label_name
     label_ids = {name: i for i, name in enumerate(label_names)}
     for name, split in splits.items():
-        seen = {str(to_name(label)) for _, batch in _iter_column(split, label_column) for label in batch}
+        seen = {to_name(label) for _, batch in _iter_column(split, label_column) for label in batch}
         unseen = sorted(seen - set(label_ids))
         if unseen:
-            raise ValueError(
+            raise InputError(
                 f"The {describe[name]} has labels never seen in training: {unseen[:10]}; training labels are "
                 f"{label_names}."
             )
 
     def encode(batch):
-        return {LABEL_COLUMN: [label_ids[str(to_name(label))] for label in batch[label_column]]}
+        return {LABEL_COLUMN: [label_ids[to_name(label)] for label in batch[label_column]]}
 
     # The original column goes: Trainer would pass a column named "label" to the model as well.
     drop = [label_column] if label_column != LABEL_COLUMN else []
@@ -134,6 +131,76 @@ def _iter_column(split: Dataset, column: str) -> Iterator[tuple[int, list]]:
     """`(first row, values)` of one column, `CHECK_BATCH_SIZE` rows at a time."""
     for start in range(0, len(split), CHECK_BATCH_SIZE):
         yield start, split[start : start + CHECK_BATCH_SIZE][column]
+
+
+def _read_data_file(split: str, path: str) -> Dataset:
+    """One split from a CSV/JSON(L) file, with errors that name the file and, where known, the line."""
+    extension = path.rsplit(".", 1)[-1].lower()
+    extension = {"jsonl": "json", "tsv": "csv"}.get(extension, extension)
+    _check_utf8(path)
+    # CSV cells are read as written: "N/A" or "None" in a text is text, and an empty label stays empty (and is
+    # rejected) instead of becoming the class "None". The file is re-read every run: datasets' own cache is keyed
+    # by path, size and mtime, so an edited file with the same size and mtime would load stale rows.
+    options = {"na_filter": False} if extension == "csv" else {}
+    try:
+        dataset = load_dataset(extension, data_files={split: path}, download_mode="force_redownload", **options)
+    except Exception as err:
+        cause = err
+        while cause.__cause__ is not None or cause.__context__ is not None:  # the parser's own message
+            cause = cause.__cause__ or cause.__context__
+        raise InputError(f"Could not read the {split} file {path}: {type(cause).__name__}: {cause}") from err
+    if len(dataset[split]) == 0:
+        raise InputError(f"The {split} file {path} has no rows (a header only?).")
+    return dataset[split]
+
+
+def _check_utf8(path: str) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, offset = 1, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                bad_line = line + chunk[: err.start].count(b"\n")
+                raise InputError(
+                    f"{path} is not UTF-8: byte {offset + err.start} (line {bad_line}) is {chunk[err.start : err.start + 1]!r}. "
+                    "Re-save the file as UTF-8."
+                ) from None
+            line += chunk.count(b"\n")
+            offset += len(chunk)
+
+
+def _label_name(label) -> str:
+    """Labels are names: `" positive "` and `"positive"` are one class (whitespace around a label is stripped)."""
+    return str(label).strip()
+
+
+def _check_label_kinds(split: Dataset, label_column: str, description: str) -> None:
+    """Refuse a label column that mixes numbers and names (`1` and `positive`): almost always a data error."""
+    first = {}
+    stripped = 0
+    for start, batch in _iter_column(split, label_column):
+        for offset, label in enumerate(batch):
+            name = _label_name(label)
+            stripped += name != str(label)
+            first.setdefault(_is_number(name), (start + offset, name))
+    if len(first) == 2:
+        (number_row, number), (name_row, name) = first[True], first[False]
+        raise InputError(
+            f"The {description} mixes numeric and named labels in column {label_column!r}: row {number_row} is "
+            f"{number!r}, row {name_row} is {name!r}. Use one kind of label."
+        )
+    if stripped:
+        logger.warning("%d labels in the %s had whitespace around them; it was stripped.", stripped, description)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def tokenize(

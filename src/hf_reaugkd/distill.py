@@ -8,20 +8,25 @@
 import dataclasses
 import json
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 import transformers
 from transformers import AutoConfig, AutoModel, AutoTokenizer, HfArgumentParser
-from transformers.trainer_utils import get_last_checkpoint, set_seed
+from transformers.trainer_utils import set_seed
 
 from . import demo
 from .arguments import DataTrainingArguments, ModelArguments, TeacherArguments
+from .caching import remove_stale_temporaries, write_json
 from .data import LABEL_COLUMN, load_task_data, tokenize
+from .errors import InputError
 from .evaluation import classification_metrics, knn_accuracy, predict, select_retrieval_settings, split_metrics
 from .model_card import create_model_card
 from .modeling_reaugkd import ReAugKDForSequenceClassification
+from .reporting import expected_notices, stage
 from .saving import push_saved, save_student
 from .teacher import (
     finetune_teacher,
@@ -49,10 +54,12 @@ def run(
     """Run every stage; return the metrics (also written to `<output_dir>/metrics.json`)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_default_handler()  # one log format: transformers' records go to the root
+    transformers.utils.logging.enable_propagation()
     if data_args.demo:
         teacher_args, model_args, data_args = demo.fill_in(teacher_args, model_args, data_args)
     if not teacher_args.teacher_model_name_or_path or not (data_args.train_file or data_args.dataset_name):
-        raise ValueError(
+        raise InputError(
             "Give a teacher (--teacher_model_name_or_path) and data (--train_file/--validation_file or "
             "--dataset_name), or run the offline demo with --demo."
         )
@@ -60,7 +67,14 @@ def run(
     work_dir = Path(model_args.stages_dir) if model_args.stages_dir else output_dir / "stages"
     teacher_name = teacher_args.teacher_model_name_or_path
     student_name = model_args.student_model_name_or_path or teacher_name
-    resume = _resume_checkpoint(training_args, output_dir / "student-checkpoints")
+    checkpoint_dir = output_dir / "student-checkpoints"
+    resume = _resume_checkpoint(training_args, checkpoint_dir)
+    if training_args.should_save:
+        for folder in (output_dir, work_dir):
+            for leftover in remove_stale_temporaries(folder):
+                logger.info("Removed %s, left by an interrupted run", leftover)
+    if not torch.cuda.is_available():
+        training_args = dataclasses.replace(training_args, dataloader_pin_memory=False)  # nothing to pin to
     set_seed(training_args.seed)
 
     # Data, checked before any long work.
@@ -80,10 +94,11 @@ def run(
     # 1. Teacher: used as is when it already classifies these labels, fine-tuned otherwise; its outputs, once.
     teacher_path = teacher_name
     if needs_finetuning(teacher_name, data.label_names):
-        teacher_path = finetune_teacher(teacher_args, data, training_args, data_args.max_seq_length, work_dir)
+        with stage("teacher fine-tuning"):
+            teacher_path = finetune_teacher(teacher_args, data, training_args, data_args.max_seq_length, work_dir)
     else:
         logger.info("teacher: %s already classifies %s, used as is", teacher_name, data.label_names)
-    with training_args.main_process_first(desc="teacher outputs"):
+    with stage("teacher outputs"), training_args.main_process_first(desc="teacher outputs"):
         outputs = teacher_outputs(
             teacher_path,
             data,
@@ -95,7 +110,7 @@ def run(
 
     # 2.–3. Teacher projection head (supervised contrastive) and the knowledge base over the training set.
     kb_dim = model_args.kb_dim or AutoConfig.from_pretrained(student_name).hidden_size
-    with training_args.main_process_first(desc="knowledge base"):
+    with stage("projection head and knowledge base"), training_args.main_process_first(desc="knowledge base"):
         projection, kb = knowledge_base_stage(
             outputs["train"],
             torch.as_tensor(data.splits["train"][LABEL_COLUMN]),
@@ -112,13 +127,18 @@ def run(
     tokenizer = AutoTokenizer.from_pretrained(student_name)
     encoder_kwargs = {"num_hidden_layers": model_args.student_num_layers} if model_args.student_num_layers else {}
     set_seed(training_args.seed)
+    with expected_notices():  # a truncated student leaves the upper layers' weights unused, by design
+        encoder = AutoModel.from_pretrained(student_name, **encoder_kwargs)
     student = ReAugKDForSequenceClassification.from_encoder(
-        AutoModel.from_pretrained(student_name, **encoder_kwargs),
+        encoder,
         id2label,
         kb_dim=kb_dim,
         pooling=model_args.pooling,
         retrieval_temperature=model_args.retrieval_temperature,
+        pad_token_id=tokenizer.pad_token_id,
     )
+    layers = AutoConfig.from_pretrained(student_name).num_hidden_layers
+    logger.info("student: first %d of %d layers of %s", encoder.config.num_hidden_layers, layers, student_name)
     splits = {}
     for name, split in data.splits.items():
         neighbors = None
@@ -126,33 +146,36 @@ def run(
             neighbors = knowledge_base_neighbors(kb, keys[name], training_args.relational_neighbors, name == "train")
         encoded = tokenize(split, tokenizer, data, data_args.max_seq_length, f"Tokenizing {name} for the student")
         splits[name] = with_teacher_columns(encoded, outputs[name], keys[name], neighbors)
-    trainer = ReAugKDTrainer(
-        model=student,
-        args=dataclasses.replace(training_args, output_dir=str(output_dir / "student-checkpoints")),
-        train_dataset=splits["train"],
-        eval_dataset=splits["validation"],
-        processing_class=tokenizer,
-        knowledge_base=kb,
-    )
-    trainer.train(resume_from_checkpoint=resume)
+    with expected_notices():  # the special-token alignment notice
+        trainer = ReAugKDTrainer(
+            model=student,
+            args=dataclasses.replace(training_args, output_dir=str(checkpoint_dir)),
+            train_dataset=splits["train"],
+            eval_dataset=splits["validation"],
+            processing_class=tokenizer,
+            knowledge_base=kb,
+        )
+    with stage("student training"):
+        trainer.train(resume_from_checkpoint=resume)
     if not trainer.is_world_process_zero():  # the main process evaluates and saves
         return {}
     student = trainer.model
     student.set_knowledge_base(kb)
 
     # 5. k and β on validation only; the student's and the teacher's own queries scored by kNN alone (β = 1).
-    predictions = {
-        name: predict(
-            student,
-            splits[name],
-            tokenizer,
-            model_args.knn_ks,
-            model_args.retrieval_temperature,
-            training_args.per_device_eval_batch_size,
-        )
-        for name in EVALUATED_SPLITS
-        if name in splits
-    }
+    with stage("evaluation"):
+        predictions = {
+            name: predict(
+                student,
+                splits[name],
+                tokenizer,
+                model_args.knn_ks,
+                model_args.retrieval_temperature,
+                training_args.per_device_eval_batch_size,
+            )
+            for name in EVALUATED_SPLITS
+            if name in splits
+        }
     validation = predictions["validation"]
     selection = select_retrieval_settings(validation, model_args.betas)
     knn = {
@@ -196,9 +219,14 @@ def run(
         num_parameters=sum(p.numel() for p in student.parameters()),
     )
     model_dir = save_student(output_dir / "model", student, tokenizer, card, metrics)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(output_dir / "metrics.json", metrics)
     print_results(metrics)
     logger.info("Saved the retrieval-augmented student to %s", model_dir)
+    if checkpoint_dir.exists() and not model_args.keep_checkpoints:
+        shutil.rmtree(checkpoint_dir)
+        logger.info(
+            "Removed the training checkpoints %s (the model is saved; --keep_checkpoints keeps them)", checkpoint_dir
+        )
     if training_args.push_to_hub:
         repo_id = training_args.hub_model_id or output_dir.resolve().name
         push_saved(model_dir, repo_id, training_args.hub_token, training_args.hub_private_repo)
@@ -238,36 +266,85 @@ def _hyperparameters(model_args, teacher_args, data_args, training_args) -> dict
 
 
 def _resume_checkpoint(training_args, checkpoint_dir: Path) -> str | None:
-    """`--resume_from_checkpoint PATH` as given; `true`/`last` means the last checkpoint of this run's student."""
+    """`--resume_from_checkpoint PATH` as given; `true`/`last` means the last *complete* checkpoint of this run's
+    student: one a kill interrupted while it was being written (no trainer state or weights yet) is skipped."""
     value = training_args.resume_from_checkpoint
     if value is None or str(value).lower() in ("false", ""):
         return None
-    if str(value).lower() in ("true", "last"):
-        last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
-        if last is None:
-            raise ValueError(f"--resume_from_checkpoint {value}: no checkpoint found in {checkpoint_dir}")
-        return last
-    return value
+    if str(value).lower() not in ("true", "last"):
+        return value
+    found = sorted(
+        (path for path in checkpoint_dir.glob("checkpoint-*") if path.name.split("-")[-1].isdigit()),
+        key=lambda path: int(path.name.split("-")[-1]),
+        reverse=True,
+    )
+    for path in found:
+        if (path / "trainer_state.json").is_file() and any(path.glob("model*.safetensors")):
+            return str(path)
+        logger.warning("Skipping the incomplete checkpoint %s (interrupted while it was written)", path)
+    raise InputError(f"--resume_from_checkpoint {value}: no complete checkpoint found in {checkpoint_dir}")
 
 
 ARGUMENT_CLASSES = (ModelArguments, TeacherArguments, DataTrainingArguments, ReAugKDTrainingArguments)
+USAGE = "hf-reaugkd distill [--demo] [--teacher_model_name_or_path PATH] [--train_file CSV --validation_file CSV] [FLAGS] | CONFIG.json"
+DESCRIPTION = """Distil a fine-tuned text classifier (the teacher) into a small student that retrieves from a knowledge
+base of the teacher's embeddings and soft labels (ReAugKD). Stages: teacher fine-tuning (if its head does not
+already predict the data's labels) → teacher outputs → projection head → knowledge base → student training →
+k and β chosen on validation → evaluation → save (and push). With no flags it runs the offline demo.
+The package's own flags come first; the student's TrainingArguments follow its ReAugKD loss flags."""
+
+
+def build_parser() -> HfArgumentParser:
+    """The four argument groups, each under its heading; in the last, the ReAugKD loss flags before the ~120
+    inherited `TrainingArguments` flags, so `--help` shows what is particular to this package first."""
+    parser = HfArgumentParser(ARGUMENT_CLASSES, prog="hf-reaugkd distill", usage=USAGE, description=DESCRIPTION)
+    training_group = parser._action_groups[-1]
+    own = {field.name for field in dataclasses.fields(ReAugKDTrainingArguments)} - {
+        field.name for field in dataclasses.fields(transformers.TrainingArguments)
+    }
+    actions = training_group._group_actions
+    actions.sort(key=lambda action: action.dest not in own)  # stable: each part keeps its order
+    return parser
+
+
+def _distributed_cpu_launch(argv: list[str]) -> list[str]:
+    """A multi-process launch without GPUs: `torchrun` works on CPU (gloo) once the Trainer is told `--use_cpu`;
+    `accelerate launch --cpu --num_processes N` starts one process only (CPU multi-process needs MPI), so it is
+    refused with the command that works rather than silently training on one process."""
+    one_of_many = "MASTER_ADDR" in os.environ and not {"WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"} & set(os.environ)
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and one_of_many:
+        raise InputError(
+            "`accelerate launch --cpu --num_processes N` starts a single process (multi-process CPU runs need "
+            "MPI). On CPU, launch with `torchrun --nproc_per_node N examples/distill.py ...`; on GPUs with "
+            "`accelerate launch --multi_gpu --num_processes N examples/distill.py ...`."
+        )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and "--use_cpu" not in argv:
+        logger.info("Distributed launch without a GPU: training on CPU processes (gloo), as with --use_cpu.")
+        return [*argv, "--use_cpu"]
+    return argv
 
 
 def parse_args(argv: list[str] | None = None) -> tuple:
     """Parse flags (or one JSON file) into the four argument dataclasses. An empty command line means `--demo`;
     with `--demo` the demo's settings become the defaults, so explicit flags still win."""
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        values = json.loads(Path(argv[0]).read_text())
-        if values.get("demo"):
-            values = {**demo.DEFAULTS, **values}
-        return parser.parse_dict(values)
-    if not argv:
-        argv = ["--demo"]
-    if "--demo" in argv:
-        parser.set_defaults(**demo.DEFAULTS)
-    return parser.parse_args_into_dataclasses(args=argv)
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            values = json.loads(Path(argv[0]).read_text())
+            if values.get("demo"):
+                values = {**demo.DEFAULTS, **values}
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+                values.setdefault("use_cpu", True)
+            return parser.parse_dict(values)
+        argv = _distributed_cpu_launch(argv or ["--demo"])
+        if "--demo" in argv:
+            parser.set_defaults(**demo.DEFAULTS)
+        return parser.parse_args_into_dataclasses(args=argv)
+    except InputError:
+        raise
+    except ValueError as err:  # a flag's value rejected by an argument class's __post_init__
+        raise InputError(str(err)) from err
 
 
 def main(argv: list[str] | None = None) -> dict:

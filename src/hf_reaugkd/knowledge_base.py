@@ -2,10 +2,27 @@
 
 This file travels with saved checkpoints as remote code. FAISS is optional: a checkpoint with a FAISS index
 still loads and searches without it (exactly, in torch), and building a FAISS index says that `faiss-cpu` is needed.
+
+A stored HNSW/IVF index comes from a checkpoint, i.e. untrusted bytes, and FAISS trusts the length fields it reads (one
+changed 8-byte field can make it allocate gigabytes). So the bytes are checked before FAISS reads them, and the index
+FAISS returns is checked against the keys before it is searched. What happens when a check fails:
+
+- Refused (ValueError): keys or soft labels that are invalid (shape, NaN/inf, zero or non-unit norm, rows that are
+  not distributions); and index bytes that are not a well-formed index of this knowledge base -- a size outside the
+  plausible range for `size x dim`, a header (kind, d, ntotal, metric, nlist) that contradicts the config, or a
+  length field that points past the end -- unless they are byte for byte what was built (SHA-256 matches).
+- Rebuilt from the stored keys, with a warning: an index that is well formed but whose bytes differ from what was
+  built (SHA-256 mismatch), that FAISS cannot read, or whose content disagrees with the keys (stored vectors, ids,
+  graph links, trained flag, a search probe). Keys and soft labels are what predictions depend on; the index only
+  finds them faster, so a rebuilt index gives the results the original was built to give.
+
+Checkpoints saved before the checksum existed (no `index_sha256`) get every check but the checksum.
 """
 
+import hashlib
 import json
 import os
+import struct
 import tempfile
 from pathlib import Path
 
@@ -38,6 +55,16 @@ DEFAULT_INDEX_PARAMS = {
 }
 # Soft labels must sum to 1 up to this tolerance; fp32 softmax outputs are far closer than that.
 DISTRIBUTION_ATOL = 1e-3
+# `nn.functional.normalize` divides by max(norm, eps): a key whose fp32 norm is below eps (or overflows) cannot become
+# a unit vector.
+NORMALIZE_EPS = 1e-12
+# Stored keys searched for themselves after deserializing an index; an approximate index may miss a few of them.
+PROBE_SIZE = 32
+PROBE_MAX_MISSES = PROBE_SIZE // 10
+# FAISS serialization (faiss/impl/index_write.cpp): a fourcc per index class; METRIC_INNER_PRODUCT is 0.
+INDEX_FOURCC = {"hnsw": b"IHNf", "ivf": b"IwFl"}
+FLAT_IP_FOURCC = b"IxFI"
+_METRIC_INNER_PRODUCT = 0
 
 
 def _require_faiss(index_type: str) -> None:
@@ -56,8 +83,9 @@ def _check_index_type(index_type: str) -> None:
 def validate_entries(keys: torch.Tensor, values: torch.Tensor, num_labels: int | None = None) -> None:
     """Raise a ValueError naming what was expected and what was found if `keys`/`values` are not a valid KB.
 
-    Keys must be a finite `[N, d]` float tensor with N > 0; values a `[N, C]` tensor of probability
-    distributions (non-negative rows summing to 1), with C equal to `num_labels` when given.
+    Keys must be a finite `[N, d]` float tensor with N > 0 whose rows can be normalised (non-zero norm); values a
+    `[N, C]` tensor of probability distributions (non-negative rows summing to 1), with C equal to `num_labels` when
+    given. `build` and `load` both run this, so a KB that builds also loads, and with the same message otherwise.
     """
     if keys.ndim != 2 or values.ndim != 2:
         raise ValueError(
@@ -76,6 +104,14 @@ def validate_entries(keys: torch.Tensor, values: torch.Tensor, num_labels: int |
     bad_keys = (~torch.isfinite(keys)).any(dim=1).nonzero().flatten()
     if len(bad_keys):
         raise ValueError(f"{len(bad_keys)} knowledge-base keys hold NaN or inf, e.g. row {bad_keys[0].item()}.")
+    norms = keys.float().norm(dim=1)  # (N,)
+    bad_keys = ((norms < NORMALIZE_EPS) | torch.isinf(norms)).nonzero().flatten()
+    if len(bad_keys):
+        row = bad_keys[0].item()
+        raise ValueError(
+            f"{len(bad_keys)} knowledge-base keys cannot be normalised to unit length (zero norm, or a norm outside "
+            f"float32 range), e.g. row {row} with norm {norms[row].item():.3g}: keys are compared by cosine similarity."
+        )
     values = values.float()
     bad_rows = (
         (
@@ -261,7 +297,7 @@ class KnowledgeBase(nn.Module):
             if best_scores is not None:
                 top_scores = torch.cat([best_scores, top_scores], dim=1)  # (b, ≤2k)
                 top_ids = torch.cat([best_ids, top_ids], dim=1)
-                top_scores, order = top_scores.topk(k, dim=1)  # (b, k)
+                top_scores, order = top_scores.topk(min(k, top_scores.shape[1]), dim=1)  # (b, ≤k)
                 top_ids = top_ids.gather(1, order)
             best_scores, best_ids = top_scores, top_ids
         return best_scores, best_ids

@@ -6,6 +6,7 @@ copy to edit, and setuptools copies the target into wheels.
 
 import os
 import platform
+import re
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,26 @@ METRICS = [("accuracy", "accuracy", "Accuracy", None), ("macro_f1", "f1", "Macro
 RETRIEVAL_KEYS = ("knn_k", "retrieval_weight", "retrieval_temperature", "index_type", "kb_size", "kb_dim")
 LOCAL_PATH_PLACEHOLDER = "path/to/checkpoint"
 EXAMPLE_TEXT = "A gripping story with a wonderful cast."
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def hub_id(name: str | None) -> str | None:
+    """`name` if it can be a Hub repo id (`org/name` or `name`) and is not a local folder; else None. Local paths
+    never go into the card's metadata or links: they mean nothing on the Hub and may reveal the user's machine."""
+    if not name or not _HUB_ID.match(name) or os.path.exists(name):
+        return None
+    return name
+
+
+def _reference(name: str, kind: str = "") -> str:
+    """A Markdown link to a Hub repo, or the plain name of a local checkpoint / a described dataset."""
+    if hub_id(name):
+        return f"[{name}](https://huggingface.co/{kind}{name})"
+    if os.path.exists(name):
+        return f"a local checkpoint (`{os.path.basename(os.path.normpath(name))}`)"
+    return name
 
 
 def _package_version(name: str) -> str:
@@ -45,7 +66,7 @@ def _eval_results(
     metrics: dict[str, dict[str, dict[str, float]]], dataset_name: str | None, model_key: str = "student_retrieval"
 ) -> list[EvalResult]:
     """One result per split × metric for the retrieval-augmented student: the model this checkpoint serves."""
-    dataset = dataset_name or "custom"
+    dataset = hub_id(dataset_name) or "custom"
     results = []
     for split, per_model in metrics.items():
         for key, metric_type, pretty_name, metric_args in METRICS:
@@ -56,7 +77,7 @@ def _eval_results(
                     task_type="text-classification",
                     task_name="Text Classification",
                     dataset_type=dataset,
-                    dataset_name=dataset,
+                    dataset_name=dataset_name or dataset,
                     dataset_split=split,
                     metric_type=metric_type,
                     metric_name=pretty_name,
@@ -102,11 +123,13 @@ def create_model_card(
         model_id (`str`, *optional*):
             Hub id of the checkpoint; `None` puts a local-path placeholder in the usage snippets.
         base_model (`str`):
-            The student encoder's initialisation, e.g. `"sentence-transformers/all-MiniLM-L6-v2"`.
+            The student encoder's initialisation, e.g. `"sentence-transformers/all-MiniLM-L6-v2"`. A local path is
+            named in the text, never linked or put in the metadata.
         teacher_model (`str`):
             The fine-tuned teacher whose knowledge base the checkpoint carries.
         dataset_name (`str`, *optional*):
-            Hub dataset id; `None` for local files (the model-index then names the dataset `"custom"`).
+            Hub dataset id, or a description of local data (named in the text, `"custom"` in the model-index);
+            `None` for local files.
         id2label (`dict[int, str]`):
             Label names, as in the model config.
         metrics (`dict`):
@@ -127,14 +150,14 @@ def create_model_card(
         `huggingface_hub.ModelCard`: save it with [`save_model_card`] or `card.push_to_hub(...)`.
     """
     _check_inputs(metrics, retrieval)
-    model_name = model_id or f"ReAugKD student of {teacher_model.split('/')[-1]}"
+    model_name = model_id or f"ReAugKD student of {os.path.basename(os.path.normpath(teacher_model))}"
     card_data = ModelCardData(
         language=language,
         license=license,
         library_name="transformers",
         tags=list(TAGS),
-        base_model=base_model,
-        datasets=[dataset_name] if dataset_name else None,
+        base_model=hub_id(base_model),
+        datasets=[hub_id(dataset_name)] if hub_id(dataset_name) else None,
         pipeline_tag="text-classification",
         model_name=model_name,
         eval_results=_eval_results(metrics, dataset_name) or None,
@@ -146,9 +169,10 @@ def create_model_card(
             model_name=model_name,
             model_path=model_id or LOCAL_PATH_PLACEHOLDER,
             example_text=EXAMPLE_TEXT,
-            base_model=base_model,
-            teacher_model=teacher_model,
+            base_ref=_reference(base_model),
+            teacher_ref=_reference(teacher_model),
             dataset_name=dataset_name,
+            dataset_ref=_reference(dataset_name, "datasets/") if dataset_name else None,
             id2label=dict(sorted((int(i), label) for i, label in id2label.items())),
             metrics=metrics,
             model_rows=MODEL_ROWS,

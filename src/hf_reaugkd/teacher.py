@@ -9,6 +9,7 @@ knowledge base itself (`N × (kb_dim + C) × 4` bytes).
 """
 
 import logging
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,9 +24,11 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from .arguments import ModelArguments, TeacherArguments
 from .caching import atomic_path, fingerprint, model_fingerprint
 from .data import TEACHER_KEYS, TEACHER_LOGITS, TEACHER_NEIGHBORS, TaskData, padded_batches, tokenize
+from .errors import InputError
 from .knowledge_base import KnowledgeBase
 from .losses import supervised_contrastive_loss
 from .modeling_reaugkd import mean_pool
+from .reporting import expected_notices
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +57,10 @@ def needs_finetuning(teacher: str, label_names: list[str]) -> bool:
     config = AutoConfig.from_pretrained(teacher)
     names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
     is_classifier = any(arch.endswith("ForSequenceClassification") for arch in config.architectures or [])
-    if names == label_names and is_classifier:
-        return False
+    if names == label_names:
+        return not is_classifier  # an encoder saved with the task's labels still needs a trained head
     if names and not all(name.startswith("LABEL_") for name in names):
-        raise ValueError(
+        raise InputError(
             f"The teacher {teacher} is a classifier for the labels {names}, but the data has {label_names}. "
             "Pass a teacher fine-tuned on this task, or an encoder checkpoint to fine-tune."
         )
@@ -82,20 +85,30 @@ def finetune_teacher(
         logger.info("teacher: reused %s (same teacher, data and settings)", path)
         return path
     tokenizer = AutoTokenizer.from_pretrained(name)
-    teacher = AutoModelForSequenceClassification.from_pretrained(
-        name,
-        num_labels=len(data.label_names),
-        id2label=dict(enumerate(data.label_names)),
-        label2id={label: i for i, label in enumerate(data.label_names)},
-    )
+    with expected_notices():  # the new classification head is reported missing: it is what fine-tuning trains
+        teacher = AutoModelForSequenceClassification.from_pretrained(
+            name,
+            num_labels=len(data.label_names),
+            id2label=dict(enumerate(data.label_names)),
+            label2id={label: i for i, label in enumerate(data.label_names)},
+            ignore_mismatched_sizes=True,  # a generic head of another size (LABEL_0..2 on a 2-label task) is replaced
+        )
+    logger.info("teacher: fine-tuning %s with a new %d-label head", name, len(data.label_names))
     train = tokenize(data.splits["train"], tokenizer, data, max_seq_length, "Tokenizing train for the teacher")
-    args = teacher_args.training_arguments(student_args, output_dir=str(work_dir / "teacher-checkpoints"))
-    trainer = Trainer(model=teacher, args=args, train_dataset=train, processing_class=tokenizer)
+    checkpoints = work_dir / f".teacher-checkpoints-{key}"
+    with expected_notices():  # the special-token alignment notice
+        trainer = Trainer(
+            model=teacher,
+            args=teacher_args.training_arguments(student_args, output_dir=str(checkpoints)),
+            train_dataset=train,
+            processing_class=tokenizer,
+        )
     trainer.train()
     if trainer.is_world_process_zero():
         with atomic_path(path, directory=True) as tmp:
             trainer.save_model(str(tmp))
-    trainer.accelerator.wait_for_everyone()
+        shutil.rmtree(checkpoints, ignore_errors=True)  # logs only: the teacher saves no checkpoints
+    trainer.accelerator.wait_for_everyone()  # no rank reads the teacher before it is complete
     return path
 
 
@@ -266,17 +279,23 @@ def knowledge_base_neighbors(
     """The `num_neighbors` nearest knowledge-base rows `(N, num_neighbors)` of teacher keys `(N, d)`, searched chunk
     by chunk. With `own_rows` (the keys are the knowledge base's own, row i = key i) row i's own id is dropped
     wherever it comes back: not assumed first, since duplicate keys tie with it and an approximate index may not
-    return it at all. A missing hit (-1, approximate indexes) is filled with the best hit."""
+    return it at all. Rows with a missing hit (-1, approximate indexes) are searched again exactly."""
+    if num_neighbors >= knowledge_base.size:
+        raise InputError(
+            f"relational_neighbors={num_neighbors} needs a knowledge base of more entries; it has {knowledge_base.size}."
+        )
     neighbors = torch.empty(len(keys), num_neighbors, dtype=torch.long)
     for start in tqdm(range(0, len(keys), CHUNK_ROWS), desc="Knowledge-base neighbours", leave=False):
         chunk = keys[start : start + CHUNK_ROWS]  # (chunk, d)
         _, ids = knowledge_base.search(chunk, num_neighbors + 1)  # (chunk, n + 1)
+        missing = (ids < 0).any(dim=1)  # (chunk,)
+        if missing.any():
+            ids[missing] = knowledge_base._search_torch(chunk[missing].to(knowledge_base.keys), num_neighbors + 1)[1]
         if own_rows:
             rows = torch.arange(start, start + len(chunk)).unsqueeze(1)  # (chunk, 1)
             others_first = (ids == rows).int().argsort(dim=1, stable=True)  # rank order kept, self last
             ids = ids.gather(1, others_first)
-        ids = ids[:, :num_neighbors]  # (chunk, n)
-        neighbors[start : start + len(chunk)] = torch.where(ids < 0, ids[:, :1], ids)
+        neighbors[start : start + len(chunk)] = ids[:, :num_neighbors]
     return neighbors
 
 

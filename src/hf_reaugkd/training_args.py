@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .errors import InputError
+
 
 @dataclass
 class ReAugKDTrainingArguments(TrainingArguments):
@@ -15,6 +17,8 @@ class ReAugKDTrainingArguments(TrainingArguments):
     `L_kd + 1.0 · L_rel` beat both vanilla KD and `α · L_kd + (1 − α) · L_rel` with α = 0.5.
     The baselines are the same code with other weights: student without KD = (0, 0, 1), vanilla KD = (1, 0, 0).
     """
+
+    _argument_group_name = "student training (the ReAugKD loss, then every TrainingArguments flag)"
 
     distillation_weight: float = field(default=1.0, metadata={"help": "Weight of the soft-label KD loss (T² · KL)."})
     relational_weight: float = field(
@@ -41,13 +45,13 @@ class ReAugKDTrainingArguments(TrainingArguments):
         super().__post_init__()
         weights = (self.distillation_weight, self.relational_weight, self.ce_weight)
         if min(weights) < 0 or max(weights) == 0:
-            raise ValueError(
+            raise InputError(
                 f"distillation_weight, relational_weight and ce_weight must be >= 0 and not all 0, got {weights}."
             )
         if self.relational_neighbors < 0:
-            raise ValueError(f"relational_neighbors must be >= 0, got {self.relational_neighbors}.")
+            raise InputError(f"relational_neighbors must be >= 0, got {self.relational_neighbors}.")
         if self.distillation_temperature <= 0 or self.relational_temperature <= 0:
-            raise ValueError(
+            raise InputError(
                 "distillation_temperature and relational_temperature must be > 0, got "
                 f"{self.distillation_temperature} and {self.relational_temperature}."
             )

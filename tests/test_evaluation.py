@@ -1,0 +1,120 @@
+"""Evaluation reports what the shipped model predicts: streamed predictions against `forward`, the choice of k and β,
+and the metrics against hand-worked examples."""
+
+import pytest
+import torch
+from conftest import WORDS, random_kb, tiny_student
+from datasets import Dataset
+
+from hf_reaugkd.evaluation import (
+    Predictions,
+    classification_metrics,
+    knn_accuracy,
+    predict,
+    select_retrieval_settings,
+)
+from hf_reaugkd.modeling_reaugkd import mix_probabilities
+
+TAU = 0.3
+
+
+@pytest.fixture
+def tokenized(tiny_tokenizer):
+    """8 sentences of different lengths (batches of 3 are padded differently from the whole set)."""
+    texts = [" ".join(WORDS[(5 * i + j) % len(WORDS)] for j in range(1 + i % 5)) for i in range(8)]
+    encoded = tiny_tokenizer(texts)
+    return Dataset.from_dict({**encoded, "labels": [i % 3 for i in range(8)]}), texts
+
+
+@pytest.mark.parametrize(("k", "beta"), [(1, 0.5), (4, 0.3), (4, 1.0), (1, 0.0)])
+def test_predict_then_mix_equals_the_models_forward(tiny_tokenizer, tokenized, k, beta):
+    dataset, texts = tokenized
+    model = tiny_student(kb_size=40)
+    predictions = predict(model, dataset, tiny_tokenizer, knn_ks=[1, 4], retrieval_temperature=TAU, batch_size=3)
+    assert predictions.student_probs.shape == (8, 3) and set(predictions.retrieved) == {1, 4}
+    assert predictions.labels.tolist() == [i % 3 for i in range(8)]
+    inputs = tiny_tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**inputs, knn_k=k, retrieval_weight=beta, retrieval_temperature=TAU)
+        plain = model(**inputs, retrieval_weight=0.0)
+    mixed = mix_probabilities(predictions.student_probs, predictions.retrieved[k], beta)
+    torch.testing.assert_close(mixed, expected.logits.exp(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(predictions.student_probs, plain.logits.exp(), atol=1e-5, rtol=0)
+    if beta > 0:
+        torch.testing.assert_close(predictions.retrieved[k], expected.retrieved_probs, atol=1e-5, rtol=0)
+
+
+def test_predictions_depend_on_k_and_temperature(tiny_tokenizer, tokenized):
+    """Guards the test above against a KB where every setting gives the same numbers."""
+    dataset, _ = tokenized
+    model = tiny_student(kb_size=40)
+    sharp = predict(model, dataset, tiny_tokenizer, knn_ks=[1, 4], retrieval_temperature=TAU, batch_size=3)
+    flat = predict(model, dataset, tiny_tokenizer, knn_ks=[4], retrieval_temperature=10.0, batch_size=8)
+    assert (sharp.retrieved[1] - sharp.retrieved[4]).abs().max() > 1e-2
+    assert (sharp.retrieved[4] - flat.retrieved[4]).abs().max() > 1e-2
+    torch.testing.assert_close(sharp.student_probs, flat.student_probs, atol=1e-5, rtol=0)
+
+
+def one_hot_probs(predicted: list[int], num_labels: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(predicted), num_labels).float()
+
+
+def test_classification_metrics_by_hand():
+    # labels 0 0 1 1 2 2, predictions 0 1 1 1 2 0: 4 of 6 right.
+    # class 0: tp 1, fp 1, fn 1 → F1 2/4; class 1: tp 2, fp 1, fn 0 → 4/5; class 2: tp 1, fp 0, fn 1 → 2/3
+    metrics = classification_metrics(one_hot_probs([0, 1, 1, 1, 2, 0], 3), torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    assert metrics["macro_f1"] == pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3)
+    # a class only predicted counts with F1 0; a class in neither labels nor predictions does not count:
+    # class 0: tp 1, fn 1 → 2/3; class 3: tp 0 → 0
+    metrics = classification_metrics(one_hot_probs([0, 3], 5), torch.tensor([0, 0]))
+    assert metrics == pytest.approx({"accuracy": 0.5, "macro_f1": 1 / 3})
+    probs = torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.3, 0.1]])  # argmax 1, 0
+    assert classification_metrics(probs, torch.tensor([1, 0])) == pytest.approx({"accuracy": 1.0, "macro_f1": 1.0})
+
+
+LABELS = torch.tensor([0, 1, 1, 0])
+STUDENT = torch.tensor([[0.6, 0.4], [0.6, 0.4], [0.4, 0.6], [0.4, 0.6]])  # right on rows 0 and 2: accuracy 0.5
+
+
+def test_selection_breaks_ties_towards_smaller_beta_then_smaller_k():
+    """k = 1 and k = 3 are both perfect at β = 0.5 and β = 1 (row 1 at β = 0.5: (0.3, 0.7) and (0.35, 0.65));
+    the choice is the smaller β and then the smaller k, whatever order the grid is given in."""
+    retrieved = {
+        3: torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.1, 0.9], [0.9, 0.1]]),
+        1: torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]),
+    }
+    chosen = select_retrieval_settings(Predictions(STUDENT, retrieved, LABELS), betas=[1.0, 0.5, 0.0])
+    assert (chosen["knn_k"], chosen["retrieval_weight"], chosen["accuracy"]) == (1, 0.5, 1.0)
+    grid = {(row["knn_k"], row["retrieval_weight"]): row["accuracy"] for row in chosen["grid"]}
+    assert grid == {(1, 0.0): 0.5, (1, 0.5): 1.0, (1, 1.0): 1.0, (3, 0.0): 0.5, (3, 0.5): 1.0, (3, 1.0): 1.0}
+
+
+def test_selection_prefers_accuracy_over_the_tie_breaks():
+    """Only k = 3 at β = 1 gets every row: at β = 0.5, row 1 mixes to (0.525, 0.475) for k = 3 and (0.8, 0.2) for
+    k = 1 (whose neighbour is wrong), both wrong."""
+    retrieved = {
+        1: torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]),
+        3: torch.tensor([[0.9, 0.1], [0.45, 0.55], [0.1, 0.9], [0.9, 0.1]]),
+    }
+    chosen = select_retrieval_settings(Predictions(STUDENT, retrieved, LABELS), betas=[0.0, 0.5, 1.0])
+    assert (chosen["knn_k"], chosen["retrieval_weight"], chosen["accuracy"]) == (3, 1.0, 1.0)
+    grid = {(row["knn_k"], row["retrieval_weight"]): row["accuracy"] for row in chosen["grid"]}
+    assert grid == {(1, 0.0): 0.5, (1, 0.5): 0.75, (1, 1.0): 0.75, (3, 0.0): 0.5, (3, 0.5): 0.75, (3, 1.0): 1.0}
+
+
+def test_knn_accuracy_of_queries_that_are_knowledge_base_keys():
+    """With k = 1 a query equal to KB key i retrieves exactly soft label i, so the accuracy is that of those soft
+    labels' argmax: here 3 of 5 labels are set to it."""
+    kb = random_kb(40)
+    rows = torch.tensor([3, 7, 11, 20, 25])
+    argmax = kb.values[rows].argmax(dim=1)
+    labels = argmax.clone()
+    labels[[1, 4]] = (argmax[[1, 4]] + 1) % 3  # two wrong
+    accuracy = knn_accuracy(kb, kb.keys[rows], labels, knn_ks=[1, 40], retrieval_temperature=0.1, batch_size=2)
+    assert set(accuracy) == {1, 40}
+    assert accuracy[1] == pytest.approx(3 / 5)
+    # k = all 40 keys at a flat temperature: every query gets (nearly) the KB's mean soft label, one class for all
+    everything = knn_accuracy(kb, kb.keys[rows], labels, knn_ks=[40], retrieval_temperature=1e6)[40]
+    mean_class = kb.values.mean(dim=0).argmax()
+    assert everything == pytest.approx((labels == mean_class).float().mean().item())
