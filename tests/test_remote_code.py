@@ -77,3 +77,47 @@ def test_fresh_process_round_trip(saved_students, tmp_path, block):
         probs = logits.softmax(-1)
         pipeline_probs = torch.tensor([[row[id2label[i]] for i in range(len(id2label))] for row in got["pipeline"]])
         assert (pipeline_probs - probs).abs().max() <= 1e-5
+
+
+def test_fresh_process_pipeline_truncates_and_explains_with_neighbours(tmp_path, tiny_tokenizer):
+    """The pipeline that travels with the checkpoint: a text far longer than the encoder's positions is truncated
+    (no size mismatch), per-call settings reach the model, and `neighbors=K` lists the K best of the neighbours
+    that drove the prediction, with the same ids, weights and distributions as the model's own outputs."""
+    model = tiny_student(kb_size=40, knn_k=4, retrieval_weight=0.5)
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        out = model(**tiny_tokenizer([SENTENCES[0]], return_tensors="pt"), knn_k=4, output_neighbors=True)
+    got = run_fresh_python(
+        f"""
+        import json
+        from transformers import pipeline
+        classifier = pipeline("text-classification", model={str(tmp_path / "m")!r}, trust_remote_code=True)
+        long = classifier(" ".join(["good movie"] * 2000))
+        explained = classifier({SENTENCES[0]!r}, neighbors=2)
+        plain = classifier({SENTENCES[0]!r}, neighbors=2, retrieval_weight=0.0)
+        print(json.dumps([type(classifier).__name__, long, explained, plain]))
+        """,
+        tmp_path,
+    )
+    name, long, [explained], [plain] = got
+    assert name == "ReAugKDTextClassificationPipeline" and long[0]["label"] in ("negative", "neutral", "positive")
+    id2label = model.config.id2label
+    mixed = out.logits.exp()[0]
+    assert explained["label"] == id2label[int(mixed.argmax())]
+    assert explained["score"] == pytest.approx(float(mixed.max()), abs=1e-5)
+    assert [row["id"] for row in explained["neighbors"]] == out.neighbor_ids[0, :2].tolist()
+    for row, weight, similarity in zip(
+        explained["neighbors"], out.neighbor_weights[0], out.neighbor_scores[0], strict=False
+    ):
+        soft_label = model.knowledge_base.values[row["id"]]
+        assert row["weight"] == pytest.approx(float(weight), abs=1e-5)
+        assert row["similarity"] == pytest.approx(float(similarity), abs=1e-5)
+        assert row["label"] == id2label[int(soft_label.argmax())]
+        assert [row["label_distribution"][id2label[i]] for i in range(3)] == pytest.approx(soft_label.tolist())
+    retrieved = [explained["retrieved_scores"][id2label[i]] for i in range(3)]
+    assert retrieved == pytest.approx(out.retrieved_probs[0].tolist(), abs=1e-5)
+    student = out.student_logits[0].softmax(-1)
+    assert [explained["student_scores"][id2label[i]] for i in range(3)] == pytest.approx(student.tolist(), abs=1e-5)
+    # retrieval_weight=0 per call: the plain student, nothing retrieved
+    assert plain["score"] == pytest.approx(float(student.max()), abs=1e-5) and plain["neighbors"] == []

@@ -4,6 +4,7 @@ This file travels with saved checkpoints as remote code (with its flat sibling `
 index defaults).
 """
 
+import re
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
@@ -40,6 +41,10 @@ class ReAugKDConfig(PreTrainedConfig):
         index_nbytes (`int`, defaults to 0):
             Size of the serialized FAISS index stored in the checkpoint (only trained indexes, HNSW and IVF, are
             stored; exact ones are rebuilt from the keys).
+        index_sha256 (`str`, *optional*):
+            SHA-256 (hex) of those index bytes as built, recorded by `set_knowledge_base`. Loading compares it before
+            FAISS reads the bytes, and rebuilds the index from the keys (with a warning) when it differs. Checkpoints
+            saved without it load with the other checks only.
         search_block_size (`int`, defaults to 65536), search_query_block_size (`int`, defaults to 1024):
             KB rows and queries scored per block by the torch backend: search memory is at most
             `search_query_block_size × search_block_size` scores, whatever the number of queries and keys.
@@ -74,6 +79,7 @@ class ReAugKDConfig(PreTrainedConfig):
     retrieval_weight: float | int = 0.5
     index_type: Literal["torch", "flat", "hnsw", "ivf"] = "torch"
     index_nbytes: int = 0
+    index_sha256: str | None = None
     search_block_size: int = DEFAULT_INDEX_PARAMS["search_block_size"]
     search_query_block_size: int = DEFAULT_INDEX_PARAMS["search_query_block_size"]
     hnsw_m: int = DEFAULT_INDEX_PARAMS["hnsw_m"]
@@ -88,6 +94,16 @@ class ReAugKDConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         # Saved configs name the remote-code class for every Auto class, not only the one of the saved model's
         # class (`register_for_auto_class` records one per class), so `AutoModel` works on a classifier checkpoint.
+        # `pipeline("text-classification", model=<path or Hub id>, trust_remote_code=True)` uses the pipeline that
+        # travels with the checkpoint (truncation by default, per-call retrieval settings, neighbour explanations).
+        if not getattr(self, "custom_pipelines", None):
+            self.custom_pipelines = {
+                "text-classification": {
+                    "impl": "pipeline_reaugkd.ReAugKDTextClassificationPipeline",
+                    "pt": ["AutoModelForSequenceClassification"],
+                    "type": "text",
+                }
+            }
         if not getattr(self, "auto_map", None):
             self.auto_map = {
                 "AutoConfig": "configuration_reaugkd.ReAugKDConfig",
@@ -99,6 +115,8 @@ class ReAugKDConfig(PreTrainedConfig):
         """Part of `@strict` validation: catch settings that would only fail deep inside `forward`."""
         if self.kb_size < 0 or self.kb_dim < 1:
             raise ValueError(f"kb_size must be >= 0 and kb_dim >= 1, got kb_size={self.kb_size}, kb_dim={self.kb_dim}")
+        if self.index_sha256 is not None and re.fullmatch(r"[0-9a-f]{64}", self.index_sha256) is None:
+            raise ValueError(f"index_sha256 must be 64 lowercase hex digits (a SHA-256), got {self.index_sha256!r}")
         if self.knn_k < 1:
             raise ValueError(f"knn_k must be >= 1, got {self.knn_k}")
         if self.retrieval_temperature <= 0:

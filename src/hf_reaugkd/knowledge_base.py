@@ -147,6 +147,10 @@ class KnowledgeBase(nn.Module):
 
     Keys and queries are compared by inner product, which is cosine similarity for unit vectors: `build()`
     normalises the keys, and callers pass normalised queries.
+
+    `index_sha256` is the SHA-256 of the index bytes as built (recorded by `build()`, kept by `save()` and in the
+    model config); loading compares it before FAISS reads the bytes (see the module docstring for what is refused
+    and what is rebuilt).
     """
 
     def __init__(
@@ -156,6 +160,7 @@ class KnowledgeBase(nn.Module):
         num_labels: int,
         index_type: str = "torch",
         index_nbytes: int = 0,
+        index_sha256: str | None = None,
         **index_params: int,
     ):
         super().__init__()
@@ -170,6 +175,7 @@ class KnowledgeBase(nn.Module):
         self.register_buffer("keys", torch.zeros(size, dim))
         self.register_buffer("values", torch.zeros(size, num_labels))
         self.register_buffer("index_bytes", torch.zeros(index_nbytes, dtype=torch.uint8))
+        self.index_sha256 = index_sha256
         self._faiss_index = None
         self._faiss_index_source = None
 
@@ -220,13 +226,32 @@ class KnowledgeBase(nn.Module):
             chunk = keys[start : start + block].detach().float().cpu()  # (block, d)
             kb.keys[start : start + block] = nn.functional.normalize(chunk, dim=-1)
         kb.values.copy_(values.detach())
+        kb._check_entries()  # exactly what `load` checks, on what will be stored
         if index_type in TRAINED_INDEX_TYPES:
-            index = _train_faiss_index(kb.keys, index_type, params)
-            kb.index_bytes = torch.from_numpy(faiss.serialize_index(index))
+            kb._set_index(_train_faiss_index(kb.keys, index_type, params))
         return kb
 
-    def validate(self, num_labels: int | None = None) -> None:
-        """Check the stored entries (and, for HNSW/IVF, that the index bytes deserialize and match the keys)."""
+    def validate(self, num_labels: int | None = None, repair_index: bool = False) -> None:
+        """Check the stored entries and, for HNSW/IVF, the stored index (before and after FAISS reads it).
+
+        Args:
+            num_labels (`int`, *optional*): the number of classes the soft labels must have.
+            repair_index (`bool`, defaults to `False`): when the index bytes are well formed but do not hold the
+                index that was built (checksum, FAISS read or consistency check fails), rebuild the index from the
+                keys with a warning instead of raising. Malformed index bytes and invalid entries always raise.
+
+        Raises:
+            `ValueError` naming what failed.
+        """
+        self._check_entries(num_labels)
+        if self.index_type not in TRAINED_INDEX_TYPES:
+            return
+        if faiss is None:  # the bytes are never read (search runs in torch), but a malformed file is still refused
+            self._check_index_bytes()
+            return
+        self._cache_index(self._load_index(repair_index))
+
+    def _check_entries(self, num_labels: int | None = None) -> None:
         validate_entries(self.keys, self.values, num_labels)
         norms = self.keys.float().norm(dim=1)
         if not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
@@ -234,13 +259,6 @@ class KnowledgeBase(nn.Module):
             raise ValueError(
                 f"Knowledge-base keys must be unit vectors; row {worst} has norm {norms[worst].item():.4f}."
             )
-        if self.index_type in TRAINED_INDEX_TYPES and faiss is not None:
-            index = self._get_faiss_index()
-            if index.ntotal != self.size or index.d != self.dim:
-                raise ValueError(
-                    f"The stored {self.index_type} index holds {index.ntotal} vectors of dim {index.d}, "
-                    f"but the knowledge base has {self.size} keys of dim {self.dim}."
-                )
 
     @torch.no_grad()
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,21 +321,103 @@ class KnowledgeBase(nn.Module):
         return best_scores, best_ids
 
     def _get_faiss_index(self):
-        """The FAISS index for the current buffers, made once and reused until the buffers change."""
+        """The FAISS index for the current buffers, made once and reused until the buffers change. Stored HNSW/IVF
+        bytes go through the same checks as loading (`_load_index(repair=True)`)."""
         _require_faiss(self.index_type)
-        source = self.index_bytes if self.index_type in TRAINED_INDEX_TYPES else self.keys
-        source_id = (self.index_type, source.data_ptr(), source._version, source.numel())
-        if self._faiss_index_source != source_id:
+        if self._faiss_index_source != self._index_source_id():
             if self.index_type == "flat":
                 index = faiss.IndexFlatIP(self.dim)
                 index.add(self.keys.detach().float().cpu().numpy())
             else:
-                index = _deserialize_index(source.cpu().numpy())
-            self._faiss_index, self._faiss_index_source = index, source_id
+                index = self._load_index(repair=True)
+            self._cache_index(index)
+        return self._faiss_index
+
+    def _index_source_id(self) -> tuple:
+        source = self.index_bytes if self.index_type in TRAINED_INDEX_TYPES else self.keys
+        return (self.index_type, source.data_ptr(), source._version, source.numel())
+
+    def _cache_index(self, index) -> None:
+        self._faiss_index, self._faiss_index_source = index, self._index_source_id()
+
+    def _set_index(self, index) -> None:
+        """Store a freshly built HNSW/IVF index: its bytes, their checksum, and the index itself."""
+        data = faiss.serialize_index(index)
+        self.index_bytes = torch.from_numpy(data).to(self.index_bytes.device)
+        self.index_sha256 = hashlib.sha256(data).hexdigest()
+        self._cache_index(index)
+
+    def _check_index_bytes(self) -> tuple[np.ndarray, str, str | None]:
+        """Refuse index bytes that are not a well-formed index of this KB, before anything reads them.
+
+        Returns the bytes, their SHA-256, and why they are malformed when they nevertheless are byte for byte what
+        was built (the checksum matches, e.g. a layout from another FAISS version that these checks do not know):
+        `_load_index` then rebuilds rather than reads them. Otherwise malformed bytes raise a ValueError.
+        """
+        data = np.ascontiguousarray(self.index_bytes.detach().cpu().numpy())
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            _check_index_layout(data, self.index_type, self.size, self.dim, self.index_params)
+        except _MalformedIndexError as err:
+            if digest != self.index_sha256:
+                raise ValueError(
+                    f"The stored {self.index_type} FAISS index ({len(data)} bytes) is corrupt or truncated: {err} "
+                    "(found before reading it). Rebuild the knowledge base with KnowledgeBase.build(...)."
+                ) from None
+            return data, digest, f"its layout is not one these checks know ({err}), so it is not read"
+        return data, digest, None
+
+    def _load_index(self, repair: bool):
+        """Deserialize the stored HNSW/IVF index after checking its bytes, and check it against the keys.
+
+        Malformed bytes raise (`_check_index_bytes`). Well-formed bytes that differ from what was built, that FAISS
+        cannot read, or whose index disagrees with the keys raise too unless `repair`, which rebuilds the index from
+        the keys with a warning.
+        """
+        data, digest, problem = self._check_index_bytes()
+        if problem is None and self.index_sha256 is not None and digest != self.index_sha256:
+            problem = (
+                f"its SHA-256 ({digest[:16]}...) differs from the one recorded when it was built "
+                f"({self.index_sha256[:16]}...)"
+            )
+        if problem is None:
+            try:
+                index = _deserialize_index(data)
+                _check_index_content(
+                    index, self.keys.detach().float().cpu().numpy(), self.index_type, self.index_params
+                )
+            except ValueError as err:
+                problem = str(err)
+        if problem is None:
+            if self.index_sha256 is None:  # an older checkpoint, now verified: saving it again records the checksum
+                self.index_sha256 = digest
+            return index
+        if not repair:
+            raise ValueError(f"The stored {self.index_type} FAISS index ({len(data)} bytes) is unusable: {problem}.")
+        logger.warning(
+            f"The stored {self.index_type} FAISS index of this knowledge base ({len(data)} bytes) is unusable: "
+            f"{problem}. Rebuilt it from the {self.size} stored keys (which passed validation), so search returns "
+            "what the index was built to return; save the model or knowledge base again to store the rebuilt index."
+        )
+        keys = self.keys.detach().float().cpu().contiguous()
+        self._set_index(_train_faiss_index(keys, self.index_type, self.index_params))
         return self._faiss_index
 
     def add(self, keys: torch.Tensor, values: torch.Tensor) -> "KnowledgeBase":
-        """A new KB with these entries appended (HNSW/IVF indexes are rebuilt over all entries)."""
+        """A new KB with these entries appended (HNSW/IVF indexes are rebuilt over all entries).
+
+        Raises `ValueError` for keys that are not `[n, dim]`, soft labels that are not `[n, num_labels]`, and
+        whatever `build`/`load` reject (row numbers then count in the grown KB).
+        """
+        if keys.ndim != 2 or keys.shape[1] != self.dim:
+            raise ValueError(
+                f"New keys must be [n, {self.dim}] (this knowledge base's key dim); got {tuple(keys.shape)}."
+            )
+        if values.ndim != 2 or values.shape[1] != self.num_labels:
+            raise ValueError(
+                f"New soft labels must be [n, {self.num_labels}] (this knowledge base has {self.num_labels} "
+                f"classes); got {tuple(values.shape)}."
+            )
         return self.build(
             torch.cat([self.keys.cpu(), keys.float().cpu()]),
             torch.cat([self.values.cpu(), values.float().cpu()]),
@@ -326,9 +426,29 @@ class KnowledgeBase(nn.Module):
         )
 
     def remove(self, ids: torch.Tensor | list[int]) -> "KnowledgeBase":
-        """A new KB without the entries at `ids` (HNSW/IVF indexes are rebuilt over the remaining entries)."""
+        """A new KB without the entries at `ids` (HNSW/IVF indexes are rebuilt over the remaining entries).
+
+        `ids` are row numbers in `[0, size)`; repeats are fine. Raises `ValueError` for non-integer or out-of-range
+        ids and for removing every entry.
+        """
+        ids = torch.as_tensor(ids).flatten()
+        if ids.numel() == 0:
+            ids = ids.long()
+        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+            raise ValueError(f"Ids to remove must be integer row numbers, got dtype {ids.dtype}: {ids[:5].tolist()}.")
+        bad = ids[(ids < 0) | (ids >= self.size)]
+        if len(bad):
+            raise ValueError(
+                f"Ids to remove must be in [0, {self.size}) (rows of this knowledge base); got {len(bad)} outside, "
+                f"e.g. {bad[:5].tolist()}."
+            )
         keep = torch.ones(self.size, dtype=torch.bool)
-        keep[torch.as_tensor(ids, dtype=torch.long)] = False
+        keep[ids.long()] = False
+        if not keep.any():
+            raise ValueError(
+                f"Removing these ids would remove all {self.size} entries and leave the knowledge base empty; "
+                "build a new one with KnowledgeBase.build(keys, soft_labels) instead."
+            )
         return self.build(self.keys.cpu()[keep], self.values.cpu()[keep], self.index_type, **self.index_params)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -336,6 +456,8 @@ class KnowledgeBase(nn.Module):
         path = Path(path)
         tensors = {name: buffer.detach().cpu().contiguous() for name, buffer in self.named_buffers()}
         metadata = {"index_type": self.index_type, "index_params": json.dumps(self.index_params)}
+        if self.index_sha256 is not None:
+            metadata["index_sha256"] = self.index_sha256
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
             tmp_path = tmp.name
@@ -348,7 +470,7 @@ class KnowledgeBase(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "KnowledgeBase":
-        """Load a KB saved by `save()`, validating it."""
+        """Load a KB saved by `save()`, validating it (an unusable HNSW/IVF index is rebuilt with a warning)."""
         try:
             tensors = load_file(path)
             with safe_open(path, "pt") as f:
@@ -366,10 +488,11 @@ class KnowledgeBase(nn.Module):
             values.shape[1],
             metadata["index_type"],
             len(index_bytes),
+            metadata.get("index_sha256"),
             **json.loads(metadata["index_params"]),
         )
         kb.keys, kb.values, kb.index_bytes = keys, values, index_bytes
-        kb.validate()
+        kb.validate(repair_index=True)
         return kb
 
 
@@ -390,13 +513,267 @@ def _train_faiss_index(keys: torch.Tensor, index_type: str, params: dict):
 
 
 def _deserialize_index(data: np.ndarray):
+    """`faiss.deserialize_index`, with any failure (RuntimeError, MemoryError from std::bad_alloc, ...) as a
+    ValueError that keeps FAISS's whole message."""
     try:
         return faiss.deserialize_index(data)
-    except RuntimeError as err:
+    except Exception as err:  # noqa: BLE001 (FAISS raises RuntimeError, MemoryError, ...: all mean unreadable)
         raise ValueError(
-            f"The stored FAISS index ({len(data)} bytes) could not be read; it is corrupt or truncated. "
-            f"Rebuild the knowledge base with KnowledgeBase.build(...). FAISS said: {str(err).splitlines()[0]}"
+            f"FAISS could not read it ({type(err).__name__}; it is corrupt or truncated). FAISS said: {err}"
         ) from err
+
+
+class _MalformedIndexError(ValueError):
+    """The index bytes are not a well-formed serialized index of the expected kind and shape."""
+
+
+class _ByteReader:
+    """Bounds-checked little-endian reads over serialized index bytes: nothing is allocated from a length field."""
+
+    def __init__(self, data: np.ndarray):
+        self.data = memoryview(data).cast("B")
+        self.pos = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.data) - self.pos
+
+    def skip(self, nbytes: int, what: str) -> int:
+        if nbytes > self.remaining:
+            raise _MalformedIndexError(
+                f"{what} at byte {self.pos} needs {nbytes} bytes but only {self.remaining} remain"
+            )
+        start, self.pos = self.pos, self.pos + nbytes
+        return start
+
+    def unpack(self, fmt: str, what: str):
+        return struct.unpack_from("<" + fmt, self.data, self.skip(struct.calcsize("<" + fmt), what))[0]
+
+    def vector(self, itemsize: int, what: str, expected: int | None = None) -> tuple[int, int]:
+        """A FAISS vector: a uint64 count, then count items. Returns (offset of the items, count)."""
+        at = self.pos
+        count = self.unpack("Q", f"the length of {what}")
+        if count > self.remaining // itemsize:
+            raise _MalformedIndexError(
+                f"{what} at byte {at} claims {count} items of {itemsize} bytes but only {self.remaining} bytes remain"
+            )
+        if expected is not None and count != expected:
+            raise _MalformedIndexError(f"{what} at byte {at} holds {count} items, expected {expected}")
+        return self.skip(count * itemsize, what), count
+
+    def index_header(self, fourcc: bytes, what: str, dim: int, ntotal: int) -> None:
+        at = self.pos
+        found = bytes(self.data[self.skip(4, f"the type code of {what}") : at + 4])
+        if found != fourcc:
+            raise _MalformedIndexError(f"{what} at byte {at} has type code {found!r}, expected {fourcc!r}")
+        found_dim, found_ntotal = self.unpack("i", f"the d of {what}"), self.unpack("q", f"the ntotal of {what}")
+        self.skip(8 + 8 + 1, f"the header of {what}")  # two unused int64 fields, is_trained
+        metric = self.unpack("i", f"the metric of {what}")
+        if found_dim != dim or found_ntotal != ntotal:
+            raise _MalformedIndexError(
+                f"{what} holds ntotal={found_ntotal} vectors of d={found_dim}, but the knowledge base has "
+                f"{ntotal} of dim {dim}"
+            )
+        if metric != _METRIC_INNER_PRODUCT:
+            raise _MalformedIndexError(
+                f"{what} uses metric {metric}, expected inner product ({_METRIC_INNER_PRODUCT})"
+            )
+
+
+def _expected_ivf_nlist(size: int, params: dict) -> int:
+    return min(params["ivf_nlist"], size)  # as `_train_faiss_index` builds it
+
+
+def _index_size_bounds(index_type: str, size: int, dim: int, params: dict) -> tuple[int, int]:
+    """Plausible byte range of a serialized HNSW/IVF index over `size` keys of `dim` floats: at least the vectors,
+    at most twice a generous estimate (vectors, HNSW links or IVF ids and centroids) plus 1 MiB of headers."""
+    vectors = 4 * size * dim
+    if index_type == "hnsw":
+        estimate = vectors + size * (4 + 8 + 4 * 4 * params["hnsw_m"])  # level, offset, ~2M + M links (4M here)
+    else:
+        estimate = vectors + 8 * size + _expected_ivf_nlist(size, params) * (4 * dim + 16)
+    return vectors, 2 * estimate + (1 << 20)
+
+
+def _check_index_layout(data: np.ndarray, index_type: str, size: int, dim: int, params: dict) -> None:
+    """Walk the serialized IndexHNSWFlat / IndexIVFFlat (inner product) that `build` writes, checking its size, type
+    codes, header fields and every length field against the knowledge base's shape and the bytes that remain, so
+    that FAISS reading it allocates no more than the bytes imply. Raises `_MalformedIndexError`."""
+    low, high = _index_size_bounds(index_type, size, dim, params)
+    if not low <= len(data) <= high:
+        raise _MalformedIndexError(
+            f"{len(data)} bytes is outside the plausible range [{low}, {high}] for a {index_type} index over "
+            f"{size} keys of dim {dim}"
+        )
+    reader = _ByteReader(data)
+    reader.index_header(INDEX_FOURCC[index_type], f"the {index_type} index", dim, size)
+    if index_type == "hnsw":
+        reader.vector(8, "the HNSW level probabilities")
+        reader.vector(4, "the HNSW neighbours per level")
+        reader.vector(4, "the HNSW node levels", expected=size)
+        reader.vector(8, "the HNSW link offsets", expected=size + 1)
+        reader.vector(4, "the HNSW links")
+        reader.skip(5 * 4, "the HNSW entry point and search settings")
+        reader.index_header(FLAT_IP_FOURCC, "the HNSW storage", dim, size)
+        reader.vector(4, "the stored vectors", expected=size * dim)
+    else:
+        nlist = _expected_ivf_nlist(size, params)
+        found_nlist = reader.unpack("Q", "nlist")
+        if found_nlist != nlist:
+            raise _MalformedIndexError(f"the IVF index has nlist={found_nlist}, expected {nlist}")
+        reader.skip(8, "nprobe")
+        reader.index_header(FLAT_IP_FOURCC, "the IVF quantizer", dim, nlist)
+        reader.vector(4, "the IVF centroids", expected=nlist * dim)
+        at = reader.pos
+        direct_map = reader.unpack("B", "the direct-map type")
+        if direct_map > 2:
+            raise _MalformedIndexError(f"the direct-map type at byte {at} is {direct_map}, expected 0, 1 or 2")
+        reader.vector(8, "the direct map")
+        if direct_map == 2:
+            reader.vector(16, "the direct-map hash table")
+        at = reader.pos
+        found = bytes(reader.data[reader.skip(4, "the inverted-lists type code") : at + 4])
+        if found != b"ilar":
+            raise _MalformedIndexError(f"the inverted lists at byte {at} have type code {found!r}, expected b'ilar'")
+        found_nlist, code_size = reader.unpack("Q", "the inverted-lists nlist"), reader.unpack("Q", "the code size")
+        if found_nlist != nlist or code_size != 4 * dim:
+            raise _MalformedIndexError(
+                f"the inverted lists have nlist={found_nlist} and code size {code_size}, expected {nlist} and {4 * dim}"
+            )
+        at = reader.pos
+        list_type = bytes(reader.data[reader.skip(4, "the inverted-lists layout") : at + 4])
+        if list_type not in (b"full", b"sprs"):
+            raise _MalformedIndexError(
+                f"the inverted-lists layout at byte {at} is {list_type!r}, expected full or sprs"
+            )
+        start, count = reader.vector(8, "the inverted-list sizes", expected=nlist if list_type == b"full" else None)
+        sizes = np.frombuffer(reader.data, dtype="<u8", count=count, offset=start)
+        if list_type == b"sprs":
+            if count % 2 or (count and sizes[0::2].max() >= nlist):
+                raise _MalformedIndexError("the sparse inverted-list sizes are not (list < nlist, size) pairs")
+            sizes = sizes[1::2]
+        entry = code_size + 8  # a vector and its int64 id
+        if len(sizes) and int(sizes.max()) > reader.remaining // entry:
+            raise _MalformedIndexError(f"an inverted list claims {int(sizes.max())} entries, more than the bytes hold")
+        total = int(sizes.sum())
+        if total != size:
+            raise _MalformedIndexError(f"the inverted lists hold {total} entries, but the knowledge base has {size}")
+        reader.skip(total * entry, "the inverted-list vectors and ids")
+    if reader.remaining:
+        raise _MalformedIndexError(f"{reader.remaining} unexpected bytes follow the index at byte {reader.pos}")
+
+
+def _swig_array(vector, dtype) -> np.ndarray:
+    """A zero-copy numpy view of a FAISS vector (valid while the index lives)."""
+    if vector.size() == 0:
+        return np.zeros(0, dtype=dtype)
+    return faiss.rev_swig_ptr(vector.data(), vector.size()).view(dtype)
+
+
+def _check_index_content(index, keys: np.ndarray, index_type: str, params: dict) -> None:
+    """Raise ValueError unless the deserialized `index` holds exactly the unit `keys` `[N, d]` under ids 0..N-1, its
+    structure is consistent (trained, links and ids in range), and it finds sampled keys when searching for them."""
+    size, dim = keys.shape
+    expected_class = faiss.IndexHNSWFlat if index_type == "hnsw" else faiss.IndexIVFFlat
+    if not isinstance(index, expected_class):
+        raise ValueError(f"it is a {type(index).__name__}, expected {expected_class.__name__}")
+    if index.d != dim or index.ntotal != size or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise ValueError(
+            f"it holds {index.ntotal} vectors of dim {index.d} (metric {index.metric_type}), but the knowledge base "
+            f"has {size} keys of dim {dim} compared by inner product"
+        )
+    if not index.is_trained:
+        raise ValueError("it is marked untrained")
+    block = 65536
+    if index_type == "hnsw":
+        storage = faiss.downcast_index(index.storage)
+        if not isinstance(storage, faiss.IndexFlat) or storage.ntotal != size or storage.d != dim:
+            raise ValueError("its vector storage is not a flat index of the keys' shape")
+        vectors = faiss.rev_swig_ptr(storage.get_xb(), size * dim).reshape(size, dim)
+        for start in range(0, size, block):
+            if not np.array_equal(vectors[start : start + block], keys[start : start + block]):
+                raise ValueError(f"its stored vectors differ from the keys (rows {start}..{start + block - 1})")
+        hnsw = index.hnsw
+        levels = faiss.vector_to_array(hnsw.levels).astype(np.int64)
+        cumulative = faiss.vector_to_array(hnsw.cum_nneighbor_per_level).astype(np.int64)
+        offsets = faiss.vector_to_array(hnsw.offsets).astype(np.int64)
+        links = _swig_array(hnsw.neighbors, np.int32)
+        top = int(levels.max()) if len(levels) else 0
+        if (
+            len(levels) != size
+            or (size and levels.min() < 1)
+            or len(cumulative) <= top
+            or (len(cumulative) and cumulative[0] != 0)
+            or (np.diff(cumulative) < 0).any()
+            or hnsw.max_level != top - 1
+            or not 0 <= hnsw.entry_point < size
+            or levels[hnsw.entry_point] != top
+        ):
+            raise ValueError("its HNSW levels, entry point or neighbours-per-level table are inconsistent")
+        if len(offsets) != size + 1 or offsets[0] != 0 or not np.array_equal(np.diff(offsets), cumulative[levels]):
+            raise ValueError("its HNSW link offsets disagree with the node levels")
+        if len(links) != offsets[-1] or (len(links) and (links.min() < -1 or links.max() >= size)):
+            raise ValueError(f"its HNSW links are not ids in [-1, {size})")
+        index.hnsw.efSearch = max(params["hnsw_ef_search"], 1)
+    else:
+        nlist = _expected_ivf_nlist(size, params)
+        quantizer = faiss.downcast_index(index.quantizer)
+        if (
+            index.nlist != nlist
+            or not isinstance(quantizer, faiss.IndexFlat)
+            or quantizer.metric_type != faiss.METRIC_INNER_PRODUCT
+            or quantizer.ntotal != nlist
+            or quantizer.d != dim
+            or not quantizer.is_trained
+        ):
+            raise ValueError(f"its coarse quantizer is not a flat inner-product index of {nlist} centroids")
+        if not np.isfinite(faiss.rev_swig_ptr(quantizer.get_xb(), nlist * dim)).all():
+            raise ValueError("its centroids hold NaN or inf")
+        lists = index.invlists
+        if lists.nlist != nlist or lists.code_size != 4 * dim:
+            raise ValueError("its inverted lists do not match nlist and the key dim")
+        seen, total = np.zeros(size, dtype=bool), 0
+        for list_no in range(nlist):
+            count = lists.list_size(list_no)
+            if count == 0:
+                continue
+            ids = faiss.rev_swig_ptr(lists.get_ids(list_no), count)
+            if ids.min() < 0 or ids.max() >= size:
+                raise ValueError(f"inverted list {list_no} holds ids outside [0, {size})")
+            codes = faiss.rev_swig_ptr(lists.get_codes(list_no), count * 4 * dim).view(np.float32).reshape(count, dim)
+            if not np.array_equal(codes, keys[ids]):
+                raise ValueError(f"inverted list {list_no} holds vectors that differ from the keys of their ids")
+            seen[ids] = True
+            total += count
+        if total != size or not seen.all():
+            raise ValueError(f"its inverted lists do not hold each id in [0, {size}) exactly once")
+        index.nprobe = params["ivf_nprobe"]
+    _probe_index(index, keys)
+
+
+def _probe_index(index, keys: np.ndarray) -> None:
+    """Search up to PROBE_SIZE evenly spread stored keys with k=1: every hit must be a valid id whose score is its
+    key's similarity, and all but PROBE_MAX_MISSES must find the key itself (or one exactly as similar)."""
+    size = len(keys)
+    sample = np.unique(np.linspace(0, size - 1, min(PROBE_SIZE, size)).round().astype(np.int64))
+    queries = keys[sample]
+    try:
+        scores, ids = index.search(queries, 1)
+    except Exception as err:  # noqa: BLE001 (any FAISS failure means the index is unusable)
+        raise ValueError(f"searching it failed ({type(err).__name__}: {err})") from err
+    scores, ids = scores[:, 0], ids[:, 0]
+    if ((ids < -1) | (ids >= size)).any():
+        raise ValueError(f"searching it returned ids outside [0, {size})")
+    found = ids >= 0
+    similarity = (keys[ids[found]] * queries[found]).sum(axis=1)
+    if not np.allclose(scores[found], similarity, atol=1e-4):
+        raise ValueError("searching it returned scores that are not the similarities of the returned keys")
+    self_similarity = (queries * queries).sum(axis=1)
+    hits = np.zeros(len(sample), dtype=bool)
+    hits[found] = (ids[found] == sample[found]) | (similarity >= self_similarity[found] - 1e-5)
+    misses = int((~hits).sum())
+    if misses > min(PROBE_MAX_MISSES, len(sample) // 10):
+        raise ValueError(f"searching it for {len(sample)} of its own keys missed {misses} of them")
 
 
 __all__ = ["KnowledgeBase", "validate_entries", "INDEX_TYPES"]

@@ -26,6 +26,7 @@ from transformers.utils import SAFE_WEIGHTS_NAME, ModelOutput, cached_file
 
 from .configuration_reaugkd import ReAugKDConfig
 from .knowledge_base import DEFAULT_INDEX_PARAMS, KnowledgeBase
+from .pipeline_reaugkd import ReAugKDTextClassificationPipeline  # noqa: F401 (travels with the checkpoint)
 
 
 @dataclass
@@ -133,7 +134,13 @@ def knowledge_base_from_config(config: ReAugKDConfig) -> KnowledgeBase:
     """An empty KB with the shapes and index settings the config records (filled by loading or by build)."""
     index_params = {name: getattr(config, name) for name in DEFAULT_INDEX_PARAMS}
     return KnowledgeBase(
-        config.kb_size, config.kb_dim, config.num_labels, config.index_type, config.index_nbytes, **index_params
+        config.kb_size,
+        config.kb_dim,
+        config.num_labels,
+        config.index_type,
+        config.index_nbytes,
+        config.index_sha256,
+        **index_params,
     )
 
 
@@ -190,7 +197,12 @@ class ReAugKDPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, then a check that the loaded knowledge base is valid."""
+        """`PreTrainedModel.from_pretrained`, then a check that the loaded knowledge base is valid.
+
+        Invalid keys or soft labels, and index bytes that are not a well-formed index of the knowledge base, raise a
+        ValueError. A well-formed HNSW/IVF index that does not hold what was built (checksum, FAISS read or
+        consistency check fails) is rebuilt from the keys with a warning; see `knowledge_base.py`.
+        """
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         try:
             loaded = super().from_pretrained(*args, **kwargs)
@@ -200,10 +212,14 @@ class ReAugKDPreTrainedModel(PreTrainedModel):
             raise ValueError(_describe_kb_shape_mismatch(source, kwargs)) from err
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         if model.config.kb_size > 0:
+            knowledge_base = model.knowledge_base
             try:
-                model.knowledge_base.validate(model.config.num_labels)
+                knowledge_base.validate(model.config.num_labels, repair_index=True)
             except ValueError as err:
                 raise ValueError(f"The knowledge base stored in {source} is invalid: {err}") from err
+            # A rebuilt index (or the checksum of a verified older one) is what saving the model must record.
+            model.config.index_nbytes = knowledge_base.index_bytes.numel()
+            model.config.index_sha256 = knowledge_base.index_sha256
         return loaded
 
     def set_knowledge_base(self, knowledge_base: KnowledgeBase) -> None:
@@ -217,6 +233,7 @@ class ReAugKDPreTrainedModel(PreTrainedModel):
         config.kb_size = knowledge_base.size
         config.index_type = knowledge_base.index_type
         config.index_nbytes = knowledge_base.index_bytes.numel()
+        config.index_sha256 = knowledge_base.index_sha256
         for name, value in knowledge_base.index_params.items():
             setattr(config, name, value)
         base = getattr(self, self.base_model_prefix, self)
