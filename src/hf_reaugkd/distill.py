@@ -24,7 +24,7 @@ from .caching import remove_stale_temporaries, write_json
 from .data import LABEL_COLUMN, load_task_data, tokenize
 from .errors import InputError
 from .evaluation import classification_metrics, knn_accuracy, predict, select_retrieval_settings, split_metrics
-from .model_card import create_model_card
+from .model_card import create_model_card, hub_id
 from .modeling_reaugkd import ReAugKDForSequenceClassification
 from .reporting import expected_notices, stage
 from .saving import push_saved, save_student
@@ -144,7 +144,14 @@ def run(
         neighbors = None
         if training_args.relational_neighbors and name != "test":
             neighbors = knowledge_base_neighbors(kb, keys[name], training_args.relational_neighbors, name == "train")
-        encoded = tokenize(split, tokenizer, data, data_args.max_seq_length, f"Tokenizing {name} for the student")
+        encoded = tokenize(
+            split,
+            tokenizer,
+            data.text_column,
+            data.text_pair_column,
+            data_args.max_seq_length,
+            f"Tokenizing {name} for the student",
+        )
         splits[name] = with_teacher_columns(encoded, outputs[name], keys[name], neighbors)
     with expected_notices():  # the special-token alignment notice
         trainer = ReAugKDTrainer(
@@ -218,7 +225,12 @@ def run(
         hyperparameters=_hyperparameters(model_args, teacher_args, data_args, training_args),
         num_parameters=sum(p.numel() for p in student.parameters()),
     )
-    model_dir = save_student(output_dir / "model", student, tokenizer, card, metrics)
+    projection_metadata = {
+        "teacher_model": hub_id(teacher_name) or Path(teacher_name).name,
+        "distillation_temperature": str(training_args.distillation_temperature),
+        "max_seq_length": str(data_args.max_seq_length),
+    }
+    model_dir = save_student(output_dir / "model", student, tokenizer, card, metrics, projection, projection_metadata)
     write_json(output_dir / "metrics.json", metrics)
     print_results(metrics)
     logger.info("Saved the retrieval-augmented student to %s", model_dir)

@@ -113,7 +113,7 @@ def select_retrieval_settings(validation: Predictions, betas: list[float]) -> di
 def split_metrics(predictions: Predictions, teacher_logits: np.ndarray, knn_k: int, retrieval_weight: float) -> dict:
     """Accuracy and macro-F1 of the teacher, the plain student (β = 0) and the student with the chosen retrieval."""
     mixed = mix_probabilities(predictions.student_probs, predictions.retrieved[knn_k], retrieval_weight)
-    teacher_probs = torch.from_numpy(np.asarray(teacher_logits)).softmax(-1)
+    teacher_probs = torch.from_numpy(np.array(teacher_logits)).softmax(-1)
     return {
         "teacher": classification_metrics(teacher_probs, predictions.labels),
         "student": classification_metrics(predictions.student_probs, predictions.labels),

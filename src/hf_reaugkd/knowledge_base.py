@@ -14,7 +14,7 @@ FAISS returns is checked against the keys before it is searched. What happens wh
 - Rebuilt from the stored keys, with a warning: an index that is well formed but whose bytes differ from what was
   built (SHA-256 mismatch), that FAISS cannot read, or whose content disagrees with the keys (stored vectors, ids,
   graph links, trained flag, a search probe). Keys and soft labels are what predictions depend on; the index only
-  finds them faster, so a rebuilt index gives the results the original was built to give.
+  finds them faster, so a rebuilt index (same keys, same settings) serves the same purpose as the original.
 
 Checkpoints saved before the checksum existed (no `index_sha256`) get every check but the checksum.
 """
@@ -396,8 +396,8 @@ class KnowledgeBase(nn.Module):
             raise ValueError(f"The stored {self.index_type} FAISS index ({len(data)} bytes) is unusable: {problem}.")
         logger.warning(
             f"The stored {self.index_type} FAISS index of this knowledge base ({len(data)} bytes) is unusable: "
-            f"{problem}. Rebuilt it from the {self.size} stored keys (which passed validation), so search returns "
-            "what the index was built to return; save the model or knowledge base again to store the rebuilt index."
+            f"{problem}. Rebuilt it from the {self.size} stored keys (which passed validation) with the stored index "
+            "settings; save the model or knowledge base again to store the rebuilt index."
         )
         keys = self.keys.detach().float().cpu().contiguous()
         self._set_index(_train_faiss_index(keys, self.index_type, self.index_params))
@@ -418,6 +418,8 @@ class KnowledgeBase(nn.Module):
                 f"New soft labels must be [n, {self.num_labels}] (this knowledge base has {self.num_labels} "
                 f"classes); got {tuple(values.shape)}."
             )
+        if keys.shape[0] != values.shape[0]:
+            raise ValueError(f"New entries disagree: {keys.shape[0]} keys vs {values.shape[0]} soft labels.")
         return self.build(
             torch.cat([self.keys.cpu(), keys.float().cpu()]),
             torch.cat([self.values.cpu(), values.float().cpu()]),

@@ -340,7 +340,7 @@ def _return_dict(return_dict: bool | None, config: ReAugKDConfig) -> bool:
 
 
 class ReAugKDForSequenceClassification(ReAugKDPreTrainedModel):
-    """The retrieval-augmented student classifier (METHOD.md §5)."""
+    """The retrieval-augmented student classifier (docs/method.md §5)."""
 
     def __init__(self, config: ReAugKDConfig):
         super().__init__(config)

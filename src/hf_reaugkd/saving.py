@@ -4,13 +4,17 @@ import logging
 from pathlib import Path
 
 from huggingface_hub import ModelCard, create_repo, upload_folder
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .caching import atomic_path, write_json
 from .model_card import save_model_card
 from .modeling_reaugkd import ReAugKDForSequenceClassification
+from .teacher import save_projection
 
 logger = logging.getLogger(__name__)
+
+TEACHER_PROJECTION = "teacher_projection.safetensors"
 
 
 def save_student(
@@ -19,15 +23,21 @@ def save_student(
     tokenizer: PreTrainedTokenizerBase,
     card: ModelCard,
     metrics: dict,
+    teacher_projection: nn.Linear | None = None,
+    projection_metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write model (weights, knowledge base, remote code), tokenizer, model card and metrics to a temporary folder
-    that replaces `directory` whole, only once complete: a failed save leaves the earlier model intact."""
+    that replaces `directory` whole, only once complete: a failed save leaves the earlier model intact. The teacher's
+    projection head goes beside it (`teacher_projection.safetensors`), so `kb add --teacher` keys new rows as in
+    training."""
     directory = Path(directory)
     with atomic_path(directory, directory=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         save_model_card(card, tmp)
         write_json(tmp / "metrics.json", metrics)
+        if teacher_projection is not None:
+            save_projection(teacher_projection, tmp / TEACHER_PROJECTION, projection_metadata)
     return directory
 
 

@@ -1,4 +1,4 @@
-"""The teacher's side of ReAugKD (METHOD.md steps 1–3): fine-tuning, its outputs over every split, the projection
+"""The teacher's side of ReAugKD (docs/method.md §1–3): fine-tuning, its outputs over every split, the projection
 head into the knowledge-base space, and the knowledge base itself.
 
 Each step is a cached stage under `work_dir` (see `caching`): its folder name carries a fingerprint of the teacher's
@@ -10,6 +10,7 @@ knowledge base itself (`N × (kb_dim + C) × 4` bytes).
 
 import logging
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -94,7 +95,14 @@ def finetune_teacher(
             ignore_mismatched_sizes=True,  # a generic head of another size (LABEL_0..2 on a 2-label task) is replaced
         )
     logger.info("teacher: fine-tuning %s with a new %d-label head", name, len(data.label_names))
-    train = tokenize(data.splits["train"], tokenizer, data, max_seq_length, "Tokenizing train for the teacher")
+    train = tokenize(
+        data.splits["train"],
+        tokenizer,
+        data.text_column,
+        data.text_pair_column,
+        max_seq_length,
+        "Tokenizing train for the teacher",
+    )
     checkpoints = work_dir / f".teacher-checkpoints-{key}"
     with expected_notices():  # the special-token alignment notice
         trainer = Trainer(
@@ -134,7 +142,14 @@ def teacher_outputs(
         teacher = AutoModelForSequenceClassification.from_pretrained(teacher_path).to(device).eval()
         with atomic_path(path, directory=True) as tmp:
             for name, split in data.splits.items():
-                encoded = tokenize(split, tokenizer, data, max_seq_length, f"Tokenizing {name} for the teacher")
+                encoded = tokenize(
+                    split,
+                    tokenizer,
+                    data.text_column,
+                    data.text_pair_column,
+                    max_seq_length,
+                    f"Tokenizing {name} for the teacher",
+                )
                 logits = np.lib.format.open_memmap(
                     tmp / f"{name}-logits.npy", mode="w+", dtype=np.float32, shape=(len(split), teacher.num_labels)
                 )
@@ -145,13 +160,10 @@ def teacher_outputs(
                     shape=(len(split), teacher.config.hidden_size),
                 )
                 start = 0
-                batches = padded_batches(encoded, tokenizer, batch_size, device)
-                for inputs in tqdm(batches, total=-(-len(split) // batch_size), desc=f"Teacher outputs ({name})"):
-                    outputs = teacher(**inputs, output_hidden_states=True)
-                    pooled = mean_pool(outputs.hidden_states[-1], inputs["attention_mask"])  # (B, H)
+                for batch_logits, pooled in teacher_batches(teacher, tokenizer, encoded, batch_size, desc=name):
                     end = start + len(pooled)
-                    logits[start:end] = outputs.logits.float().cpu().numpy()
-                    embeddings[start:end] = pooled.float().cpu().numpy()
+                    logits[start:end] = batch_logits.numpy()
+                    embeddings[start:end] = pooled.numpy()
                     start = end
                 logits.flush()
                 embeddings.flush()
@@ -164,6 +176,19 @@ def teacher_outputs(
         )
         for name in data.splits
     }
+
+
+@torch.no_grad()
+def teacher_batches(
+    teacher, tokenizer, dataset: Dataset, batch_size: int, desc: str = ""
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The teacher's `(logits (B, C), mean-pooled last-layer embeddings (B, H))` over a tokenized dataset, batch by
+    batch, on the CPU in fp32."""
+    batches = padded_batches(dataset, tokenizer, batch_size, teacher.device)
+    for inputs in tqdm(batches, total=-(-len(dataset) // batch_size), desc=f"Teacher outputs {desc}".strip()):
+        outputs = teacher(**inputs, output_hidden_states=True)
+        pooled = mean_pool(outputs.hidden_states[-1], inputs["attention_mask"])  # (B, H)
+        yield outputs.logits.float().cpu(), pooled.float().cpu()
 
 
 # 2. Teacher projection head ---------------------------------------------------------------------------------
@@ -262,8 +287,10 @@ def knowledge_base_stage(
     return load_projection(path / "projection.safetensors"), KnowledgeBase.load(path / "knowledge_base.safetensors")
 
 
-def save_projection(projection: nn.Linear, path: Path) -> None:
-    save_file({"weight": projection.weight.detach().contiguous(), "bias": projection.bias.detach()}, str(path))
+def save_projection(projection: nn.Linear, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """The head as safetensors; `metadata` records how the knowledge base was made with it (teacher, T, length)."""
+    tensors = {"weight": projection.weight.detach().contiguous(), "bias": projection.bias.detach()}
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def load_projection(path: Path) -> nn.Linear:

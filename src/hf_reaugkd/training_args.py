@@ -9,7 +9,7 @@ from .errors import InputError
 
 @dataclass
 class ReAugKDTrainingArguments(TrainingArguments):
-    """`TrainingArguments` for the student, with the loss of METHOD.md §4:
+    """`TrainingArguments` for the student, with the loss of docs/method.md §4:
 
         L = distillation_weight · L_kd + relational_weight · L_rel + ce_weight · CE
 

@@ -1,0 +1,146 @@
+"""Changing a saved student's knowledge without retraining: inspect its knowledge base, add rows, remove rows.
+
+Where the keys and soft labels of new rows come from:
+- **with the teacher** (`teacher=PATH`): the teacher and the projection head saved with the student
+  (`teacher_projection.safetensors`) key and label the rows exactly as in training:
+  `normalize(W_t · h_t(x))` and `softmax(teacher_logits / T)`. Use it when the teacher is at hand: the new rows are
+  then indistinguishable from the ones distilled.
+- **without a teacher**: the rows' gold labels, smoothed (`1 − ε` on the gold class, `ε` spread over the others),
+  keyed by the student's own query `normalize(W_s · h_s(x))`. Use it to fix a deployment from labelled examples
+  alone (a new sub-topic, corrected mistakes); the student's query lands near its own key, so these rows are found.
+
+Each edit rewrites the saved model folder atomically (config shapes, weights and index together), so it loads in a
+fresh process and can be pushed as it is; a failed edit leaves the folder as it was.
+"""
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from .caching import atomic_path
+from .data import padded_batches, read_data_file, tokenize
+from .errors import InputError
+from .knowledge_base import KnowledgeBase
+from .modeling_reaugkd import ReAugKDForSequenceClassification
+from .saving import TEACHER_PROJECTION
+from .teacher import load_projection, project, teacher_batches
+
+GOLD_LABEL_SMOOTHING = 0.1  # soft enough that one gold row does not outvote a teacher's confident neighbours
+
+
+def load_student(model_dir: str | Path) -> tuple[ReAugKDForSequenceClassification, object]:
+    """The saved student (with its knowledge base) and its tokenizer, in eval mode."""
+    model = ReAugKDForSequenceClassification.from_pretrained(model_dir).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def knowledge_base_info(model_dir: str | Path) -> dict:
+    """Size, key dimension, index, and how many rows the teacher labels each class (argmax of the soft labels)."""
+    model, _ = load_student(model_dir)
+    kb = model.knowledge_base
+    counts = torch.bincount(kb.values.argmax(dim=1), minlength=kb.num_labels).tolist()
+    projection = Path(model_dir) / TEACHER_PROJECTION
+    return {
+        "size": kb.size,
+        "dim": kb.dim,
+        "index_type": kb.index_type,
+        "rows_per_label": {model.config.id2label[i]: count for i, count in enumerate(counts)},
+        "teacher_projection": _projection_metadata(projection) if projection.is_file() else None,
+    }
+
+
+@torch.no_grad()
+def add_rows(
+    model_dir: str | Path,
+    data_file: str | Path,
+    text_column: str = "text",
+    label_column: str | None = "label",
+    teacher: str | Path | None = None,
+    batch_size: int = 64,
+) -> list[int]:
+    """Append the rows of a CSV/JSON file to the saved student's knowledge base; return their new row ids."""
+    model, tokenizer = load_student(model_dir)
+    rows = read_data_file("rows", str(data_file))
+    if text_column not in rows.column_names:
+        raise InputError(f"Column {text_column!r} not found in {data_file}; its columns are {rows.column_names}.")
+    if teacher is not None:
+        keys, values = _teacher_rows(Path(model_dir), teacher, rows, text_column, batch_size)
+    else:
+        keys, values = _gold_rows(model, tokenizer, rows, text_column, label_column, data_file, batch_size)
+    old_size = model.knowledge_base.size
+    _rewrite(model_dir, model, model.knowledge_base.add(keys, values))
+    return list(range(old_size, old_size + len(keys)))
+
+
+def remove_rows(model_dir: str | Path, ids: list[int] | None = None, where_label: str | None = None) -> list[int]:
+    """Remove rows by id, or every row the teacher labels `where_label`; return the removed ids."""
+    model, _ = load_student(model_dir)
+    kb = model.knowledge_base
+    if (ids is None) == (where_label is None):
+        raise InputError("Give either ids or where_label.")
+    if where_label is not None:
+        label2id = {label: i for i, label in model.config.id2label.items()}
+        if where_label not in label2id:
+            raise InputError(f"Unknown label {where_label!r}; the model's labels are {sorted(label2id)}.")
+        ids = (kb.values.argmax(dim=1) == label2id[where_label]).nonzero().flatten().tolist()
+    _rewrite(model_dir, model, kb.remove(ids))
+    return sorted(set(ids))
+
+
+def _teacher_rows(model_dir: Path, teacher: str | Path, rows, text_column: str, batch_size: int):
+    """Keys and soft labels made by the teacher and its projection head, as in training."""
+    projection_file = model_dir / TEACHER_PROJECTION
+    if not projection_file.is_file():
+        raise InputError(
+            f"{model_dir} has no {TEACHER_PROJECTION}: the teacher's projection head was not saved with this model, "
+            "so the teacher cannot key new rows as in training. Add rows without --teacher (gold labels) instead."
+        )
+    metadata = _projection_metadata(projection_file)
+    teacher_tokenizer = AutoTokenizer.from_pretrained(teacher)
+    teacher_model = AutoModelForSequenceClassification.from_pretrained(teacher).eval()
+    encoded = tokenize(rows, teacher_tokenizer, text_column, None, int(metadata["max_seq_length"]), "Tokenizing")
+    logits, embeddings = zip(*teacher_batches(teacher_model, teacher_tokenizer, encoded, batch_size), strict=True)
+    keys = project(load_projection(projection_file), torch.cat(embeddings).numpy())  # (n, d)
+    values = torch.softmax(torch.cat(logits) / float(metadata["distillation_temperature"]), dim=-1)  # (n, C)
+    return keys, values
+
+
+def _gold_rows(model, tokenizer, rows, text_column: str, label_column: str | None, data_file, batch_size: int):
+    """Keys from the student's own queries, soft labels from the gold labels, smoothed."""
+    if not label_column or label_column not in rows.column_names:
+        raise InputError(
+            f"Without --teacher, rows are labelled by their gold labels: column {label_column!r} not found in "
+            f"{data_file} (columns {rows.column_names})."
+        )
+    label2id = {label: i for i, label in model.config.id2label.items()}
+    labels = [str(label).strip() for label in rows[label_column]]
+    unknown = sorted(set(labels) - set(label2id))
+    if unknown:
+        raise InputError(f"{data_file} has labels {unknown[:10]} that the model does not know: {sorted(label2id)}.")
+    max_length = min(tokenizer.model_max_length, model.config.encoder_config.max_position_embeddings)
+    encoded = tokenize(rows, tokenizer, text_column, None, max_length, "Tokenizing")
+    batches = padded_batches(encoded, tokenizer, batch_size)
+    queries = [model(**inputs, retrieval_weight=0.0).query_embedding for inputs in batches]  # (b, d) each
+    num_labels = model.config.num_labels
+    values = torch.full((len(labels), num_labels), GOLD_LABEL_SMOOTHING / max(num_labels - 1, 1))
+    values[torch.arange(len(labels)), torch.tensor([label2id[label] for label in labels])] = 1 - GOLD_LABEL_SMOOTHING
+    return torch.cat(queries), values
+
+
+def _rewrite(model_dir: str | Path, model: ReAugKDForSequenceClassification, knowledge_base: KnowledgeBase) -> None:
+    """Save the model with its new knowledge base over `model_dir`, atomically, keeping the folder's other files."""
+    model.set_knowledge_base(knowledge_base)
+    model_dir = Path(model_dir)
+    with atomic_path(model_dir, directory=True) as tmp:
+        for entry in model_dir.iterdir():
+            if entry.is_file():
+                shutil.copy2(entry, tmp / entry.name)
+        model.save_pretrained(tmp)
+
+
+def _projection_metadata(path: Path) -> dict:
+    with safe_open(path, "pt") as f:
+        return dict(f.metadata() or {})

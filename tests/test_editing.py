@@ -1,0 +1,123 @@
+"""Editing a saved student's knowledge base without retraining: `hf-reaugkd kb add/remove`, `explain`."""
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import run_fresh_python
+from test_pipeline import pipeline_args, task  # noqa: F401 (fixture)
+
+from hf_reaugkd import cli, editing
+from hf_reaugkd.distill import main
+
+
+@pytest.fixture
+def saved(task):  # noqa: F811
+    main(pipeline_args(task, task / "out", "--num_train_epochs", "1"))
+    return task, task / "out" / "model"
+
+
+def predictions(model_dir, texts, **kwargs):
+    model, tokenizer = editing.load_student(model_dir)
+    with torch.no_grad():
+        inputs = tokenizer(texts, padding=True, return_tensors="pt")
+        return model(**inputs, knn_k=4, retrieval_weight=1.0, output_neighbors=True, **kwargs)
+
+
+def write_rows(path, rows):
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([["text", "label"], *rows])
+
+
+def test_teacher_keys_new_rows_exactly_as_in_training(saved):
+    """Training rows added again through the teacher and the saved projection head get the same keys and soft
+    labels as the rows the pipeline distilled: the edit path is the training path."""
+    root, model_dir = saved
+    with (root / "train.csv").open() as f:
+        train = list(csv.DictReader(f))[:5]
+    write_rows(root / "again.csv", [[row["text"], row["label"]] for row in train])
+    before, _ = editing.load_student(model_dir)
+    teacher = next(
+        p
+        for p in (root / "out" / "stages").iterdir()
+        if p.name.split("-")[1].isalnum() and p.name.startswith("teacher-") and "outputs" not in p.name
+    )
+    ids = editing.add_rows(model_dir, root / "again.csv", teacher=teacher)
+    after, _ = editing.load_student(model_dir)
+    assert ids == list(range(96, 101)) and after.knowledge_base.size == 101
+    # the same texts are already in the KB: each new key equals its original's
+    original = before.knowledge_base.keys  # (96, d)
+    matches = (after.knowledge_base.keys[96:] @ original.T).argmax(dim=1)
+    torch.testing.assert_close(after.knowledge_base.keys[96:], original[matches], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        after.knowledge_base.values[96:], before.knowledge_base.values[matches], atol=1e-5, rtol=0
+    )
+
+
+def test_gold_rows_are_found_and_removing_them_restores_predictions_exactly(saved):
+    root, model_dir = saved
+    texts = ["great fun great", "awful boring awful", "the plot"]
+    original = predictions(model_dir, texts)
+    write_rows(root / "new.csv", [[text, "positive"] for text in texts])
+    ids = editing.add_rows(model_dir, root / "new.csv")
+    edited = predictions(model_dir, texts)
+    # each text's own gold row is its nearest neighbour (keyed by the student's own query) and votes "positive"
+    assert edited.neighbor_ids[:, 0].tolist() == ids
+    model, _ = editing.load_student(model_dir)
+    positive = model.config.label2id["positive"]
+    assert model.knowledge_base.values[ids, positive].tolist() == pytest.approx([0.9] * 3)
+    assert not torch.equal(edited.logits, original.logits)
+    removed = editing.remove_rows(model_dir, ids=ids)
+    assert removed == ids
+    restored = predictions(model_dir, texts)
+    assert torch.equal(restored.neighbor_ids, original.neighbor_ids)
+    torch.testing.assert_close(restored.logits, original.logits, atol=0, rtol=0)
+
+
+def test_edited_model_loads_in_a_fresh_process_without_the_package(saved, tmp_path):
+    root, model_dir = saved
+    write_rows(root / "new.csv", [["great fun", "positive"]])
+    editing.add_rows(model_dir, root / "new.csv")
+    got = run_fresh_python(
+        f"""
+        import json
+        from transformers import AutoModelForSequenceClassification
+        model = AutoModelForSequenceClassification.from_pretrained({str(model_dir)!r}, trust_remote_code=True)
+        print(json.dumps([model.config.kb_size, model.knowledge_base.size]))
+        """,
+        tmp_path,
+    )
+    assert got == [97, 97]
+    assert json.loads((model_dir / "config.json").read_text())["kb_size"] == 97
+
+
+def test_kb_cli_info_remove_by_label_explain_and_errors(saved, capsys):
+    root, model_dir = saved
+    write_rows(root / "new.csv", [["great fun", "positive"], ["fun great", "positive"]])
+    cli.main(["kb", "add", str(model_dir), "--file", str(root / "new.csv")])
+    assert "added 2 rows (ids 96–97)" in capsys.readouterr().out
+    cli.main(["kb", "info", str(model_dir)])
+    info = json.loads(capsys.readouterr().out)
+    assert info["size"] == 98 and sum(info["rows_per_label"].values()) == 98
+    assert info["teacher_projection"]["max_seq_length"] == "16"
+    positive = info["rows_per_label"]["positive"]
+    assert positive >= 2
+    cli.main(["kb", "remove", str(model_dir), "--where-label", "positive"])
+    assert f"removed {positive} rows" in capsys.readouterr().out
+    model, _ = editing.load_student(model_dir)
+    assert model.knowledge_base.size == 98 - positive
+    assert (model.knowledge_base.values.argmax(dim=1) != model.config.label2id["positive"]).all()
+    cli.main(["explain", str(model_dir), "great fun", "--neighbors", "2"])
+    assert capsys.readouterr().out.startswith("prediction: ")
+    for argv, message in (
+        (["kb", "remove", str(model_dir), "--ids", "1.7"], "--ids takes comma-separated row numbers"),
+        (["kb", "remove", str(model_dir), "--ids", "5000"], "Ids to remove must be in"),
+        (["kb", "remove", str(model_dir), "--where-label", "neutral"], "Unknown label 'neutral'"),
+        (["kb", "add", str(model_dir), "--file", str(root / "train.csv"), "--label_column_name", "gold"], "gold"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
