@@ -98,14 +98,19 @@ def test_prediction_matches_the_hand_computed_mixture(tiny_tokenizer, overrides,
 
 
 def test_beta_zero_is_the_plain_student(tiny_tokenizer):
-    """β = 0 skips retrieval: the prediction is the student's own, although the KB would change it."""
+    """β = 0: the prediction is the student's own, although the KB would change it. Without `output_neighbors`
+    the search is skipped; with it the neighbours come back (to explain) and the prediction stays the student's."""
     model, batch = hand_built_student(tiny_tokenizer, retrieval_weight=0.5)
     with torch.no_grad():
-        out = model(**batch, retrieval_weight=0.0, output_neighbors=True)
-        mixed = model(**batch).logits.softmax(-1)
-    assert out.retrieved_probs is None and out.neighbor_ids is None
-    torch.testing.assert_close(out.logits.softmax(-1), torch.tensor(STUDENT_PROBS).expand(2, -1))
-    assert (mixed - torch.tensor(STUDENT_PROBS)).abs().max() > 0.01
+        plain = model(**batch, retrieval_weight=0.0)
+        explained = model(**batch, retrieval_weight=0.0, output_neighbors=True)
+        mixed = model(**batch, output_neighbors=True)
+    assert plain.retrieved_probs is None and plain.neighbor_ids is None
+    for out in (plain, explained):
+        torch.testing.assert_close(out.logits.softmax(-1), torch.tensor(STUDENT_PROBS).expand(2, -1))
+    assert torch.equal(explained.neighbor_ids, mixed.neighbor_ids)
+    torch.testing.assert_close(explained.retrieved_probs, mixed.retrieved_probs)
+    assert (mixed.logits.softmax(-1) - torch.tensor(STUDENT_PROBS)).abs().max() > 0.01
 
 
 def test_student_logits_are_the_classifier_on_the_mean_of_the_unpadded_token_states(batch, tiny_tokenizer):

@@ -27,14 +27,14 @@ def explain(model_dir: str, text: str, neighbors: int) -> str:
         f"prediction: {result['label']} ({result['score']:.3f})",
         "student alone: " + ", ".join(f"{label} {p:.3f}" for label, p in result["student_scores"].items()),
     ]
-    if result["retrieved_scores"] is not None:
-        lines.append("retrieved: " + ", ".join(f"{label} {p:.3f}" for label, p in result["retrieved_scores"].items()))
-        lines += ["", f"{'kb row':>8} {'similarity':>10} {'weight':>8}  teacher label"]
-        for row in result["neighbors"]:
-            confidence = row["label_distribution"][row["label"]]
-            lines.append(
-                f"{row['id']:>8} {row['similarity']:>10.3f} {row['weight']:>8.3f}  {row['label']} ({confidence:.2f})"
-            )
+    lines.append("retrieved: " + ", ".join(f"{label} {p:.3f}" for label, p in result["retrieved_scores"].items()))
+    lines.append(f"retrieval weight β = {model.config.retrieval_weight} (0: the prediction is the student's alone)")
+    lines += ["", f"{'kb row':>8} {'similarity':>10} {'weight':>8}  teacher label"]
+    for row in result["neighbors"]:
+        confidence = row["label_distribution"][row["label"]]
+        lines.append(
+            f"{row['id']:>8} {row['similarity']:>10.3f} {row['weight']:>8.3f}  {row['label']} ({confidence:.2f})"
+        )
     return "\n".join(lines)
 
 

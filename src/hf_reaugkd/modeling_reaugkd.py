@@ -414,7 +414,8 @@ class ReAugKDForSequenceClassification(ReAugKDPreTrainedModel):
         labels (`torch.LongTensor` of shape `(B,)`, *optional*): gold labels for the returned NLL loss.
         knn_k, retrieval_weight, retrieval_temperature (*optional*): per-call overrides of the config's k, β, τ_r.
             `retrieval_weight=0` skips retrieval: the output is the plain student.
-        output_neighbors (`bool`, defaults to `False`): also return neighbour ids, scores and weights.
+        output_neighbors (`bool`, defaults to `False`): also return neighbour ids, scores and weights (searched even
+            at `retrieval_weight=0`, where they explain but do not change the plain student's prediction).
         """
         beta = self.config.retrieval_weight if retrieval_weight is None else retrieval_weight
         if not 0.0 <= beta <= 1.0:
@@ -430,7 +431,7 @@ class ReAugKDForSequenceClassification(ReAugKDPreTrainedModel):
             return_dict=True,
             knn_k=knn_k,
             retrieval_temperature=retrieval_temperature,
-            retrieve=beta > 0,
+            retrieve=beta > 0 or output_neighbors,  # neighbours on request, also to explain the plain student
         )
         student_logits = self.classifier(self.dropout(outputs.sentence_embedding))  # (B, C)
         if beta > 0:

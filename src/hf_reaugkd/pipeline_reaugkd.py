@@ -58,10 +58,7 @@ class ReAugKDTextClassificationPipeline(TextClassificationPipeline):
             explained.update(result)
         student = model_outputs["student_logits"][0].float().softmax(-1)  # (C,)
         explained["student_scores"] = {id2label[i]: p for i, p in enumerate(student.tolist())}
-        retrieved = model_outputs.get("retrieved_probs")
-        if retrieved is None:  # retrieval_weight=0: the plain student, nothing retrieved
-            explained["retrieved_scores"], explained["neighbors"] = None, []
-            return explained
+        retrieved = model_outputs["retrieved_probs"]
         explained["retrieved_scores"] = {id2label[i]: p for i, p in enumerate(retrieved[0].tolist())}
         rows = []
         for row, similarity, weight in zip(
