@@ -11,7 +11,9 @@ With no flags (or `--demo`) it runs the offline demo. Arguments are those of `Mo
 the loss weights and temperatures), as flags or one JSON file.
 """
 
-from hf_reaugkd.distill import main
+import sys
+
+from hf_reaugkd.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(["distill", *sys.argv[1:]])  # as `hf-reaugkd distill`: a user error prints its message, not a traceback

@@ -200,6 +200,7 @@ def run(
 
     # 6. Evaluation of teacher, student and student + retrieval on validation and test.
     metrics = {
+        "world_size": training_args.world_size,  # processes that trained the student
         "selection": {key: value for key, value in selection.items() if key != "grid"},
         "validation_grid": selection["grid"],
         "validation_knn_accuracy": knn,
