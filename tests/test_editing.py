@@ -121,3 +121,40 @@ def test_kb_cli_info_remove_by_label_explain_and_errors(saved, capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+
+
+def test_stored_texts_explain_neighbours_and_follow_edits(task, tmp_path):  # noqa: F811
+    """--store_kb_texts: the training texts travel in their own safetensors file, are read only when an explanation
+    needs them, show up with the neighbours in a fresh process, and stay in step with kb add / remove."""
+    main(pipeline_args(task, task / "out", "--num_train_epochs", "1", "--store_kb_texts"))
+    model_dir = task / "out" / "model"
+    assert (model_dir / "knowledge_base_texts.safetensors").is_file()
+    with (task / "train.csv").open() as f:
+        train_texts = [row["text"] for row in csv.DictReader(f)]
+    model, _ = editing.load_student(model_dir)
+    kb = model.knowledge_base
+    assert kb._texts is None and kb.has_texts  # not read with the weights
+    assert sorted(kb.texts) == sorted(train_texts)  # (the KB follows the training split's order)
+    got = run_fresh_python(
+        f"""
+        import json
+        from transformers import pipeline
+        classifier = pipeline("text-classification", model={str(model_dir)!r}, trust_remote_code=True)
+        print(json.dumps(classifier("great fun", neighbors=3)))
+        """,
+        tmp_path,
+    )
+    assert all(row["text"] == kb.texts[row["id"]] for row in got[0]["neighbors"])
+
+    write_rows(task / "new.csv", [["great great fun", "positive"]])
+    [new_id] = editing.add_rows(model_dir, task / "new.csv")
+    edited, _ = editing.load_student(model_dir)
+    assert edited.knowledge_base.texts[new_id] == "great great fun"
+    editing.remove_rows(model_dir, ids=[0, new_id])
+    trimmed, _ = editing.load_student(model_dir)
+    assert trimmed.knowledge_base.texts == kb.texts[1:]
+
+    (model_dir / "knowledge_base_texts.safetensors").write_bytes(b"not safetensors")
+    broken, _ = editing.load_student(model_dir)  # the weights load; the texts fail when read, saying where
+    with pytest.raises(ValueError, match="Could not read the knowledge-base texts"):
+        _ = broken.knowledge_base.texts

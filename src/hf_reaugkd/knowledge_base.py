@@ -24,6 +24,7 @@ import json
 import os
 import struct
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +179,33 @@ class KnowledgeBase(nn.Module):
         self.index_sha256 = index_sha256
         self._faiss_index = None
         self._faiss_index_source = None
+        self._texts: list[str] | None = None
+        self._texts_loader: Callable[[], list[str]] | None = None
+
+    @property
+    def has_texts(self) -> bool:
+        """Whether the entries' texts are stored (without reading them)."""
+        return self._texts is not None or self._texts_loader is not None
+
+    @property
+    def texts(self) -> list[str] | None:
+        """The entries' texts, when stored (`store_kb_texts`): read from their file on first access, so a model
+        that never explains pays nothing for them. `None` when not stored."""
+        if self._texts is None and self._texts_loader is not None:
+            texts = self._texts_loader()
+            if len(texts) != self.size:
+                raise ValueError(f"The knowledge base has {self.size} entries but {len(texts)} stored texts.")
+            self._texts, self._texts_loader = texts, None
+        return self._texts
+
+    def set_texts(self, texts: list[str] | None, loader: Callable[[], list[str]] | None = None) -> "KnowledgeBase":
+        """Store one text per entry (or a `loader` that reads them when first needed); `None` drops them."""
+        if texts is not None:
+            texts = [str(text) for text in texts]
+            if len(texts) != self.size:
+                raise ValueError(f"Expected one text per entry ({self.size}), got {len(texts)}.")
+        self._texts, self._texts_loader = texts, loader
+        return self
 
     @property
     def size(self) -> int:
@@ -403,7 +431,7 @@ class KnowledgeBase(nn.Module):
         self._set_index(_train_faiss_index(keys, self.index_type, self.index_params))
         return self._faiss_index
 
-    def add(self, keys: torch.Tensor, values: torch.Tensor) -> "KnowledgeBase":
+    def add(self, keys: torch.Tensor, values: torch.Tensor, texts: list[str] | None = None) -> "KnowledgeBase":
         """A new KB with these entries appended (HNSW/IVF indexes are rebuilt over all entries).
 
         Raises `ValueError` for keys that are not `[n, dim]`, soft labels that are not `[n, num_labels]`, and
@@ -420,12 +448,17 @@ class KnowledgeBase(nn.Module):
             )
         if keys.shape[0] != values.shape[0]:
             raise ValueError(f"New entries disagree: {keys.shape[0]} keys vs {values.shape[0]} soft labels.")
-        return self.build(
+        if self.has_texts and (texts is None or len(texts) != keys.shape[0]):
+            raise ValueError(
+                f"This knowledge base stores its entries' texts: give one text per new entry ({keys.shape[0]})."
+            )
+        grown = self.build(
             torch.cat([self.keys.cpu(), keys.float().cpu()]),
             torch.cat([self.values.cpu(), values.float().cpu()]),
             self.index_type,
             **self.index_params,
         )
+        return grown.set_texts(self.texts + list(texts)) if self.has_texts else grown
 
     def remove(self, ids: torch.Tensor | list[int]) -> "KnowledgeBase":
         """A new KB without the entries at `ids` (HNSW/IVF indexes are rebuilt over the remaining entries).
@@ -451,12 +484,17 @@ class KnowledgeBase(nn.Module):
                 f"Removing these ids would remove all {self.size} entries and leave the knowledge base empty; "
                 "build a new one with KnowledgeBase.build(keys, soft_labels) instead."
             )
-        return self.build(self.keys.cpu()[keep], self.values.cpu()[keep], self.index_type, **self.index_params)
+        kept = self.build(self.keys.cpu()[keep], self.values.cpu()[keep], self.index_type, **self.index_params)
+        if self.has_texts:
+            kept.set_texts([text for text, k in zip(self.texts, keep.tolist(), strict=True) if k])
+        return kept
 
     def save(self, path: str | os.PathLike) -> None:
         """Save to one safetensors file, atomically (a failed save leaves an earlier file intact)."""
         path = Path(path)
         tensors = {name: buffer.detach().cpu().contiguous() for name, buffer in self.named_buffers()}
+        if self.has_texts:
+            tensors.update(encode_texts(self.texts))
         metadata = {"index_type": self.index_type, "index_params": json.dumps(self.index_params)}
         if self.index_sha256 is not None:
             metadata["index_sha256"] = self.index_sha256
@@ -495,7 +533,45 @@ class KnowledgeBase(nn.Module):
         )
         kb.keys, kb.values, kb.index_bytes = keys, values, index_bytes
         kb.validate(repair_index=True)
+        if set(tensors) >= TEXT_TENSORS:
+            kb.set_texts(decode_texts(tensors["texts_utf8"], tensors["texts_offsets"], path))
         return kb
+
+
+TEXTS_FILE = "knowledge_base_texts.safetensors"  # beside model.safetensors; read only when texts are needed
+TEXT_TENSORS = {"texts_utf8", "texts_offsets"}
+
+
+def encode_texts(texts: list[str]) -> dict[str, torch.Tensor]:
+    """Texts as safetensors-storable tensors (never pickle): their UTF-8 bytes end to end, and offsets `(N + 1,)`."""
+    encoded = [text.encode("utf-8") for text in texts]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    utf8 = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+    return {"texts_utf8": torch.from_numpy(utf8), "texts_offsets": torch.from_numpy(offsets)}
+
+
+def decode_texts(utf8: torch.Tensor, offsets: torch.Tensor, source: object = "the texts file") -> list[str]:
+    """Inverse of `encode_texts`, checking what an untrusted file holds (offsets in order and in bounds, UTF-8)."""
+    offsets = offsets.tolist()
+    spans = list(zip(offsets[:-1], offsets[1:], strict=True))  # (start, end) of each text
+    if offsets[:1] != [0] or offsets[-1] != len(utf8) or any(end < start for start, end in spans):
+        raise ValueError(f"The knowledge-base texts in {source} are corrupt: their offsets do not cover the bytes.")
+    data = utf8.numpy().tobytes()
+    try:
+        return [data[start:end].decode("utf-8") for start, end in spans]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"The knowledge-base texts in {source} are not valid UTF-8: {err}") from err
+
+
+def read_texts_file(path: str | os.PathLike) -> list[str]:
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"Could not read the knowledge-base texts {path}: {err}") from err
+    if not set(tensors) >= TEXT_TENSORS:
+        raise ValueError(f"{path} holds no knowledge-base texts (expected {sorted(TEXT_TENSORS)}).")
+    return decode_texts(tensors["texts_utf8"], tensors["texts_offsets"], path)
 
 
 def _train_faiss_index(keys: torch.Tensor, index_type: str, params: dict):
@@ -778,4 +854,4 @@ def _probe_index(index, keys: np.ndarray) -> None:
         raise ValueError(f"searching it for {len(sample)} of its own keys missed {misses} of them")
 
 
-__all__ = ["KnowledgeBase", "validate_entries", "INDEX_TYPES"]
+__all__ = ["KnowledgeBase", "validate_entries", "INDEX_TYPES", "TEXTS_FILE", "encode_texts", "read_texts_file"]

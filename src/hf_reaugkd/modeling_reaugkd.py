@@ -15,17 +15,19 @@ Class layout, the transformers way:
   `logits = log(mixed)`, so the pipeline's softmax yields the mixed probabilities.
 """
 
+import os
 from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import SAFE_WEIGHTS_NAME, ModelOutput, cached_file
 
 from .configuration_reaugkd import ReAugKDConfig
-from .knowledge_base import DEFAULT_INDEX_PARAMS, KnowledgeBase
+from .knowledge_base import DEFAULT_INDEX_PARAMS, TEXTS_FILE, KnowledgeBase, encode_texts, read_texts_file
 from .pipeline_reaugkd import ReAugKDTextClassificationPipeline  # noqa: F401 (travels with the checkpoint)
 
 
@@ -220,7 +222,19 @@ class ReAugKDPreTrainedModel(PreTrainedModel):
             # A rebuilt index (or the checksum of a verified older one) is what saving the model must record.
             model.config.index_nbytes = knowledge_base.index_bytes.numel()
             model.config.index_sha256 = knowledge_base.index_sha256
+            if model.config.kb_has_texts:  # read when first needed (explanations), not with the weights
+                hub_kwargs = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
+                knowledge_base.set_texts(
+                    None, loader=lambda: read_texts_file(cached_file(source, TEXTS_FILE, **hub_kwargs))
+                )
         return loaded
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, plus the knowledge base's texts (when stored) in their own file."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        knowledge_base = getattr(self, self.base_model_prefix, self).knowledge_base
+        if knowledge_base.has_texts and kwargs.get("is_main_process", True):
+            save_file(encode_texts(knowledge_base.texts), os.path.join(save_directory, TEXTS_FILE))
 
     def set_knowledge_base(self, knowledge_base: KnowledgeBase) -> None:
         """Attach `knowledge_base` and record its shape and index settings in the config (so saving works)."""
@@ -234,6 +248,7 @@ class ReAugKDPreTrainedModel(PreTrainedModel):
         config.index_type = knowledge_base.index_type
         config.index_nbytes = knowledge_base.index_bytes.numel()
         config.index_sha256 = knowledge_base.index_sha256
+        config.kb_has_texts = knowledge_base.has_texts
         for name, value in knowledge_base.index_params.items():
             setattr(config, name, value)
         base = getattr(self, self.base_model_prefix, self)

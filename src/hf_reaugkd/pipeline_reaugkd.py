@@ -5,8 +5,8 @@ This file travels with saved checkpoints as remote code (`config.custom_pipeline
 - long inputs truncated by default to what the encoder can take (no crash on a 2,000-token text);
 - per-call `knn_k`, `retrieval_weight` and `retrieval_temperature`, as in the model's `forward`;
 - `neighbors=K`: each result also lists the K best of the knowledge-base entries that drove the prediction
-  (row id, similarity, weight, the teacher's label and label distribution), and the student-only and retrieved
-  distributions.
+  (row id, similarity, weight, the teacher's label and label distribution, and its text when the knowledge base
+  stores texts), and the student-only and retrieved distributions.
 """
 
 from typing import Any
@@ -77,6 +77,7 @@ class ReAugKDTextClassificationPipeline(TextClassificationPipeline):
                     "weight": weight,
                     "label": id2label[int(torch.argmax(soft_label))],
                     "label_distribution": {id2label[i]: p for i, p in enumerate(soft_label.tolist())},
+                    **({"text": knowledge_base.texts[row]} if knowledge_base.has_texts else {}),
                 }
             )
         explained["neighbors"] = rows[:neighbors]
