@@ -29,6 +29,15 @@ FAST = ("--max_steps", "2", "--teacher_max_steps", "2", "--knn_k_grid", "1", "--
 
 
 @pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: threads only add overhead, and contention with other work on a small machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def datasets_cache(tmp_path, monkeypatch):
     """datasets' cache inside the test's folder: nothing leaks between tests (or from the user's cache)."""
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets-cache")
@@ -189,7 +198,12 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(task, resumed_from
     output_dir = task / "out"
     args = pipeline_args(task, output_dir, "--save_strategy", "steps", "--save_steps", "1", "--keep_checkpoints")
     checkpoints = output_dir / "student-checkpoints"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(task / "hf-datasets-cache")}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "HF_DATASETS_CACHE": str(task / "hf-datasets-cache"),
+    }
     code = "import sys; from hf_reaugkd.cli import main; main(sys.argv[1:])"
     with open(task / "killed-run.log", "wb") as log:
         process = subprocess.Popen([sys.executable, "-c", code, "distill", *args], env=env, stdout=log, stderr=log)
@@ -370,11 +384,6 @@ def modes(directory: Path) -> dict[str, int]:
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: safetensors >= 0.8 writes model.safetensors through a 0600 temporary; atomic_path only chmods "
-    "the folder it made, so the saved weights are owner-only whatever the umask",
-)
 def test_saved_model_is_readable_by_others(task, umask_022):
     save_fixed_teacher(task / "teacher", ALWAYS_NEGATIVE)
     output_dir = task / "out"
@@ -448,11 +457,6 @@ def test_label_column_missing_in_the_validation_file_only(tmp_path):
         pytest.param(
             b"text,label\ngood movie,positive\nbad movie,negative\nfun plot,positive\nla pel\xc3",
             5,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="src bug: data._check_utf8 never calls decoder.decode(b'', final=True), so a multi-byte "
-                "sequence cut off at the end of the file passes the check (datasets then fails without a line)",
-            ),
             id="truncated-at-end",
         ),
     ],
@@ -464,11 +468,6 @@ def test_non_utf8_bytes(tmp_path, content, line):
     assert str(tmp_path / "train.csv") in message and f"line {line}" in message and "UTF-8" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: datasets raises 'Instruction \"train\" corresponds to no data!' before the 'has no rows' check "
-    "in data._read_data_file is reached",
-)
 def test_header_only_file(tmp_path):
     with pytest.raises(InputError, match=r"train file \S*train.csv has no rows"):
         load(tmp_path, "text,label\n")
@@ -482,11 +481,6 @@ def test_extra_comma_in_a_row(tmp_path):
     assert str(tmp_path / "train.csv") in message and "Expected 2 fields in line 5" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: when the first data row has one field more than the header, pandas makes the first column the "
-    "index: texts silently lose their first part (or a misleading 'Empty label' error names another row)",
-)
 def test_extra_comma_in_every_row_is_not_silently_read(tmp_path):
     train = "text,label\ngood, fun movie,positive\nbad, long plot,negative\n"
     try:

@@ -128,10 +128,13 @@ def _process_is_running(pid: int) -> bool:
 
 
 def _set_default_permissions(path: Path) -> None:
-    """mkstemp/mkdtemp create owner-only entries; results are shared like any file the user saves (umask applies)."""
+    """mkstemp/mkdtemp (and safetensors' own temporary files) create owner-only entries; results are shared like any
+    file the user saves, so every entry gets the usual permissions under the umask."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+    for entry in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not entry.is_symlink():
+            os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~umask)
 
 
 def write_json(path: str | os.PathLike, payload) -> None:

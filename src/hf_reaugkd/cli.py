@@ -114,3 +114,7 @@ def _row_id(text: str) -> int:
 
         raise InputError(f"--ids takes comma-separated row numbers (0, 1, ...), got {text!r}")
     return int(text)
+
+
+if __name__ == "__main__":
+    main()

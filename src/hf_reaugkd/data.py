@@ -2,6 +2,7 @@
 shares, tokenization, and the one loop that turns a tokenized dataset into padded batches."""
 
 import codecs
+import itertools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -142,6 +143,10 @@ def read_data_file(split: str, path: str) -> Dataset:
     # rejected) instead of becoming the class "None". The file is re-read every run: datasets' own cache is keyed
     # by path, size and mtime, so an edited file with the same size and mtime would load stale rows.
     options = {"na_filter": False} if extension == "csv" else {}
+    with open(path, "rb") as f:  # datasets' own message for this is "Instruction 'train' corresponds to no data"
+        filled = sum(1 for _ in itertools.islice((line for line in f if line.strip()), 2))
+    if filled < (2 if extension == "csv" else 1):
+        raise InputError(f"The {split} file {path} has no rows (a header only?).")
     try:
         dataset = load_dataset(extension, data_files={split: path}, download_mode="force_redownload", **options)
     except Exception as err:
@@ -151,6 +156,11 @@ def read_data_file(split: str, path: str) -> Dataset:
         raise InputError(f"Could not read the {split} file {path}: {type(cause).__name__}: {cause}") from err
     if len(dataset[split]) == 0:
         raise InputError(f"The {split} file {path} has no rows (a header only?).")
+    if any(column.startswith("__index_level_") for column in dataset[split].column_names):
+        raise InputError(
+            f"Rows of the {split} file {path} have more fields than its header (the parser took the first field as "
+            "an index): a comma inside a text? Quote such texts."
+        )
     return dataset[split]
 
 
@@ -169,6 +179,10 @@ def _check_utf8(path: str) -> None:
                 ) from None
             line += chunk.count(b"\n")
             offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not UTF-8: it ends inside a multi-byte character (line {line}).") from None
 
 
 def _label_name(label) -> str:

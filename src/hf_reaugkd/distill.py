@@ -298,10 +298,19 @@ def _resume_checkpoint(training_args, checkpoint_dir: Path) -> str | None:
         reverse=True,
     )
     for path in found:
-        if (path / "trainer_state.json").is_file() and any(path.glob("model*.safetensors")):
+        if _is_complete(path):
             return str(path)
         logger.warning("Skipping the incomplete checkpoint %s (interrupted while it was written)", path)
     raise InputError(f"--resume_from_checkpoint {value}: no complete checkpoint found in {checkpoint_dir}")
+
+
+def _is_complete(checkpoint: Path) -> bool:
+    """The Trainer writes the weights, then the trainer state, last and not atomically: both must be there, whole."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(checkpoint.glob("model*.safetensors"))
 
 
 ARGUMENT_CLASSES = (ModelArguments, TeacherArguments, DataTrainingArguments, ReAugKDTrainingArguments)

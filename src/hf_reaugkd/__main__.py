@@ -1,0 +1,5 @@
+"""`python -m hf_reaugkd ...` is the `hf-reaugkd` console script."""
+
+from .cli import main
+
+main()
