@@ -12,7 +12,7 @@ from conftest import tiny_encoder
 from huggingface_hub import ModelCard
 from test_pipeline import pipeline_args, write_task
 
-from hf_reaugkd import cli, distill
+from hf_reaugkd import arguments, cli, distill
 from hf_reaugkd.demo import DATASET_DESCRIPTION
 from hf_reaugkd.errors import InputError
 from hf_reaugkd.model_card import create_model_card, hub_id
@@ -125,7 +125,7 @@ def test_accelerate_cpu_launch_is_refused_with_the_command_that_works(monkeypatc
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     with pytest.raises(InputError, match="torchrun --nproc_per_node"):
-        distill.parse_args(["--output_dir", "x"])
+        arguments.parse_args(["--output_dir", "x"])
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["distill", "--output_dir", "x"])
     assert exit_info.value.code == 2
@@ -138,24 +138,24 @@ def test_torchrun_without_gpus_trains_on_cpu(monkeypatch, no_launcher_env, tmp_p
     is checked is the flag (or JSON key) parse_args hands it."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert distill._distributed_cpu_launch(["--output_dir", "x"]) == ["--output_dir", "x", "--use_cpu"]
-    assert distill._distributed_cpu_launch(["--use_cpu", "--output_dir", "x"]) == ["--use_cpu", "--output_dir", "x"]
+    assert arguments._distributed_cpu_launch(["--output_dir", "x"]) == ["--output_dir", "x", "--use_cpu"]
+    assert arguments._distributed_cpu_launch(["--use_cpu", "--output_dir", "x"]) == ["--use_cpu", "--output_dir", "x"]
 
     handed = []
-    parser_class = type(distill.build_parser())
+    parser_class = type(arguments.build_parser())
     monkeypatch.setattr(parser_class, "parse_args_into_dataclasses", lambda self, args=None, **kw: handed.append(args))
     monkeypatch.setattr(parser_class, "parse_dict", lambda self, values, **kw: handed.append(values))
-    distill.parse_args(["--output_dir", "x"])
+    arguments.parse_args(["--output_dir", "x"])
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"output_dir": "x"}))
-    distill.parse_args([str(config)])
+    arguments.parse_args([str(config)])
     assert "--use_cpu" in handed[0] and handed[1]["use_cpu"] is True
 
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert distill._distributed_cpu_launch(["--output_dir", "x"]) == ["--output_dir", "x"]
+    assert arguments._distributed_cpu_launch(["--output_dir", "x"]) == ["--output_dir", "x"]
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert distill._distributed_cpu_launch(["--output_dir", "x"]) == ["--output_dir", "x"]
+    assert arguments._distributed_cpu_launch(["--output_dir", "x"]) == ["--output_dir", "x"]
 
 
 # The demo flag (parsed only: running it downloads) -----------------------------------------------------------------
@@ -163,12 +163,12 @@ def test_torchrun_without_gpus_trains_on_cpu(monkeypatch, no_launcher_env, tmp_p
 
 def test_demo_is_the_default_and_explicit_flags_win(tmp_path, no_launcher_env):
     for argv in ([], ["--demo"]):
-        model_args, teacher_args, data_args, training_args = distill.parse_args(argv)
+        model_args, teacher_args, data_args, training_args = arguments.parse_args(argv)
         assert data_args.demo is True, argv
         assert training_args.output_dir == "outputs/demo"
         assert model_args.student_num_layers == 3 and data_args.max_train_samples == 4000
 
-    model_args, _, data_args, training_args = distill.parse_args(
+    model_args, _, data_args, training_args = arguments.parse_args(
         ["--demo", "--output_dir", "x", "--max_train_samples", "10"]
     )
     assert data_args.demo is True and training_args.output_dir == "x" and data_args.max_train_samples == 10
@@ -176,12 +176,12 @@ def test_demo_is_the_default_and_explicit_flags_win(tmp_path, no_launcher_env):
 
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"demo": True, "output_dir": "y"}))
-    model_args, _, data_args, training_args = distill.parse_args([str(config)])
+    model_args, _, data_args, training_args = arguments.parse_args([str(config)])
     assert data_args.demo is True and training_args.output_dir == "y"
     assert model_args.student_num_layers == 3 and data_args.max_train_samples == 4000
 
     write_task(tmp_path)  # a run of one's own data: no demo, and none of the demo's defaults leak in
-    model_args, _, data_args, training_args = distill.parse_args(
+    model_args, _, data_args, training_args = arguments.parse_args(
         ["--train_file", str(tmp_path / "train.csv"), "--validation_file", str(tmp_path / "validation.csv")]
     )
     assert data_args.demo is False

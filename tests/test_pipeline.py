@@ -8,7 +8,8 @@ import pytest
 from conftest import run_fresh_python, tiny_encoder
 from transformers import BertForSequenceClassification
 
-from hf_reaugkd.distill import main, parse_args
+from hf_reaugkd.arguments import parse_args
+from hf_reaugkd.distill import main
 
 POSITIVE, NEGATIVE, FILLER = (
     ["good", "great", "loved", "fun"],

@@ -1,13 +1,23 @@
-"""The pipeline's argument groups, `run_glue.py`-style: the teacher, the student and its knowledge base, the data.
-The student's training flags are `ReAugKDTrainingArguments` (all of `TrainingArguments` plus the loss weights)."""
+"""The pipeline's argument groups, `run_glue.py`-style — the teacher, the student and its knowledge base, the data;
+the student's training flags are `ReAugKDTrainingArguments` (all of `TrainingArguments` plus the loss weights) —
+and `parse_args`, which reads them from flags or one JSON file for `hf-reaugkd distill` and `examples/distill.py`."""
 
+import dataclasses
+import json
+import logging
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import TrainingArguments
+import torch
+from transformers import HfArgumentParser, TrainingArguments
 
 from .errors import InputError
 from .knowledge_base import INDEX_TYPES
+from .training_args import ReAugKDTrainingArguments
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -177,3 +187,71 @@ class DataTrainingArguments:
     def data_files(self) -> dict[str, str]:
         files = {"train": self.train_file, "validation": self.validation_file, "test": self.test_file}
         return {split: path for split, path in files.items() if path}
+
+
+ARGUMENT_CLASSES = (ModelArguments, TeacherArguments, DataTrainingArguments, ReAugKDTrainingArguments)
+USAGE = "hf-reaugkd distill [--demo] [--teacher_model_name_or_path PATH] [--train_file CSV --validation_file CSV] [FLAGS] | CONFIG.json"
+DESCRIPTION = """Distil a fine-tuned text classifier (the teacher) into a small student that retrieves from a knowledge
+base of the teacher's embeddings and soft labels (ReAugKD). Stages: teacher fine-tuning (if its head does not
+already predict the data's labels) → teacher outputs → projection head → knowledge base → student training →
+k and β chosen on validation → evaluation → save (and push). With no flags it runs the offline demo.
+The package's own flags come first; the student's TrainingArguments follow its ReAugKD loss flags."""
+
+
+def build_parser() -> HfArgumentParser:
+    """The four argument groups, each under its heading; in the last, the ReAugKD loss flags before the ~120
+    inherited `TrainingArguments` flags, so `--help` shows what is particular to this package first."""
+    parser = HfArgumentParser(ARGUMENT_CLASSES, prog="hf-reaugkd distill", usage=USAGE, description=DESCRIPTION)
+    training_group = parser._action_groups[-1]
+    own = {field.name for field in dataclasses.fields(ReAugKDTrainingArguments)} - {
+        field.name for field in dataclasses.fields(TrainingArguments)
+    }
+    actions = training_group._group_actions
+    actions.sort(key=lambda action: action.dest not in own)  # stable: each part keeps its order
+    return parser
+
+
+def _distributed_cpu_launch(argv: list[str]) -> list[str]:
+    """A multi-process launch without GPUs: `torchrun` works on CPU (gloo) once the Trainer is told `--use_cpu`;
+    `accelerate launch --cpu --num_processes N` starts one process only (CPU multi-process needs MPI), so it is
+    refused with the command that works rather than silently training on one process."""
+    one_of_many = "MASTER_ADDR" in os.environ and not {"WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"} & set(os.environ)
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and one_of_many:
+        raise InputError(
+            "`accelerate launch --cpu --num_processes N` starts a single process (multi-process CPU runs need "
+            "MPI). On CPU, launch with `torchrun --nproc_per_node N examples/distill.py ...`; on GPUs with "
+            "`accelerate launch --multi_gpu --num_processes N examples/distill.py ...`."
+        )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and "--use_cpu" not in argv:
+        logger.info("Distributed launch without a GPU: training on CPU processes (gloo), as with --use_cpu.")
+        return [*argv, "--use_cpu"]
+    return argv
+
+
+def parse_args(argv: list[str] | None = None) -> tuple:
+    """Parse flags (or one JSON file) into the four argument dataclasses. An empty command line means `--demo`;
+    with `--demo` the demo's settings become the defaults, so explicit flags still win."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            values = json.loads(Path(argv[0]).read_text())
+            if values.get("demo"):
+                values = {**demo_defaults(), **values}
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+                values.setdefault("use_cpu", True)
+            return parser.parse_dict(values)
+        argv = _distributed_cpu_launch(argv or ["--demo"])
+        if "--demo" in argv:
+            parser.set_defaults(**demo_defaults())
+        return parser.parse_args_into_dataclasses(args=argv)
+    except InputError:
+        raise
+    except ValueError as err:  # a flag's value rejected by an argument class's __post_init__
+        raise InputError(str(err)) from err
+
+
+def demo_defaults() -> dict:
+    from .demo import DEFAULTS  # the demo imports these argument classes: imported when needed, not at the top
+
+    return DEFAULTS

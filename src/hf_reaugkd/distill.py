@@ -8,41 +8,35 @@
 import dataclasses
 import json
 import logging
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
-import transformers
-from transformers import AutoConfig, AutoModel, AutoTokenizer, HfArgumentParser
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 from transformers.trainer_utils import set_seed
 
 from . import demo
-from .arguments import DataTrainingArguments, ModelArguments, TeacherArguments
+from .arguments import DataTrainingArguments, ModelArguments, TeacherArguments, parse_args
 from .caching import remove_stale_temporaries, write_json
-from .data import LABEL_COLUMN, load_task_data, tokenize
+from .data import LABEL_COLUMN, load_task_data, texts_of
 from .errors import InputError
-from .evaluation import classification_metrics, knn_accuracy, predict, select_retrieval_settings, split_metrics
+from .evaluation import evaluate_student
 from .model_card import create_model_card, hub_id
 from .modeling_reaugkd import ReAugKDForSequenceClassification
-from .reporting import expected_notices, stage
+from .reporting import expected_notices, setup_logging, stage
 from .saving import push_saved, save_student
 from .teacher import (
     finetune_teacher,
-    knowledge_base_neighbors,
     knowledge_base_stage,
     needs_finetuning,
     project,
+    student_training_data,
     teacher_outputs,
-    with_teacher_columns,
 )
 from .trainer import ReAugKDTrainer
 from .training_args import ReAugKDTrainingArguments
 
 logger = logging.getLogger(__name__)
-
-EVALUATED_SPLITS = ("validation", "test")  # never train: its examples are in the knowledge base themselves
 
 
 def run(
@@ -52,10 +46,7 @@ def run(
     training_args: ReAugKDTrainingArguments,
 ) -> dict:
     """Run every stage; return the metrics (also written to `<output_dir>/metrics.json`)."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
-    transformers.utils.logging.disable_default_handler()  # one log format: transformers' records go to the root
-    transformers.utils.logging.enable_propagation()
+    setup_logging()
     if data_args.demo:
         teacher_args, model_args, data_args = demo.fill_in(teacher_args, model_args, data_args)
     if not teacher_args.teacher_model_name_or_path or not (data_args.train_file or data_args.dataset_name):
@@ -121,44 +112,17 @@ def run(
             work_dir,
         )
     if model_args.store_kb_texts:
-        train = data.splits["train"]
-        texts = train[data.text_column]
-        if data.text_pair_column:
-            texts = [f"{text}\n{pair}" for text, pair in zip(texts, train[data.text_pair_column], strict=True)]
-        kb.set_texts(texts)
+        kb.set_texts(texts_of(data.splits["train"], data))
     keys = {name: kb.keys if name == "train" else project(projection, outputs[name].embeddings) for name in outputs}
 
     # 4. Student: encoder (optionally truncated) + fresh projection head and classifier, trained with ReAugKD.
     #    The knowledge base stays with the trainer (relational loss) and joins the student only after training.
     tokenizer = AutoTokenizer.from_pretrained(student_name)
-    encoder_kwargs = {"num_hidden_layers": model_args.student_num_layers} if model_args.student_num_layers else {}
     set_seed(training_args.seed)
-    with expected_notices():  # a truncated student leaves the upper layers' weights unused, by design
-        encoder = AutoModel.from_pretrained(student_name, **encoder_kwargs)
-    student = ReAugKDForSequenceClassification.from_encoder(
-        encoder,
-        id2label,
-        kb_dim=kb_dim,
-        pooling=model_args.pooling,
-        retrieval_temperature=model_args.retrieval_temperature,
-        pad_token_id=tokenizer.pad_token_id,
+    student = _new_student(model_args, student_name, id2label, kb_dim, tokenizer)
+    splits = student_training_data(
+        data, outputs, keys, kb, tokenizer, data_args.max_seq_length, training_args.relational_neighbors
     )
-    layers = AutoConfig.from_pretrained(student_name).num_hidden_layers
-    logger.info("student: first %d of %d layers of %s", encoder.config.num_hidden_layers, layers, student_name)
-    splits = {}
-    for name, split in data.splits.items():
-        neighbors = None
-        if training_args.relational_neighbors and name != "test":
-            neighbors = knowledge_base_neighbors(kb, keys[name], training_args.relational_neighbors, name == "train")
-        encoded = tokenize(
-            split,
-            tokenizer,
-            data.text_column,
-            data.text_pair_column,
-            data_args.max_seq_length,
-            f"Tokenizing {name} for the student",
-        )
-        splits[name] = with_teacher_columns(encoded, outputs[name], keys[name], neighbors)
     with expected_notices():  # the special-token alignment notice
         trainer = ReAugKDTrainer(
             model=student,
@@ -175,64 +139,28 @@ def run(
     student = trainer.model
     student.set_knowledge_base(kb)
 
-    # 5. k and β on validation only; the student's and the teacher's own queries scored by kNN alone (β = 1).
+    # 5.–6. k and β on validation only, then teacher, student and student + retrieval on validation and test.
     with stage("evaluation"):
-        predictions = {
-            name: predict(
-                student,
-                splits[name],
-                tokenizer,
-                model_args.knn_ks,
-                model_args.retrieval_temperature,
-                training_args.per_device_eval_batch_size,
-            )
-            for name in EVALUATED_SPLITS
-            if name in splits
-        }
-    validation = predictions["validation"]
-    selection = select_retrieval_settings(validation, model_args.betas)
-    knn = {
-        "student_query": {
-            k: classification_metrics(probs, validation.labels)["accuracy"]
-            for k, probs in validation.retrieved.items()
-        },
-        "teacher_query": knn_accuracy(
-            kb, keys["validation"], validation.labels, model_args.knn_ks, model_args.retrieval_temperature
-        ),
-    }
-    k, beta = selection["knn_k"], selection["retrieval_weight"]
-    student.config.knn_k, student.config.retrieval_weight = k, beta
-    logger.info("Chosen on validation: k=%d, β=%.2f", k, beta)
-
-    # 6. Evaluation of teacher, student and student + retrieval on validation and test.
-    metrics = {
-        "world_size": training_args.world_size,  # processes that trained the student
-        "selection": {key: value for key, value in selection.items() if key != "grid"},
-        "validation_grid": selection["grid"],
-        "validation_knn_accuracy": knn,
-        "splits": {name: split_metrics(p, outputs[name].logits, k, beta) for name, p in predictions.items()},
-    }
+        metrics = evaluate_student(
+            student,
+            tokenizer,
+            {name: splits[name] for name in ("validation", "test") if name in splits},
+            {name: outputs[name].logits for name in outputs},
+            keys["validation"],
+            model_args.knn_ks,
+            model_args.betas,
+            model_args.retrieval_temperature,
+            training_args.per_device_eval_batch_size,
+        )
+    metrics["world_size"] = training_args.world_size  # processes that trained the student
+    student.config.knn_k = metrics["selection"]["knn_k"]
+    student.config.retrieval_weight = metrics["selection"]["retrieval_weight"]
 
     # 7. Save (atomically) and push what was saved.
-    card = create_model_card(
-        model_id=training_args.hub_model_id,
-        base_model=student_name,
-        teacher_model=teacher_name,
-        dataset_name=demo.DATASET_DESCRIPTION if data_args.demo else data_args.dataset_name,
-        id2label=id2label,
-        metrics=metrics["splits"],
-        retrieval={
-            "knn_k": k,
-            "retrieval_weight": beta,
-            "retrieval_temperature": model_args.retrieval_temperature,
-            "index_type": kb.index_type,
-            "kb_size": kb.size,
-            "kb_dim": kb.dim,
-        },
-        hyperparameters=_hyperparameters(model_args, teacher_args, data_args, training_args),
-        num_parameters=sum(p.numel() for p in student.parameters()),
+    card = _model_card(
+        student, teacher_name, student_name, metrics, model_args, teacher_args, data_args, training_args
     )
-    projection_metadata = {
+    projection_metadata = {  # what `kb add --teacher` needs to key new rows as in training
         "teacher_model": hub_id(teacher_name) or Path(teacher_name).name,
         "distillation_temperature": str(training_args.distillation_temperature),
         "max_seq_length": str(data_args.max_seq_length),
@@ -250,6 +178,47 @@ def run(
         repo_id = training_args.hub_model_id or output_dir.resolve().name
         push_saved(model_dir, repo_id, training_args.hub_token, training_args.hub_private_repo)
     return metrics
+
+
+def _new_student(
+    model_args: ModelArguments, student_name: str, id2label: dict[int, str], kb_dim: int, tokenizer
+) -> ReAugKDForSequenceClassification:
+    """The student encoder (optionally its first N layers) with a fresh projection head and classifier."""
+    encoder_kwargs = {"num_hidden_layers": model_args.student_num_layers} if model_args.student_num_layers else {}
+    with expected_notices():  # a truncated student leaves the upper layers' weights unused, by design
+        encoder = AutoModel.from_pretrained(student_name, **encoder_kwargs)
+    layers = AutoConfig.from_pretrained(student_name).num_hidden_layers
+    logger.info("student: first %d of %d layers of %s", encoder.config.num_hidden_layers, layers, student_name)
+    return ReAugKDForSequenceClassification.from_encoder(
+        encoder,
+        id2label,
+        kb_dim=kb_dim,
+        pooling=model_args.pooling,
+        retrieval_temperature=model_args.retrieval_temperature,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _model_card(student, teacher_name, student_name, metrics, model_args, teacher_args, data_args, training_args):
+    kb = student.knowledge_base
+    return create_model_card(
+        model_id=training_args.hub_model_id,
+        base_model=student_name,
+        teacher_model=teacher_name,
+        dataset_name=demo.DATASET_DESCRIPTION if data_args.demo else data_args.dataset_name,
+        id2label=student.config.id2label,
+        metrics=metrics["splits"],
+        retrieval={
+            "knn_k": student.config.knn_k,
+            "retrieval_weight": student.config.retrieval_weight,
+            "retrieval_temperature": model_args.retrieval_temperature,
+            "index_type": kb.index_type,
+            "kb_size": kb.size,
+            "kb_dim": kb.dim,
+        },
+        hyperparameters=_hyperparameters(model_args, teacher_args, data_args, training_args),
+        num_parameters=sum(p.numel() for p in student.parameters()),
+    )
 
 
 def print_results(metrics: dict) -> None:
@@ -311,68 +280,6 @@ def _is_complete(checkpoint: Path) -> bool:
     except (OSError, ValueError):
         return False
     return any(checkpoint.glob("model*.safetensors"))
-
-
-ARGUMENT_CLASSES = (ModelArguments, TeacherArguments, DataTrainingArguments, ReAugKDTrainingArguments)
-USAGE = "hf-reaugkd distill [--demo] [--teacher_model_name_or_path PATH] [--train_file CSV --validation_file CSV] [FLAGS] | CONFIG.json"
-DESCRIPTION = """Distil a fine-tuned text classifier (the teacher) into a small student that retrieves from a knowledge
-base of the teacher's embeddings and soft labels (ReAugKD). Stages: teacher fine-tuning (if its head does not
-already predict the data's labels) → teacher outputs → projection head → knowledge base → student training →
-k and β chosen on validation → evaluation → save (and push). With no flags it runs the offline demo.
-The package's own flags come first; the student's TrainingArguments follow its ReAugKD loss flags."""
-
-
-def build_parser() -> HfArgumentParser:
-    """The four argument groups, each under its heading; in the last, the ReAugKD loss flags before the ~120
-    inherited `TrainingArguments` flags, so `--help` shows what is particular to this package first."""
-    parser = HfArgumentParser(ARGUMENT_CLASSES, prog="hf-reaugkd distill", usage=USAGE, description=DESCRIPTION)
-    training_group = parser._action_groups[-1]
-    own = {field.name for field in dataclasses.fields(ReAugKDTrainingArguments)} - {
-        field.name for field in dataclasses.fields(transformers.TrainingArguments)
-    }
-    actions = training_group._group_actions
-    actions.sort(key=lambda action: action.dest not in own)  # stable: each part keeps its order
-    return parser
-
-
-def _distributed_cpu_launch(argv: list[str]) -> list[str]:
-    """A multi-process launch without GPUs: `torchrun` works on CPU (gloo) once the Trainer is told `--use_cpu`;
-    `accelerate launch --cpu --num_processes N` starts one process only (CPU multi-process needs MPI), so it is
-    refused with the command that works rather than silently training on one process."""
-    one_of_many = "MASTER_ADDR" in os.environ and not {"WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"} & set(os.environ)
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and one_of_many:
-        raise InputError(
-            "`accelerate launch --cpu --num_processes N` starts a single process (multi-process CPU runs need "
-            "MPI). On CPU, launch with `torchrun --nproc_per_node N examples/distill.py ...`; on GPUs with "
-            "`accelerate launch --multi_gpu --num_processes N examples/distill.py ...`."
-        )
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and "--use_cpu" not in argv:
-        logger.info("Distributed launch without a GPU: training on CPU processes (gloo), as with --use_cpu.")
-        return [*argv, "--use_cpu"]
-    return argv
-
-
-def parse_args(argv: list[str] | None = None) -> tuple:
-    """Parse flags (or one JSON file) into the four argument dataclasses. An empty command line means `--demo`;
-    with `--demo` the demo's settings become the defaults, so explicit flags still win."""
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        if len(argv) == 1 and argv[0].endswith(".json"):
-            values = json.loads(Path(argv[0]).read_text())
-            if values.get("demo"):
-                values = {**demo.DEFAULTS, **values}
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-                values.setdefault("use_cpu", True)
-            return parser.parse_dict(values)
-        argv = _distributed_cpu_launch(argv or ["--demo"])
-        if "--demo" in argv:
-            parser.set_defaults(**demo.DEFAULTS)
-        return parser.parse_args_into_dataclasses(args=argv)
-    except InputError:
-        raise
-    except ValueError as err:  # a flag's value rejected by an argument class's __post_init__
-        raise InputError(str(err)) from err
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -6,6 +6,7 @@ through its knowledge base's `search`, and the retrieved distributions and the �
 the training set, so retrieval on a training example would find the example itself.
 """
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,8 @@ from transformers import PreTrainedTokenizerBase
 from .data import LABEL_COLUMN, padded_batches
 from .knowledge_base import KnowledgeBase
 from .modeling_reaugkd import ReAugKDForSequenceClassification, mix_probabilities, neighbor_label_distribution
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -118,4 +121,40 @@ def split_metrics(predictions: Predictions, teacher_logits: np.ndarray, knn_k: i
         "teacher": classification_metrics(teacher_probs, predictions.labels),
         "student": classification_metrics(predictions.student_probs, predictions.labels),
         "student_retrieval": classification_metrics(mixed, predictions.labels),
+    }
+
+
+def evaluate_student(
+    student: ReAugKDForSequenceClassification,
+    tokenizer: PreTrainedTokenizerBase,
+    splits: dict[str, Dataset],
+    teacher_logits: dict[str, np.ndarray],
+    teacher_validation_keys: torch.Tensor,
+    knn_ks: list[int],
+    betas: list[float],
+    retrieval_temperature: float,
+    batch_size: int = 64,
+) -> dict:
+    """k and β chosen on validation; the kNN accuracy (β = 1) of the student's queries and of the teacher's own
+    projected ones; and the metrics of teacher, student and student + retrieval on each of `splits` (validation and
+    test: never train, whose examples are in the knowledge base themselves)."""
+    predictions = {
+        name: predict(student, split, tokenizer, knn_ks, retrieval_temperature, batch_size)
+        for name, split in splits.items()
+    }
+    validation = predictions["validation"]
+    selection = select_retrieval_settings(validation, betas)
+    k, beta = selection["knn_k"], selection["retrieval_weight"]
+    logger.info("Chosen on validation: k=%d, β=%.2f", k, beta)
+    student_knn = {
+        k: classification_metrics(p, validation.labels)["accuracy"] for k, p in validation.retrieved.items()
+    }
+    teacher_knn = knn_accuracy(
+        student.knowledge_base, teacher_validation_keys, validation.labels, knn_ks, retrieval_temperature
+    )
+    return {
+        "selection": {key: value for key, value in selection.items() if key != "grid"},
+        "validation_grid": selection["grid"],
+        "validation_knn_accuracy": {"student_query": student_knn, "teacher_query": teacher_knn},
+        "splits": {name: split_metrics(p, teacher_logits[name], k, beta) for name, p in predictions.items()},
     }

@@ -12,6 +12,14 @@ import transformers
 logger = logging.getLogger("hf_reaugkd")
 
 
+def setup_logging() -> None:
+    """INFO lines in one format, transformers' records included (its own handler off, propagated to the root)."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
+
+
 @contextmanager
 def stage(name: str) -> Iterator[None]:
     """Log `name: started` and `name: done in N s` around a stage."""

@@ -348,6 +348,28 @@ def with_teacher_columns(
     return dataset.map(attach, with_indices=True, batched=True, desc="Attaching teacher outputs")
 
 
+def student_training_data(
+    data: TaskData,
+    outputs: dict[str, TeacherOutputs],
+    keys: dict[str, torch.Tensor],
+    knowledge_base: KnowledgeBase,
+    tokenizer,
+    max_seq_length: int,
+    relational_neighbors: int,
+) -> dict[str, Dataset]:
+    """Every split tokenized for the student, with the teacher's columns (and, for the relational loss's knowledge-base
+    variant, each train/validation example's nearest other entries)."""
+    splits = {}
+    for name, split in data.splits.items():
+        neighbors = None
+        if relational_neighbors and name != "test":
+            neighbors = knowledge_base_neighbors(knowledge_base, keys[name], relational_neighbors, name == "train")
+        description = f"Tokenizing {name} for the student"
+        encoded = tokenize(split, tokenizer, data.text_column, data.text_pair_column, max_seq_length, description)
+        splits[name] = with_teacher_columns(encoded, outputs[name], keys[name], neighbors)
+    return splits
+
+
 __all__ = [
     "TeacherOutputs",
     "finetune_teacher",
@@ -355,6 +377,7 @@ __all__ = [
     "knowledge_base_stage",
     "needs_finetuning",
     "project",
+    "student_training_data",
     "teacher_outputs",
     "train_teacher_projection",
     "with_teacher_columns",
