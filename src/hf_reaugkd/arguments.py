@@ -182,6 +182,11 @@ class DataTrainingArguments:
         for path in (self.train_file, self.validation_file, self.test_file):
             if path and not Path(path).is_file():
                 raise InputError(f"Data file not found: {path}")
+        for name in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise InputError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.dataset_name and (self.validation_file or self.test_file):
+            raise InputError("Give either --dataset_name or data files (--train_file, --validation_file), not both.")
 
     @property
     def data_files(self) -> dict[str, str]:

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(USAGE, file=sys.stderr)
             raise SystemExit(2)
-    except (InputError, FileNotFoundError) as err:  # the user can fix these: the message, not a traceback
+    except (InputError, OSError) as err:  # the user can fix these (a bad path, an unreachable Hub): no traceback
         print(f"hf-reaugkd {argv[0]}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except ValueError as err:  # a knowledge-base edit the KB refuses (bad ids, keys, labels): also the user's to fix

@@ -59,9 +59,12 @@ def load_task_data(
         raw = DatasetDict({split: read_data_file(split, path) for split, path in data_files.items()})
         describe = {split: f"{split} file {path}" for split, path in data_files.items()}
         source = ", ".join(data_files.values())
-        content = hash_files([data_files[split] for split in sorted(data_files)])
+        content = {split: hash_files([path]) for split, path in sorted(data_files.items())}
     else:
-        raw = load_dataset(dataset_name, dataset_config_name)
+        try:
+            raw = load_dataset(dataset_name, dataset_config_name)
+        except Exception as err:  # unknown name or config, no network, ...: the user's to fix
+            raise InputError(f"Could not load --dataset_name {dataset_name!r} ({dataset_config_name}): {err}") from err
         describe = {split: f"split {split!r} of {dataset_name}" for split in raw}
         source = dataset_name
         content = {split: raw[split]._fingerprint for split in sorted(raw)}  # datasets hashes the Hub revision
@@ -96,8 +99,20 @@ def load_task_data(
                             f"Empty {kind} in column {column!r}, row {start + offset} of the {describe[name]}."
                         )
 
+    for name, split in splits.items():
+        if len(split) == 0:
+            raise InputError(f"The {describe[name]} has no rows.")
     label_feature = splits["train"].features[label_column]
     if isinstance(label_feature, ClassLabel):
+        for name, split in splits.items():
+            unlabelled = [
+                start + i for start, batch in _iter_column(split, label_column) for i, x in enumerate(batch) if x < 0
+            ]
+            if unlabelled:  # GLUE's test splits: label -1
+                raise InputError(
+                    f"The {describe[name]} has {len(unlabelled)} unlabelled rows (label -1), e.g. row {unlabelled[0]}; "
+                    "evaluation needs labels: leave that split out or use a labelled one."
+                )
         label_names = list(label_feature.names)
         to_name = label_feature.int2str
     else:

@@ -47,6 +47,7 @@ def run(
 ) -> dict:
     """Run every stage; return the metrics (also written to `<output_dir>/metrics.json`)."""
     setup_logging()
+    demo_data = data_args.demo and not (data_args.train_file or data_args.dataset_name)
     if data_args.demo:
         teacher_args, model_args, data_args = demo.fill_in(teacher_args, model_args, data_args)
     if not teacher_args.teacher_model_name_or_path or not (data_args.train_file or data_args.dataset_name):
@@ -111,8 +112,6 @@ def run(
             training_args.seed,
             work_dir,
         )
-    if model_args.store_kb_texts:
-        kb.set_texts(texts_of(data.splits["train"], data))
     keys = {name: kb.keys if name == "train" else project(projection, outputs[name].embeddings) for name in outputs}
 
     # 4. Student: encoder (optionally truncated) + fresh projection head and classifier, trained with ReAugKD.
@@ -120,13 +119,22 @@ def run(
     tokenizer = AutoTokenizer.from_pretrained(student_name)
     set_seed(training_args.seed)
     student = _new_student(model_args, student_name, id2label, kb_dim, tokenizer)
-    splits = student_training_data(
-        data, outputs, keys, kb, tokenizer, data_args.max_seq_length, training_args.relational_neighbors
-    )
+    with training_args.main_process_first(desc="student training data"):  # one rank writes the caches
+        splits = student_training_data(
+            data,
+            outputs,
+            keys,
+            kb,
+            tokenizer,
+            data_args.max_seq_length,
+            training_args.relational_neighbors,
+            projection,
+        )
     with expected_notices():  # the special-token alignment notice
         trainer = ReAugKDTrainer(
             model=student,
-            args=dataclasses.replace(training_args, output_dir=str(checkpoint_dir)),
+            # the pipeline pushes the finished model itself (push_saved): the Trainer must not push checkpoints
+            args=dataclasses.replace(training_args, output_dir=str(checkpoint_dir), push_to_hub=False),
             train_dataset=splits["train"],
             eval_dataset=splits["validation"],
             processing_class=tokenizer,
@@ -137,6 +145,8 @@ def run(
     if not trainer.is_world_process_zero():  # the main process evaluates and saves
         return {}
     student = trainer.model
+    if model_args.store_kb_texts:
+        kb.set_texts(texts_of(data.splits["train"], data))
     student.set_knowledge_base(kb)
 
     # 5.–6. k and β on validation only, then teacher, student and student + retrieval on validation and test.
@@ -157,11 +167,16 @@ def run(
     student.config.retrieval_weight = metrics["selection"]["retrieval_weight"]
 
     # 7. Save (atomically) and push what was saved.
+    dataset_name = demo.DATASET_DESCRIPTION if demo_data else data_args.dataset_name
     card = _model_card(
-        student, teacher_name, student_name, metrics, model_args, teacher_args, data_args, training_args
+        student, teacher_name, student_name, dataset_name, metrics, model_args, teacher_args, data_args, training_args
     )
     projection_metadata = {  # what `kb add --teacher` needs to key new rows as in training
-        "teacher_model": hub_id(teacher_name) or Path(teacher_name).name,
+        # the teacher that made the KB: the fine-tuned one (under --stages_dir) when the given one was fine-tuned
+        "teacher_model": hub_id(str(teacher_path)) or Path(teacher_path).name,
+        "teacher_fine_tuned_from": ""
+        if str(teacher_path) == teacher_name
+        else (hub_id(teacher_name) or Path(teacher_name).name),
         "distillation_temperature": str(training_args.distillation_temperature),
         "max_seq_length": str(data_args.max_seq_length),
     }
@@ -184,10 +199,14 @@ def _new_student(
     model_args: ModelArguments, student_name: str, id2label: dict[int, str], kb_dim: int, tokenizer
 ) -> ReAugKDForSequenceClassification:
     """The student encoder (optionally its first N layers) with a fresh projection head and classifier."""
+    layers = AutoConfig.from_pretrained(student_name).num_hidden_layers
+    if model_args.student_num_layers and not 1 <= model_args.student_num_layers <= layers:
+        raise InputError(
+            f"--student_num_layers must be in [1, {layers}] for {student_name}, got {model_args.student_num_layers}."
+        )
     encoder_kwargs = {"num_hidden_layers": model_args.student_num_layers} if model_args.student_num_layers else {}
     with expected_notices():  # a truncated student leaves the upper layers' weights unused, by design
         encoder = AutoModel.from_pretrained(student_name, **encoder_kwargs)
-    layers = AutoConfig.from_pretrained(student_name).num_hidden_layers
     logger.info("student: first %d of %d layers of %s", encoder.config.num_hidden_layers, layers, student_name)
     return ReAugKDForSequenceClassification.from_encoder(
         encoder,
@@ -199,13 +218,15 @@ def _new_student(
     )
 
 
-def _model_card(student, teacher_name, student_name, metrics, model_args, teacher_args, data_args, training_args):
+def _model_card(
+    student, teacher_name, student_name, dataset_name, metrics, model_args, teacher_args, data_args, training_args
+):
     kb = student.knowledge_base
     return create_model_card(
         model_id=training_args.hub_model_id,
         base_model=student_name,
         teacher_model=teacher_name,
-        dataset_name=demo.DATASET_DESCRIPTION if data_args.demo else data_args.dataset_name,
+        dataset_name=dataset_name,
         id2label=student.config.id2label,
         metrics=metrics["splits"],
         retrieval={

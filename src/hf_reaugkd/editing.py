@@ -26,7 +26,7 @@ from .errors import InputError
 from .knowledge_base import KnowledgeBase
 from .modeling_reaugkd import ReAugKDForSequenceClassification
 from .saving import TEACHER_PROJECTION
-from .teacher import load_projection, project, teacher_batches
+from .teacher import load_projection, needs_finetuning, project, teacher_batches
 
 GOLD_LABEL_SMOOTHING = 0.1  # soft enough that one gold row does not outvote a teacher's confident neighbours
 
@@ -67,7 +67,7 @@ def add_rows(
     if text_column not in rows.column_names:
         raise InputError(f"Column {text_column!r} not found in {data_file}; its columns are {rows.column_names}.")
     if teacher is not None:
-        keys, values = _teacher_rows(Path(model_dir), teacher, rows, text_column, batch_size)
+        keys, values = _teacher_rows(model, Path(model_dir), teacher, rows, text_column, batch_size)
     else:
         keys, values = _gold_rows(model, tokenizer, rows, text_column, label_column, data_file, batch_size)
     old_size = model.knowledge_base.size
@@ -91,7 +91,7 @@ def remove_rows(model_dir: str | Path, ids: list[int] | None = None, where_label
     return sorted(set(ids))
 
 
-def _teacher_rows(model_dir: Path, teacher: str | Path, rows, text_column: str, batch_size: int):
+def _teacher_rows(model, model_dir: Path, teacher: str | Path, rows, text_column: str, batch_size: int):
     """Keys and soft labels made by the teacher and its projection head, as in training."""
     projection_file = model_dir / TEACHER_PROJECTION
     if not projection_file.is_file():
@@ -100,11 +100,23 @@ def _teacher_rows(model_dir: Path, teacher: str | Path, rows, text_column: str, 
             "so the teacher cannot key new rows as in training. Add rows without --teacher (gold labels) instead."
         )
     metadata = _projection_metadata(projection_file)
+    projection = load_projection(projection_file)
+    if needs_finetuning(str(teacher), [model.config.id2label[i] for i in range(model.config.num_labels)]):
+        raise InputError(
+            f"{teacher} is not a classifier for this model's labels; pass the fine-tuned teacher the knowledge base "
+            f"was made with (recorded: {metadata.get('teacher_model')!r}, fine-tuned from "
+            f"{metadata.get('teacher_fine_tuned_from') or 'itself'}; under the run's --stages_dir as teacher-<hash>)."
+        )
     teacher_tokenizer = AutoTokenizer.from_pretrained(teacher)
     teacher_model = AutoModelForSequenceClassification.from_pretrained(teacher).eval()
+    if teacher_model.config.hidden_size != projection.in_features:
+        raise InputError(
+            f"{teacher} has hidden size {teacher_model.config.hidden_size}; the saved projection head expects "
+            f"{projection.in_features}: not the teacher this knowledge base was made with."
+        )
     encoded = tokenize(rows, teacher_tokenizer, text_column, None, int(metadata["max_seq_length"]), "Tokenizing")
     logits, embeddings = zip(*teacher_batches(teacher_model, teacher_tokenizer, encoded, batch_size), strict=True)
-    keys = project(load_projection(projection_file), torch.cat(embeddings).numpy())  # (n, d)
+    keys = project(projection, torch.cat(embeddings).numpy())  # (n, d)
     values = torch.softmax(torch.cat(logits) / float(metadata["distillation_temperature"]), dim=-1)  # (n, C)
     return keys, values
 

@@ -96,7 +96,7 @@ def neighbor_label_distribution(
 
     Missing hits (id -1, score -inf: an approximate index may find fewer than k) get weight 0; a query with no hit at
     all gets an all-zero row, which `mix_probabilities` reads as "nothing retrieved". This is the only
-    implementation: `forward` and the pipeline's validation grid both call it.
+    implementation: `forward` and the package's evaluation (the k/β grid on validation) both call it.
 
     Args:
         scores, ids (`torch.Tensor` of shape `(B, k)`): search results, best first.
@@ -355,7 +355,7 @@ def _return_dict(return_dict: bool | None, config: ReAugKDConfig) -> bool:
 
 
 class ReAugKDForSequenceClassification(ReAugKDPreTrainedModel):
-    """The retrieval-augmented student classifier (docs/method.md §5)."""
+    """The retrieval-augmented student classifier (ReAugKD, ACL 2023: retrieval-augmented inference)."""
 
     def __init__(self, config: ReAugKDConfig):
         super().__init__(config)

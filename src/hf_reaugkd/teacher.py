@@ -8,6 +8,7 @@ random batches from them, and the knowledge base is filled chunk by chunk, so me
 knowledge base itself (`N × (kb_dim + C) × 4` bytes).
 """
 
+import hashlib
 import logging
 import shutil
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from .arguments import ModelArguments, TeacherArguments
 from .caching import atomic_path, fingerprint, model_fingerprint
 from .data import TEACHER_KEYS, TEACHER_LOGITS, TEACHER_NEIGHBORS, TaskData, padded_batches, tokenize
 from .errors import InputError
-from .knowledge_base import KnowledgeBase
+from .knowledge_base import DEFAULT_INDEX_PARAMS, KnowledgeBase
 from .losses import supervised_contrastive_loss
 from .modeling_reaugkd import mean_pool
 from .reporting import expected_notices
@@ -77,7 +78,13 @@ def finetune_teacher(
 ) -> Path:
     """Fine-tune the teacher with cross-entropy on the train split; return the saved teacher's folder."""
     name = teacher_args.teacher_model_name_or_path
-    precision = {"bf16": student_args.bf16, "fp16": student_args.fp16, "seed": student_args.seed}
+    # what changes the trained weights besides the teacher's own flags: seed, precision, and the global batch
+    precision = {
+        "bf16": student_args.bf16,
+        "fp16": student_args.fp16,
+        "seed": student_args.seed,
+        "world_size": student_args.world_size,
+    }
     key = fingerprint(
         model_fingerprint(name), data.fingerprint, data.label_names, max_seq_length, asdict(teacher_args), precision
     )
@@ -262,7 +269,7 @@ def knowledge_base_stage(
     """Train the projection head and build the knowledge base over the training set (a cached stage)."""
     key = fingerprint(
         train_outputs.fingerprint, kb_dim, model_args.projection_num_epochs, model_args.projection_learning_rate,
-        model_args.projection_temperature, temperature, model_args.index_type, seed,
+        model_args.projection_temperature, temperature, model_args.index_type, DEFAULT_INDEX_PARAMS, seed,
     )  # fmt: skip
     path = work_dir / f"knowledge-base-{key}"
     if path.exists():
@@ -334,18 +341,22 @@ def with_teacher_columns(
     outputs: TeacherOutputs,
     keys: torch.Tensor,
     neighbors: torch.Tensor | None = None,
+    fingerprint_inputs: tuple = (),
 ) -> Dataset:
     """Add `teacher_logits` `(C,)`, `teacher_keys` `(d,)` and (for the relational loss's knowledge-base variant)
-    `teacher_neighbor_ids` `(n,)`, written batch by batch by `datasets.map`."""
+    `teacher_neighbor_ids` `(n,)`, written batch by batch by `datasets.map`. The result's cache fingerprint is
+    given (`fingerprint_inputs`), so `datasets` never hashes the captured arrays (it would pickle all of them)."""
+    logits = outputs.logits
 
     def attach(batch: dict, indices: list[int]) -> dict:
-        rows = np.asarray(indices)
-        columns = {TEACHER_LOGITS: np.asarray(outputs.logits[rows]), TEACHER_KEYS: keys[rows].numpy()}
+        rows = np.asarray(indices)  # (b,)
+        columns = {TEACHER_LOGITS: np.asarray(logits[rows]), TEACHER_KEYS: keys[rows].numpy()}  # (b, C), (b, d)
         if neighbors is not None:
-            columns[TEACHER_NEIGHBORS] = neighbors[rows].numpy()
+            columns[TEACHER_NEIGHBORS] = neighbors[rows].numpy()  # (b, n)
         return columns
 
-    return dataset.map(attach, with_indices=True, batched=True, desc="Attaching teacher outputs")
+    key = fingerprint(dataset._fingerprint, outputs.fingerprint, *fingerprint_inputs, neighbors is not None)
+    return dataset.map(attach, with_indices=True, batched=True, new_fingerprint=key, desc="Attaching teacher outputs")
 
 
 def student_training_data(
@@ -356,9 +367,12 @@ def student_training_data(
     tokenizer,
     max_seq_length: int,
     relational_neighbors: int,
+    projection: nn.Linear,
 ) -> dict[str, Dataset]:
     """Every split tokenized for the student, with the teacher's columns (and, for the relational loss's knowledge-base
     variant, each train/validation example's nearest other entries)."""
+    weights = torch.cat([projection.weight.detach().flatten(), projection.bias.detach()])
+    keys_id = hashlib.sha256(weights.numpy().tobytes()).hexdigest()  # the keys are W_t · (fingerprinted outputs)
     splits = {}
     for name, split in data.splits.items():
         neighbors = None
@@ -366,7 +380,8 @@ def student_training_data(
             neighbors = knowledge_base_neighbors(knowledge_base, keys[name], relational_neighbors, name == "train")
         description = f"Tokenizing {name} for the student"
         encoded = tokenize(split, tokenizer, data.text_column, data.text_pair_column, max_seq_length, description)
-        splits[name] = with_teacher_columns(encoded, outputs[name], keys[name], neighbors)
+        stage_inputs = (name, keys_id, knowledge_base.size, knowledge_base.index_type, relational_neighbors)
+        splits[name] = with_teacher_columns(encoded, outputs[name], keys[name], neighbors, stage_inputs)
     return splits
 
 
