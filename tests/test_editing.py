@@ -5,15 +5,14 @@ import json
 
 import pytest
 import torch
-from conftest import run_fresh_python
-from test_pipeline import pipeline_args, task  # noqa: F401 (fixture)
+from conftest import pipeline_args, run_fresh_python
 
 from hf_reaugkd import cli, editing
 from hf_reaugkd.distill import main
 
 
 @pytest.fixture
-def saved(task):  # noqa: F811
+def saved(task):
     main(pipeline_args(task, task / "out", "--num_train_epochs", "1"))
     return task, task / "out" / "model"
 
@@ -123,7 +122,7 @@ def test_kb_cli_info_remove_by_label_explain_and_errors(saved, capsys):
         assert message in err and "Traceback" not in err
 
 
-def test_stored_texts_explain_neighbours_and_follow_edits(task, tmp_path):  # noqa: F811
+def test_stored_texts_explain_neighbours_and_follow_edits(task, tmp_path):
     """--store_kb_texts: the training texts travel in their own safetensors file, are read only when an explanation
     needs them, show up with the neighbours in a fresh process, and stay in step with kb add / remove."""
     main(pipeline_args(task, task / "out", "--num_train_epochs", "1", "--store_kb_texts"))

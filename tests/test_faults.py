@@ -11,12 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_encoder
-from test_pipeline import pipeline_args, write_task
+from conftest import pipeline_args, tiny_encoder
 from transformers import BertForSequenceClassification
 
 from hf_reaugkd import caching
@@ -27,31 +25,7 @@ from hf_reaugkd.trainer import ReAugKDTrainer
 
 FAST = ("--max_steps", "2", "--teacher_max_steps", "2", "--knn_k_grid", "1", "--retrieval_weight_grid", "0,1")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: threads only add overhead, and contention with other work on a small machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def datasets_cache(tmp_path, monkeypatch):
-    """datasets' cache inside the test's folder: nothing leaks between tests (or from the user's cache)."""
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets-cache")
-
-
-@pytest.fixture
-def task(tmp_path, tiny_tokenizer):
-    """CSV splits, an encoder checkpoint to fine-tune as teacher and one to use as student (as in test_pipeline)."""
-    write_task(tmp_path)
-    tiny_encoder(seed=1).save_pretrained(tmp_path / "teacher")
-    tiny_tokenizer.save_pretrained(tmp_path / "teacher")
-    tiny_encoder(seed=2).save_pretrained(tmp_path / "student")
-    tiny_tokenizer.save_pretrained(tmp_path / "student")
-    return tmp_path
+pytestmark = pytest.mark.usefixtures("one_thread", "datasets_cache")
 
 
 def save_fixed_teacher(directory: Path, bias: tuple[float, float]) -> None:

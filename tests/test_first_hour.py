@@ -4,13 +4,11 @@ traceback, a model card that does not leak local paths, the demo flag's defaults
 import json
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
 import yaml
-from conftest import tiny_encoder
+from conftest import pipeline_args, write_task
 from huggingface_hub import ModelCard
-from test_pipeline import pipeline_args, write_task
 
 from hf_reaugkd import arguments, cli, distill
 from hf_reaugkd.demo import DATASET_DESCRIPTION
@@ -26,29 +24,7 @@ LOSS_FLAGS = [
     "--relational_neighbors",
 ]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: threads only add overhead, and contention with other work on a small machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def datasets_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets-cache")
-
-
-@pytest.fixture
-def task(tmp_path, tiny_tokenizer):
-    write_task(tmp_path)
-    tiny_encoder(seed=1).save_pretrained(tmp_path / "teacher")
-    tiny_tokenizer.save_pretrained(tmp_path / "teacher")
-    tiny_encoder(seed=2).save_pretrained(tmp_path / "student")
-    tiny_tokenizer.save_pretrained(tmp_path / "student")
-    return tmp_path
+pytestmark = pytest.mark.usefixtures("one_thread", "datasets_cache")
 
 
 @pytest.fixture

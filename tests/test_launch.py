@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_pipeline import pipeline_args, task  # noqa: F401 (fixture)
+from conftest import pipeline_args
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "distill.py"
 
@@ -17,7 +17,7 @@ def launch_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def test_torchrun_runs_the_whole_pipeline_on_two_cpu_processes(task):  # noqa: F811
+def test_torchrun_runs_the_whole_pipeline_on_two_cpu_processes(task):
     output_dir = task / "out"
     args = [a for a in pipeline_args(task, output_dir, "--keep_checkpoints") if a != "--use_cpu"]  # detected
     result = subprocess.run(
@@ -40,7 +40,7 @@ def test_torchrun_runs_the_whole_pipeline_on_two_cpu_processes(task):  # noqa: F
     assert "parallel_mode != ParallelMode.DISTRIBUTED" not in result.stderr
 
 
-def test_accelerate_launch_cpu_with_two_processes_is_refused_with_the_command_that_works(task):  # noqa: F811
+def test_accelerate_launch_cpu_with_two_processes_is_refused_with_the_command_that_works(task):
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", str(EXAMPLE), *pipeline_args(task, task / "out")],

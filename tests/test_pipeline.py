@@ -2,69 +2,13 @@
 
 import json
 import math
-import random
 
 import pytest
-from conftest import run_fresh_python, tiny_encoder
+from conftest import pipeline_args, run_fresh_python, tiny_encoder, write_task
 from transformers import BertForSequenceClassification
 
 from hf_reaugkd.arguments import parse_args
 from hf_reaugkd.distill import main
-
-POSITIVE, NEGATIVE, FILLER = (
-    ["good", "great", "loved", "fun"],
-    ["bad", "awful", "hated", "boring"],
-    ["the", "movie", "plot", "story", "actor", "scene"],
-)
-
-
-def write_task(directory):
-    sizes = {"train": 96, "validation": 32, "test": 32}
-    rng = random.Random(0)
-    for split, size in sizes.items():
-        rows = ["text,label"]
-        for i in range(size):
-            label = ["negative", "positive"][i % 2]
-            words = rng.sample(FILLER, 3) + [rng.choice(POSITIVE if label == "positive" else NEGATIVE)]
-            rng.shuffle(words)
-            rows.append(f"{' '.join(words)},{label}")
-        (directory / f"{split}.csv").write_text("\n".join(rows) + "\n")
-
-
-@pytest.fixture
-def task(tmp_path, tiny_tokenizer):
-    """CSV splits, an encoder checkpoint to fine-tune as teacher and one to use as student."""
-    write_task(tmp_path)
-    tiny_encoder(seed=1).save_pretrained(tmp_path / "teacher")
-    tiny_tokenizer.save_pretrained(tmp_path / "teacher")
-    tiny_encoder(seed=2).save_pretrained(tmp_path / "student")
-    tiny_tokenizer.save_pretrained(tmp_path / "student")
-    return tmp_path
-
-
-def pipeline_args(task, output_dir, *extra):
-    return [
-        "--teacher_model_name_or_path", str(task / "teacher"),
-        "--student_model_name_or_path", str(task / "student"),
-        "--student_num_layers", "1",
-        "--train_file", str(task / "train.csv"),
-        "--validation_file", str(task / "validation.csv"),
-        "--test_file", str(task / "test.csv"),
-        "--output_dir", str(output_dir),
-        "--max_seq_length", "16",
-        "--num_train_epochs", "2",
-        "--teacher_num_train_epochs", "3",
-        "--teacher_learning_rate", "1e-3",
-        "--learning_rate", "1e-3",
-        "--per_device_train_batch_size", "16",
-        "--projection_num_epochs", "3",
-        "--knn_k_grid", "1,4",
-        "--retrieval_weight_grid", "0,0.5,1",
-        "--report_to", "none",
-        "--save_strategy", "epoch",
-        "--use_cpu",
-        *extra,
-    ]  # fmt: skip
 
 
 def test_end_to_end_then_fresh_process_pipeline(task, capsys):
