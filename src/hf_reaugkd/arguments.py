@@ -14,7 +14,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from .errors import InputError
-from .knowledge_base import INDEX_TYPES
+from .knowledge_base import DEFAULT_INDEX_PARAMS, INDEX_TYPES
 from .training_args import ReAugKDTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,25 @@ class ModelArguments:
         },
     )
     index_type: str = field(default="torch", metadata={"help": f"Knowledge-base search backend: {INDEX_TYPES}."})
+    hnsw_m: int = field(
+        default=DEFAULT_INDEX_PARAMS["hnsw_m"], metadata={"help": "HNSW graph degree (--index_type hnsw)."}
+    )
+    hnsw_ef_construction: int = field(
+        default=DEFAULT_INDEX_PARAMS["hnsw_ef_construction"], metadata={"help": "HNSW build breadth."}
+    )
+    hnsw_ef_search: int = field(
+        default=DEFAULT_INDEX_PARAMS["hnsw_ef_search"],
+        metadata={
+            "help": "HNSW search breadth: higher is slower and finds more true neighbours (128: recall 0.95 at 1M)."
+        },
+    )
+    ivf_nlist: int = field(
+        default=DEFAULT_INDEX_PARAMS["ivf_nlist"],
+        metadata={"help": "IVF clusters (--index_type ivf); about 4·√N suits a KB of N entries."},
+    )
+    ivf_nprobe: int = field(
+        default=DEFAULT_INDEX_PARAMS["ivf_nprobe"], metadata={"help": "IVF clusters visited per query."}
+    )
     knn_k_grid: str = field(default="1,4,8,16,32", metadata={"help": "k values tried on validation."})
     retrieval_weight_grid: str = field(
         default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", metadata={"help": "β values tried on validation."}
@@ -132,11 +151,24 @@ class ModelArguments:
         },
     )
 
+    @property
+    def index_params(self) -> dict[str, int]:
+        """The HNSW/IVF settings the knowledge base is built with (the torch and flat backends ignore them)."""
+        return {
+            name: getattr(self, name)
+            for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe")
+        }
+
     def __post_init__(self):
         if self.pooling not in ("mean", "cls"):
             raise InputError(f"--pooling must be 'mean' or 'cls', got {self.pooling!r}")
         if self.index_type not in INDEX_TYPES:
             raise InputError(f"--index_type must be one of {INDEX_TYPES}, got {self.index_type!r}")
+        grids = [
+            ",".join(map(str, g)) if isinstance(g, list) else str(g)
+            for g in (self.knn_k_grid, self.retrieval_weight_grid)
+        ]
+        self.knn_k_grid, self.retrieval_weight_grid = grids  # a JSON config may give lists
         self.knn_ks = sorted({int(k) for k in self.knn_k_grid.split(",")})
         self.betas = sorted({float(b) for b in self.retrieval_weight_grid.split(",")})
         if min(self.knn_ks) < 1 or not all(0 <= b <= 1 for b in self.betas):
@@ -247,7 +279,7 @@ def parse_args(argv: list[str] | None = None) -> tuple:
                 values.setdefault("use_cpu", True)
             return parser.parse_dict(values)
         argv = _distributed_cpu_launch(argv or ["--demo"])
-        if "--demo" in argv:
+        if any(arg == "--demo" or arg.startswith("--demo=") for arg in argv):
             parser.set_defaults(**demo_defaults())
         return parser.parse_args_into_dataclasses(args=argv)
     except InputError:

@@ -61,6 +61,11 @@ def needs_finetuning(teacher: str, label_names: list[str]) -> bool:
     is_classifier = any(arch.endswith("ForSequenceClassification") for arch in config.architectures or [])
     if names == label_names:
         return not is_classifier  # an encoder saved with the task's labels still needs a trained head
+    if sorted(names) == sorted(label_names) and is_classifier:
+        raise InputError(
+            f"The teacher {teacher} classifies the data's labels but in another order ({names}; the data's ids follow "
+            f"{label_names}). Save the teacher with its labels in that order, or pass its encoder to fine-tune."
+        )
     if names and not all(name.startswith("LABEL_") for name in names):
         raise InputError(
             f"The teacher {teacher} is a classifier for the labels {names}, but the data has {label_names}. "
@@ -269,7 +274,8 @@ def knowledge_base_stage(
     """Train the projection head and build the knowledge base over the training set (a cached stage)."""
     key = fingerprint(
         train_outputs.fingerprint, kb_dim, model_args.projection_num_epochs, model_args.projection_learning_rate,
-        model_args.projection_temperature, temperature, model_args.index_type, DEFAULT_INDEX_PARAMS, seed,
+        model_args.projection_temperature, temperature, model_args.index_type, DEFAULT_INDEX_PARAMS,
+        model_args.index_params, seed,
     )  # fmt: skip
     path = work_dir / f"knowledge-base-{key}"
     if path.exists():
@@ -285,7 +291,8 @@ def knowledge_base_stage(
             seed=seed,
         )
         keys = project(projection, train_outputs.embeddings)  # (N, kb_dim)
-        kb = KnowledgeBase.build(keys, soft_labels(train_outputs.logits, temperature), model_args.index_type)
+        values = soft_labels(train_outputs.logits, temperature)  # (N, C)
+        kb = KnowledgeBase.build(keys, values, model_args.index_type, **model_args.index_params)
         del keys
         with atomic_path(path, directory=True) as tmp:
             save_projection(projection, tmp / "projection.safetensors")
