@@ -247,7 +247,7 @@ def test_needs_finetuning(tmp_path):
     with pytest.raises(ValueError, match=r"classifier for the labels \['sports', 'politics'\]"):
         needs_finetuning(foreign, labels)
     swapped = save_config(tmp_path / "swapped", classifier, {0: "positive", 1: "negative"})  # ids would be crossed
-    with pytest.raises(ValueError, match=r"\['positive', 'negative'\], but the data has \['negative', 'positive'\]"):
+    with pytest.raises(ValueError, match=r"in another order \(\['positive', 'negative'\]; the data's ids follow"):
         needs_finetuning(swapped, labels)
 
 
