@@ -157,3 +157,33 @@ def test_stored_texts_explain_neighbours_and_follow_edits(task, tmp_path):
     broken, _ = editing.load_student(model_dir)  # the weights load; the texts fail when read, saying where
     with pytest.raises(ValueError, match="Could not read the knowledge-base texts"):
         _ = broken.knowledge_base.texts
+
+
+def test_pair_task_rows_are_keyed_from_both_texts(task):
+    """A model trained on text pairs: `kb add --text_pair_column_name` keys new rows from both texts, exactly as the
+    pipeline keyed the training rows, and stores their texts the same way; `explain --text_pair` runs."""
+    for split in ("train", "validation", "test"):
+        with (task / f"{split}.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        with (task / f"{split}.csv").open("w", newline="") as f:
+            csv.writer(f).writerows(
+                [["text", "second", "label"]] + [[r["text"], r["text"][::-1], r["label"]] for r in rows]
+            )
+    args = pipeline_args(task, task / "out", "--num_train_epochs", "1", "--text_pair_column_name", "second")
+    main([*args, "--store_kb_texts"])
+    model_dir = task / "out" / "model"
+    teacher = next(
+        p for p in (task / "out" / "stages").iterdir() if p.name.startswith("teacher-") and "outputs" not in p.name
+    )
+    with (task / "train.csv").open() as f:
+        first = list(csv.DictReader(f))[:3]
+    with (task / "again.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([["text", "second", "label"]] + [[r["text"], r["second"], r["label"]] for r in first])
+    before, _ = editing.load_student(model_dir)
+    ids = editing.add_rows(model_dir, task / "again.csv", teacher=teacher, text_pair_column="second")
+    after, _ = editing.load_student(model_dir)
+    original = before.knowledge_base.keys
+    matches = (after.knowledge_base.keys[ids] @ original.T).argmax(dim=1)
+    torch.testing.assert_close(after.knowledge_base.keys[ids], original[matches], atol=1e-5, rtol=0)
+    assert [after.knowledge_base.texts[i] for i in ids] == [f"{r['text']}\n{r['second']}" for r in first]
+    assert cli.explain(str(model_dir), "great fun", 2, text_pair="nuf taerg").startswith("prediction: ")

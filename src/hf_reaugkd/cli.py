@@ -16,13 +16,15 @@ Commands:
 """
 
 
-def explain(model_dir: str, text: str, neighbors: int) -> str:
+def explain(model_dir: str, text: str, neighbors: int, text_pair: str | None = None) -> str:
     """The prediction for `text` and its `neighbors` best knowledge-base entries, as a table."""
     from .editing import load_student
     from .pipeline_reaugkd import ReAugKDTextClassificationPipeline
 
     model, tokenizer = load_student(model_dir)
-    result = ReAugKDTextClassificationPipeline(model=model, tokenizer=tokenizer)(text, neighbors=neighbors)[0]
+    inputs = {"text": text, "text_pair": text_pair} if text_pair else text
+    result = ReAugKDTextClassificationPipeline(model=model, tokenizer=tokenizer)(inputs, neighbors=neighbors)
+    result = result[0] if isinstance(result, list) else result
     lines = [
         f"prediction: {result['label']} ({result['score']:.3f})",
         "student alone: " + ", ".join(f"{label} {p:.3f}" for label, p in result["student_scores"].items()),
@@ -46,12 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     explain_parser.add_argument("model")
     explain_parser.add_argument("text")
     explain_parser.add_argument("--neighbors", type=int, default=5)
+    explain_parser.add_argument("--text_pair", help="the second text, for a model trained on pairs")
     kb = commands.add_parser("kb", help="inspect or edit a saved student's knowledge base").add_subparsers(dest="kb")
     kb.add_parser("info").add_argument("model")
     add = kb.add_parser("add")
     add.add_argument("model")
     add.add_argument("--file", required=True, help="CSV or JSON(L) file of rows to add")
     add.add_argument("--text_column_name", default="text")
+    add.add_argument("--text_pair_column_name", help="the second text, for a model trained on pairs")
     add.add_argument("--label_column_name", default="label", help="gold labels, used when no --teacher is given")
     add.add_argument("--teacher", help="label and key the rows with this teacher and the saved projection head")
     remove = kb.add_parser("remove")
@@ -82,14 +86,21 @@ def main(argv: list[str] | None = None) -> None:
 
         transformers.utils.logging.disable_progress_bar()  # one short answer, not loading bars
         if args.command == "explain":
-            print(explain(args.model, args.text, args.neighbors))
+            print(explain(args.model, args.text, args.neighbors, args.text_pair))
             return
         from . import editing
 
         if args.kb == "info":
             print(json.dumps(editing.knowledge_base_info(args.model), indent=2))
         elif args.kb == "add":
-            ids = editing.add_rows(args.model, args.file, args.text_column_name, args.label_column_name, args.teacher)
+            ids = editing.add_rows(
+                args.model,
+                args.file,
+                args.text_column_name,
+                args.label_column_name,
+                args.teacher,
+                text_pair_column=args.text_pair_column_name,
+            )
             print(f"added {len(ids)} rows (ids {ids[0]}–{ids[-1]}) to {args.model}")
         elif args.kb == "remove":
             ids = [_row_id(i) for i in args.ids.split(",")] if args.ids else None

@@ -60,18 +60,26 @@ def add_rows(
     label_column: str | None = "label",
     teacher: str | Path | None = None,
     batch_size: int = 64,
+    text_pair_column: str | None = None,
 ) -> list[int]:
-    """Append the rows of a CSV/JSON file to the saved student's knowledge base; return their new row ids."""
+    """Append the rows of a CSV/JSON file to the saved student's knowledge base; return their new row ids.
+    For a pair task give `text_pair_column`, as in training."""
     model, tokenizer = load_student(model_dir)
     rows = read_data_file("rows", str(data_file))
-    if text_column not in rows.column_names:
-        raise InputError(f"Column {text_column!r} not found in {data_file}; its columns are {rows.column_names}.")
+    for column in (text_column, text_pair_column):
+        if column and column not in rows.column_names:
+            raise InputError(f"Column {column!r} not found in {data_file}; its columns are {rows.column_names}.")
+    columns = (text_column, text_pair_column)
     if teacher is not None:
-        keys, values = _teacher_rows(model, Path(model_dir), teacher, rows, text_column, batch_size)
+        keys, values = _teacher_rows(model, Path(model_dir), teacher, rows, columns, batch_size)
     else:
-        keys, values = _gold_rows(model, tokenizer, rows, text_column, label_column, data_file, batch_size)
+        keys, values = _gold_rows(model, tokenizer, rows, columns, label_column, data_file, batch_size)
     old_size = model.knowledge_base.size
-    texts = rows[text_column] if model.knowledge_base.has_texts else None
+    texts = None
+    if model.knowledge_base.has_texts:  # stored as in training: a pair's two texts on two lines
+        texts = rows[text_column]
+        if text_pair_column:
+            texts = [f"{text}\n{pair}" for text, pair in zip(texts, rows[text_pair_column], strict=True)]
     _rewrite(model_dir, model, model.knowledge_base.add(keys, values, texts))
     return list(range(old_size, old_size + len(keys)))
 
@@ -91,7 +99,7 @@ def remove_rows(model_dir: str | Path, ids: list[int] | None = None, where_label
     return sorted(set(ids))
 
 
-def _teacher_rows(model, model_dir: Path, teacher: str | Path, rows, text_column: str, batch_size: int):
+def _teacher_rows(model, model_dir: Path, teacher: str | Path, rows, columns: tuple[str, str | None], batch_size: int):
     """Keys and soft labels made by the teacher and its projection head, as in training."""
     projection_file = model_dir / TEACHER_PROJECTION
     if not projection_file.is_file():
@@ -114,14 +122,16 @@ def _teacher_rows(model, model_dir: Path, teacher: str | Path, rows, text_column
             f"{teacher} has hidden size {teacher_model.config.hidden_size}; the saved projection head expects "
             f"{projection.in_features}: not the teacher this knowledge base was made with."
         )
-    encoded = tokenize(rows, teacher_tokenizer, text_column, None, int(metadata["max_seq_length"]), "Tokenizing")
+    encoded = tokenize(rows, teacher_tokenizer, *columns, int(metadata["max_seq_length"]), "Tokenizing")
     logits, embeddings = zip(*teacher_batches(teacher_model, teacher_tokenizer, encoded, batch_size), strict=True)
     keys = project(projection, torch.cat(embeddings).numpy())  # (n, d)
     values = torch.softmax(torch.cat(logits) / float(metadata["distillation_temperature"]), dim=-1)  # (n, C)
     return keys, values
 
 
-def _gold_rows(model, tokenizer, rows, text_column: str, label_column: str | None, data_file, batch_size: int):
+def _gold_rows(
+    model, tokenizer, rows, columns: tuple[str, str | None], label_column: str | None, data_file, batch_size: int
+):
     """Keys from the student's own queries, soft labels from the gold labels, smoothed."""
     if not label_column or label_column not in rows.column_names:
         raise InputError(
@@ -134,7 +144,7 @@ def _gold_rows(model, tokenizer, rows, text_column: str, label_column: str | Non
     if unknown:
         raise InputError(f"{data_file} has labels {unknown[:10]} that the model does not know: {sorted(label2id)}.")
     max_length = min(tokenizer.model_max_length, model.config.encoder_config.max_position_embeddings)
-    encoded = tokenize(rows, tokenizer, text_column, None, max_length, "Tokenizing")
+    encoded = tokenize(rows, tokenizer, *columns, max_length, "Tokenizing")
     batches = padded_batches(encoded, tokenizer, batch_size)
     queries = [model(**inputs, retrieval_weight=0.0).query_embedding for inputs in batches]  # (b, d) each
     num_labels = model.config.num_labels
