@@ -4,6 +4,8 @@ import argparse
 import json
 import sys
 
+from .errors import InputError
+
 USAGE = """usage: hf-reaugkd COMMAND ...
 
 Commands:
@@ -73,8 +75,6 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] not in ("distill", "explain", "kb"):
         print(f"hf-reaugkd: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
-    from .errors import InputError
-
     try:
         if argv[0] == "distill":
             from .distill import main as distill_main
@@ -121,8 +121,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def _row_id(text: str) -> int:
     if not text.strip().isdigit():
-        from .errors import InputError
-
         raise InputError(f"--ids takes comma-separated row numbers (0, 1, ...), got {text!r}")
     return int(text)
 

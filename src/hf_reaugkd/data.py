@@ -120,7 +120,7 @@ def load_task_data(
             {str(label).strip() for _, batch in _iter_column(splits["train"], label_column) for label in batch}
         )
         _check_label_kinds(splits["train"], label_column, describe["train"])
-        to_name = _label_name
+        to_name = label_name
     label_ids = {name: i for i, name in enumerate(label_names)}
     for name, split in splits.items():
         seen = {to_name(label) for _, batch in _iter_column(split, label_column) for label in batch}
@@ -200,7 +200,7 @@ def _check_utf8(path: str) -> None:
         raise InputError(f"{path} is not UTF-8: it ends inside a multi-byte character (line {line}).") from None
 
 
-def _label_name(label) -> str:
+def label_name(label) -> str:
     """Labels are names: `" positive "` and `"positive"` are one class (whitespace around a label is stripped)."""
     return str(label).strip()
 
@@ -211,7 +211,7 @@ def _check_label_kinds(split: Dataset, label_column: str, description: str) -> N
     stripped = 0
     for start, batch in _iter_column(split, label_column):
         for offset, label in enumerate(batch):
-            name = _label_name(label)
+            name = label_name(label)
             stripped += name != str(label)
             first.setdefault(_is_number(name), (start + offset, name))
     if len(first) == 2:
@@ -232,11 +232,11 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def texts_of(split: Dataset, data: TaskData) -> list[str]:
-    """The examples' texts as one string each (a pair's two texts on two lines)."""
-    texts = split[data.text_column]
-    if data.text_pair_column:
-        texts = [f"{text}\n{pair}" for text, pair in zip(texts, split[data.text_pair_column], strict=True)]
+def texts_of(split: Dataset, text_column: str, text_pair_column: str | None) -> list[str]:
+    """The examples' texts as one string each (a pair's two texts on two lines), as the knowledge base stores them."""
+    texts = split[text_column]
+    if text_pair_column:
+        texts = [f"{text}\n{pair}" for text, pair in zip(texts, split[text_pair_column], strict=True)]
     return texts
 
 

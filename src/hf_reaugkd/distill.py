@@ -146,7 +146,7 @@ def run(
         return {}
     student = trainer.model
     if model_args.store_kb_texts:
-        kb.set_texts(texts_of(data.splits["train"], data))
+        kb.set_texts(texts_of(data.splits["train"], data.text_column, data.text_pair_column))
     student.set_knowledge_base(kb)
 
     # 5.–6. k and β on validation only, then teacher, student and student + retrieval on validation and test.

@@ -21,10 +21,11 @@ from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from .caching import atomic_path
-from .data import padded_batches, read_data_file, tokenize
+from .data import label_name, padded_batches, read_data_file, texts_of, tokenize
 from .errors import InputError
 from .knowledge_base import KnowledgeBase
 from .modeling_reaugkd import ReAugKDForSequenceClassification
+from .pipeline_reaugkd import max_input_length
 from .saving import TEACHER_PROJECTION
 from .teacher import load_projection, needs_finetuning, project, teacher_batches
 
@@ -75,11 +76,7 @@ def add_rows(
     else:
         keys, values = _gold_rows(model, tokenizer, rows, columns, label_column, data_file, batch_size)
     old_size = model.knowledge_base.size
-    texts = None
-    if model.knowledge_base.has_texts:  # stored as in training: a pair's two texts on two lines
-        texts = rows[text_column]
-        if text_pair_column:
-            texts = [f"{text}\n{pair}" for text, pair in zip(texts, rows[text_pair_column], strict=True)]
+    texts = texts_of(rows, *columns) if model.knowledge_base.has_texts else None  # stored as in training
     _rewrite(model_dir, model, model.knowledge_base.add(keys, values, texts))
     return list(range(old_size, old_size + len(keys)))
 
@@ -139,12 +136,11 @@ def _gold_rows(
             f"{data_file} (columns {rows.column_names})."
         )
     label2id = {label: i for i, label in model.config.id2label.items()}
-    labels = [str(label).strip() for label in rows[label_column]]
+    labels = [label_name(label) for label in rows[label_column]]
     unknown = sorted(set(labels) - set(label2id))
     if unknown:
         raise InputError(f"{data_file} has labels {unknown[:10]} that the model does not know: {sorted(label2id)}.")
-    max_length = min(tokenizer.model_max_length, model.config.encoder_config.max_position_embeddings)
-    encoded = tokenize(rows, tokenizer, *columns, max_length, "Tokenizing")
+    encoded = tokenize(rows, tokenizer, *columns, max_input_length(model.config, tokenizer), "Tokenizing")
     batches = padded_batches(encoded, tokenizer, batch_size)
     queries = [model(**inputs, retrieval_weight=0.0).query_embedding for inputs in batches]  # (b, d) each
     num_labels = model.config.num_labels

@@ -15,6 +15,12 @@ import torch
 from transformers import TextClassificationPipeline
 
 
+def max_input_length(config, tokenizer) -> int:
+    """The most tokens the student's encoder takes: its position embeddings, or the tokenizer's limit if smaller."""
+    positions = getattr(config.encoder_config, "max_position_embeddings", None) or tokenizer.model_max_length
+    return min(tokenizer.model_max_length, positions)
+
+
 class ReAugKDTextClassificationPipeline(TextClassificationPipeline):
     """Text classification with a retrieval-augmented student; see the module docstring."""
 
@@ -28,10 +34,8 @@ class ReAugKDTextClassificationPipeline(TextClassificationPipeline):
     ):
         preprocess, _, postprocess = super()._sanitize_parameters(**kwargs)
         if "truncation" not in preprocess:
-            encoder = self.model.config.encoder_config
-            positions = getattr(encoder, "max_position_embeddings", None) or self.tokenizer.model_max_length
             preprocess["truncation"] = True
-            preprocess.setdefault("max_length", min(self.tokenizer.model_max_length, positions))
+            preprocess.setdefault("max_length", max_input_length(self.model.config, self.tokenizer))
         if neighbors is not None and neighbors < 1:
             raise ValueError(f"neighbors must be >= 1, got {neighbors}")
         forward = {
@@ -84,4 +88,4 @@ class ReAugKDTextClassificationPipeline(TextClassificationPipeline):
         return explained
 
 
-__all__ = ["ReAugKDTextClassificationPipeline"]
+__all__ = ["ReAugKDTextClassificationPipeline", "max_input_length"]
