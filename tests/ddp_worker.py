@@ -70,3 +70,5 @@ def one_step(
 
 if __name__ == "__main__":
     one_step(sys.argv[1], int(sys.argv[2]))
+    if torch.distributed.is_initialized():  # an open gloo group can abort the process as it exits
+        torch.distributed.destroy_process_group()

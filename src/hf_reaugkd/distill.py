@@ -304,4 +304,10 @@ def _is_complete(checkpoint: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run(*parse_args(argv))
+    try:
+        return run(*parse_args(argv))
+    finally:
+        # Under torchrun, a process group left open when the interpreter exits can abort a rank ("terminate called
+        # without an active exception") after all its work is done; close it while the process is still whole.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
