@@ -26,6 +26,8 @@ VARIANTS = {
     "projection_temperature=0.5": ({"projection_temperature": 0.5}, ("reaugkd",)),
     "relational_neighbors=16": ({"relational_neighbors": 16}, ("reaugkd",)),
     "learning_rate=1e-4": ({"learning_rate": 1e-4}, ("reaugkd", "vanilla_kd")),
+    # The KB dimension sets retrieval's cost (bytes scanned per query); benchmarks/inference.py times these students.
+    **{f"kb_dim={dim}": ({"kb_dim": dim}, ("reaugkd",)) for dim in (64, 128, 256, 384)},
 }
 
 
