@@ -1,6 +1,7 @@
 """Evaluation reports what the shipped model predicts: streamed predictions against `forward`, the choice of k and β,
 and the metrics against hand-worked examples."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import WORDS, random_kb, tiny_student
@@ -9,9 +10,11 @@ from datasets import Dataset
 from hf_reaugkd.evaluation import (
     Predictions,
     classification_metrics,
+    evaluate_student,
     knn_accuracy,
     predict,
     select_retrieval_settings,
+    student_keyed_knowledge_base,
 )
 from hf_reaugkd.modeling_reaugkd import mix_probabilities
 
@@ -118,3 +121,48 @@ def test_knn_accuracy_of_queries_that_are_knowledge_base_keys():
     everything = knn_accuracy(kb, kb.keys[rows], labels, knn_ks=[40], retrieval_temperature=1e6)[40]
     mean_class = kb.values.mean(dim=0).argmax()
     assert everything == pytest.approx((labels == mean_class).float().mean().item())
+
+
+def test_student_keyed_knowledge_base_is_the_students_queries_with_the_teachers_values(tiny_tokenizer, tokenized):
+    dataset, texts = tokenized
+    model = tiny_student(kb_size=8, index_type="flat")
+    own = student_keyed_knowledge_base(model, dataset, tiny_tokenizer, batch_size=3)
+    with torch.no_grad():
+        queries = model(
+            **tiny_tokenizer(texts, padding=True, return_tensors="pt"), retrieval_weight=0.0
+        ).query_embedding
+    torch.testing.assert_close(own.keys, queries, atol=1e-5, rtol=0)
+    torch.testing.assert_close(own.values, model.knowledge_base.values)
+    assert own.index_type == "flat" and own.index_params == model.knowledge_base.index_params
+    with pytest.raises(ValueError, match="Expected the knowledge base's 8 rows, got a dataset of 5"):
+        student_keyed_knowledge_base(model, dataset.select(range(5)), tiny_tokenizer)
+
+
+def test_evaluation_reports_the_student_keyed_baseline_through_the_models_own_retrieval(tiny_tokenizer, tokenized):
+    """The baseline's numbers equal those of the same student serving the student-keyed knowledge base itself."""
+    dataset, _ = tokenized
+    model = tiny_student(kb_size=8)
+    splits = {"validation": dataset, "test": dataset.select(range(6))}
+    logits = {name: np.zeros((len(split), 3), dtype=np.float32) for name, split in splits.items()}
+    teacher_keys = torch.nn.functional.normalize(
+        torch.randn(8, 16, generator=torch.Generator().manual_seed(4)), dim=-1
+    )
+    args = (tiny_tokenizer, splits, logits, teacher_keys, [1, 4], [0.0, 0.5, 1.0], TAU, 3)
+    plain = evaluate_student(model, *args)
+    metrics = evaluate_student(model, *args, knowledge_base_texts=dataset)
+    assert "student_retrieval_student_keys" not in plain["splits"]["test"] and "selection_student_keys" not in plain
+    assert metrics["selection"] == plain["selection"] and metrics["validation_grid"] == plain["validation_grid"]
+    for name, per_model in metrics["splits"].items():  # the teacher-keyed numbers are unchanged
+        assert {k: v for k, v in per_model.items() if k != "student_retrieval_student_keys"} == plain["splits"][name]
+    assert set(metrics["validation_knn_accuracy"]) == {"student_query", "teacher_query", "student_query_student_keys"}
+
+    served = tiny_student(kb_size=8)
+    served.set_knowledge_base(student_keyed_knowledge_base(model, dataset, tiny_tokenizer))
+    chosen = metrics["selection_student_keys"]
+    validation = predict(served, dataset, tiny_tokenizer, [1, 4], TAU, batch_size=3)
+    assert chosen == {k: v for k, v in select_retrieval_settings(validation, [0.0, 0.5, 1.0]).items() if k != "grid"}
+    knn = {k: classification_metrics(p, validation.labels)["accuracy"] for k, p in validation.retrieved.items()}
+    assert metrics["validation_knn_accuracy"]["student_query_student_keys"] == knn
+    test = predict(served, splits["test"], tiny_tokenizer, [1, 4], TAU, batch_size=3)
+    mixed = mix_probabilities(test.student_probs, test.retrieved[chosen["knn_k"]], chosen["retrieval_weight"])
+    assert metrics["splits"]["test"]["student_retrieval_student_keys"] == classification_metrics(mixed, test.labels)

@@ -22,6 +22,8 @@ LOSS_FLAGS = [
     "--distillation_temperature",
     "--relational_temperature",
     "--relational_neighbors",
+    "--own_key_weight",
+    "--own_key_temperature",
 ]
 
 pytestmark = pytest.mark.usefixtures("one_thread", "datasets_cache")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hf_reaugkd.losses import DistillationLoss, RelationalLoss, SupervisedContrastiveLoss
+from hf_reaugkd.losses import DistillationLoss, OwnKeyLoss, RelationalLoss, SupervisedContrastiveLoss, own_key_loss
 
 
 def test_distillation_loss_hand_computed():
@@ -113,3 +113,45 @@ def test_supervised_contrastive_without_positives_is_zero_with_gradient():
     loss = SupervisedContrastiveLoss()(embeddings, torch.tensor([0, 1, 2]))
     loss.backward()
     assert loss.item() == 0.0 and embeddings.grad is not None
+
+
+def test_own_key_loss_hand_computed():
+    """Three keys; query 0 sits on its own key, query 1 sits on key 1 while its own key is key 2."""
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])  # (M=3, d=2)
+    queries = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # (B=2, d)
+    own = torch.tensor([0, 2])
+    # τ = 1: row 0 logits (1, 0, −1), own key 0: −ln(e / (e + 1 + 1/e)) = ln(4.08616) − 1 = 0.407606
+    #        row 1 logits (0, 1, 0), own key 2: −ln(1 / (1 + e + 1)) = ln(4.71828) = 1.551445
+    #        mean over the 2 rows: 0.979525
+    assert OwnKeyLoss(temperature=1.0)(queries, keys, own).item() == pytest.approx(0.979525, abs=1e-6)
+    # τ = 0.5 doubles every logit: row 0 ln(e² + 1 + e⁻²) − 2 = 0.142932, row 1 ln(2 + e²) = 2.239545; mean 1.191238
+    assert OwnKeyLoss(temperature=0.5)(queries, keys, own).item() == pytest.approx(1.191238, abs=1e-6)
+    # query 1's own key being key 1 instead: row 1 logits (0, 1, 0), ln(1 + e + 1) − 1 = 0.551445; mean with row 0
+    # (0.407606) 0.479525. Without ids, row i's own key is key i: the same value.
+    assert own_key_loss(queries, keys, torch.tensor([0, 1]), 1.0).item() == pytest.approx(0.479525, abs=1e-6)
+    assert OwnKeyLoss(temperature=1.0)(queries, keys).item() == pytest.approx(0.479525, abs=1e-6)
+
+
+def test_own_key_loss_with_keys_per_example_takes_extra_negatives():
+    """Per-example key sets `(B, M, d)`: row 0 gets one extra negative, (0, 1), which it is orthogonal to."""
+    keys = torch.tensor([[[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]]])  # (B=1, M=3, d=2)
+    query = torch.tensor([[1.0, 0.0]])
+    # logits (1, −1, 0), own key 0: ln(e + e⁻¹ + 1) − 1 = 0.407606 (the same numbers as above, in another order)
+    assert own_key_loss(query, keys, torch.tensor([0]), 1.0).item() == pytest.approx(0.407606, abs=1e-6)
+    # without the extra negative: ln(e + e⁻¹) − 1 = 0.126928
+    assert own_key_loss(query, keys[:, :2], torch.tensor([0]), 1.0).item() == pytest.approx(0.126928, abs=1e-6)
+
+
+def test_own_key_loss_is_lowest_when_the_query_is_its_own_key():
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.nn.functional.normalize(torch.randn(8, 16, generator=generator), dim=-1)  # (M, d)
+    own = torch.arange(8)
+    loss = OwnKeyLoss(temperature=0.1)
+    on_own_key = loss(keys, keys, own)
+    on_another_key = loss(keys.roll(1, dims=0), keys, own)  # query i = key i − 1
+    on_a_random_point = loss(torch.nn.functional.normalize(torch.randn(8, 16, generator=generator), dim=-1), keys)
+    assert on_own_key.item() < on_a_random_point.item() < on_another_key.item()
+    for i in range(8):  # and row by row: the own key beats every other key as the query
+        own_i = torch.tensor([i])
+        best = own_key_loss(keys[[i]], keys, own_i, 0.1)
+        assert all(best < own_key_loss(keys[[j]], keys, own_i, 0.1) for j in range(8) if j != i)

@@ -12,7 +12,9 @@ from transformers import BertConfig
 
 import hf_reaugkd.teacher as teacher
 from hf_reaugkd import KnowledgeBase
+from hf_reaugkd.arguments import ModelArguments
 from hf_reaugkd.teacher import (
+    StackedRows,
     knowledge_base_neighbors,
     needs_finetuning,
     project,
@@ -256,3 +258,58 @@ def test_encoder_saved_with_the_task_labels_still_needs_finetuning(tmp_path):
     fine-tuned classifier saved on its own: there is no head to use, and its labels do not differ from the data's."""
     encoder = save_config(tmp_path / "encoder", "BertModel", {0: "negative", 1: "positive"})
     assert needs_finetuning(encoder, ["negative", "positive"]) is True
+
+
+# Unlabelled rows: read beside the train rows, keyed by the head trained on labelled rows ------------------------
+
+
+def test_stacked_rows_read_like_the_concatenation(tmp_path):
+    rng = np.random.default_rng(0)
+    parts = [rng.standard_normal((n, 3)).astype(np.float32) for n in (5, 1, 4)]
+    for i, part in enumerate(parts):
+        np.save(tmp_path / f"{i}.npy", part)
+    stacked = StackedRows([np.load(tmp_path / f"{i}.npy", mmap_mode="r") for i in range(3)])
+    whole = np.concatenate(parts)
+    assert len(stacked) == 10 and stacked.shape == (10, 3) and stacked.dtype == np.float32
+    for rows in (slice(0, 10), slice(3, 7), slice(8, 100), slice(6, 6)):
+        assert np.array_equal(stacked[rows], whole[rows])
+    rows = np.array([9, 0, 5, 5, 4, 6])  # any order, repeats, across every part
+    assert np.array_equal(stacked[rows], whole[rows])
+
+
+def test_knowledge_base_holds_unlabelled_rows_after_the_train_rows(tmp_path, monkeypatch):
+    embeddings, labels = clustered_embeddings(n_per_class=8)  # 24 labelled rows
+    rng = np.random.default_rng(3)
+    arrays = {
+        "train": (embeddings, rng.standard_normal((24, 3)).astype(np.float32)),
+        "unlabeled": (rng.standard_normal((7, 10)).astype(np.float32), rng.standard_normal((7, 3)).astype(np.float32)),
+    }
+    outputs = {}
+    for name, (split_embeddings, logits) in arrays.items():
+        np.save(tmp_path / f"{name}-embeddings.npy", split_embeddings)
+        np.save(tmp_path / f"{name}-logits.npy", logits)
+        outputs[name] = teacher.TeacherOutputs(
+            logits=np.load(tmp_path / f"{name}-logits.npy", mmap_mode="r"),
+            embeddings=np.load(tmp_path / f"{name}-embeddings.npy", mmap_mode="r"),
+            fingerprint="same-stage",
+        )
+    trained_on = []
+    original = teacher.train_teacher_projection
+
+    def spy(embeddings, labels, *args, **kwargs):
+        trained_on.append((len(embeddings), len(labels)))
+        return original(embeddings, labels, *args, **kwargs)
+
+    monkeypatch.setattr(teacher, "train_teacher_projection", spy)
+    model_args = ModelArguments(projection_num_epochs=2)
+    projection, kb = teacher.knowledge_base_stage(outputs, labels, model_args, 4, 2.0, 0, tmp_path / "stages")
+    assert trained_on == [(24, 24)]  # the SupCon head sees the labelled rows only
+    assert kb.size == 31
+    torch.testing.assert_close(kb.keys[:24], project(projection, outputs["train"].embeddings))
+    torch.testing.assert_close(kb.keys[24:], project(projection, outputs["unlabeled"].embeddings))
+    torch.testing.assert_close(kb.values[24:], soft_labels(outputs["unlabeled"].logits, 2.0))
+    # a knowledge base over the train rows alone is another stage
+    _, train_only = teacher.knowledge_base_stage(
+        {"train": outputs["train"]}, labels, model_args, 4, 2.0, 0, tmp_path / "stages"
+    )
+    assert train_only.size == 24 and len(list((tmp_path / "stages").glob("knowledge-base-*"))) == 2

@@ -1,10 +1,12 @@
 """ReAugKDTrainer: gradient accumulation scales the loss once; DDP gathers the teacher keys across processes."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +14,8 @@ from conftest import dropout_free_student, tiny_distillation_data
 from ddp_worker import one_step
 
 from hf_reaugkd import KnowledgeBase
-from hf_reaugkd.losses import distillation_loss, relational_loss
+from hf_reaugkd.data import UNLABELED
+from hf_reaugkd.losses import distillation_loss, own_key_loss, relational_loss
 from hf_reaugkd.trainer import TEACHER_NEIGHBORS, ReAugKDTrainer
 from hf_reaugkd.training_args import ReAugKDTrainingArguments
 
@@ -94,3 +97,116 @@ def test_relational_neighbors_relate_each_example_to_its_knowledge_base_neighbou
     without_ids = {k: v for k, v in batch.items() if k != TEACHER_NEIGHBORS}
     with pytest.raises(ValueError, match="relational_neighbors=3 needs a 'teacher_neighbor_ids' column"):
         trainer.compute_loss(student, without_ids)
+
+
+def inputs_of(batch) -> dict:
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def test_own_key_loss_alone_with_knowledge_base_neighbours_as_negatives(tmp_path, tiny_tokenizer):
+    data = tiny_distillation_data(tiny_tokenizer, size=16)
+    kb = KnowledgeBase.build(
+        torch.tensor(data["teacher_keys"]), torch.softmax(torch.tensor(data["teacher_logits"]), -1)
+    )
+    data = data.add_column(TEACHER_NEIGHBORS, kb.search(kb.keys, 4)[1][:, 1:].tolist())  # 3 nearest other entries
+    student = dropout_free_student()
+    args = ReAugKDTrainingArguments(
+        output_dir=str(tmp_path),
+        distillation_weight=0.0,
+        relational_weight=0.0,
+        own_key_weight=1.0,
+        own_key_temperature=0.2,
+        relational_neighbors=3,
+        per_device_train_batch_size=8,
+        report_to="none",
+        use_cpu=True,
+    )
+    trainer = ReAugKDTrainer(
+        model=student, args=args, train_dataset=data, processing_class=tiny_tokenizer, knowledge_base=kb
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    loss = trainer.compute_loss(student, dict(batch))
+    queries = student(**inputs_of(batch), retrieval_weight=0.0).query_embedding
+    keys = torch.cat([batch["teacher_keys"].expand(8, -1, -1), kb.keys[batch[TEACHER_NEIGHBORS]]], dim=1)  # (8, 11, d)
+    expected = own_key_loss(queries, keys, torch.arange(8), 0.2)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    batch_only = own_key_loss(queries, batch["teacher_keys"], torch.arange(8), 0.2)
+    assert abs(loss.item() - batch_only.item()) > 1e-4  # the neighbours are negatives too
+
+
+def test_own_key_loss_combined_is_logged_and_finds_this_ranks_keys_among_the_gathered(tmp_path, tiny_tokenizer):
+    """As rank 1 of 2: the gathered keys are rank 0's batch, then this one's, so example i's own key is B + i."""
+    data = tiny_distillation_data(tiny_tokenizer, size=16)
+    args = ReAugKDTrainingArguments(
+        output_dir=str(tmp_path),
+        own_key_weight=0.5,
+        per_device_train_batch_size=8,
+        max_steps=2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+    )
+    student = dropout_free_student()
+    trainer = ReAugKDTrainer(model=student, args=args, train_dataset=data, processing_class=tiny_tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    other_rank = torch.nn.functional.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(3)), dim=-1)
+    accelerator = trainer.accelerator
+
+    def gathered(keys: torch.Tensor) -> torch.Tensor:
+        return torch.cat([other_rank, keys])  # (16, d): rank 0's keys, then this rank's
+
+    trainer.accelerator = SimpleNamespace(gather=gathered, process_index=1)
+    loss = trainer.compute_loss(student, dict(batch))
+    trainer.accelerator = accelerator
+    outputs = student(**inputs_of(batch), retrieval_weight=0.0)
+    keys = torch.cat([other_rank, batch["teacher_keys"]])  # (16, d)
+    expected = (
+        distillation_loss(outputs.student_logits, batch["teacher_logits"], 1.0)
+        + relational_loss(outputs.query_embedding, batch["teacher_keys"], keys, 0.1)
+        + 0.5 * own_key_loss(outputs.query_embedding, keys, torch.arange(8, 16), 0.1)
+    )
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2
+    for entry in logged:
+        assert {"loss_distillation", "loss_relational", "loss_own_key"} <= set(entry)
+        assert "loss_ce" not in entry and math.isfinite(entry["loss_own_key"]) and entry["loss_own_key"] > 0
+
+
+def test_cross_entropy_skips_unlabelled_rows_and_is_zero_without_labelled_ones(tmp_path, tiny_tokenizer):
+    data = tiny_distillation_data(tiny_tokenizer, size=8)
+    args = ReAugKDTrainingArguments(
+        output_dir=str(tmp_path), relational_weight=0.0, ce_weight=1.0, report_to="none", use_cpu=True
+    )
+    student = dropout_free_student()
+    trainer = ReAugKDTrainer(model=student, args=args, train_dataset=data, processing_class=tiny_tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    outputs = student(**inputs_of(batch), retrieval_weight=0.0)
+    distillation = distillation_loss(outputs.student_logits, batch["teacher_logits"], 1.0)
+
+    mixed = dict(batch, labels=batch["labels"].masked_fill(torch.arange(8) % 2 == 1, UNLABELED))  # rows 0, 2, 4, 6
+    labelled = torch.arange(0, 8, 2)
+    ce = torch.nn.functional.cross_entropy(outputs.student_logits[labelled], batch["labels"][labelled])
+    assert trainer.compute_loss(student, mixed).item() == pytest.approx((distillation + ce).item(), rel=1e-5)
+
+    student.zero_grad()
+    unlabelled = dict(batch, labels=torch.full((8,), UNLABELED))
+    loss = trainer.compute_loss(student, unlabelled)
+    assert loss.item() == pytest.approx(distillation.item(), rel=1e-5)  # CE adds 0, not NaN
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+    assert trainer._loss_part_sums["ce"].item() == pytest.approx(ce.item(), rel=1e-5)  # 0 from the second batch
+
+
+def test_own_key_flags_are_checked():
+    with pytest.raises(ValueError, match="own_key_weight must be >= 0"):
+        ReAugKDTrainingArguments(output_dir="x", own_key_weight=-1.0, report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match="own_key_temperature must be > 0"):
+        ReAugKDTrainingArguments(output_dir="x", own_key_temperature=0.0, report_to="none", use_cpu=True)
+    only_own_key = ReAugKDTrainingArguments(
+        output_dir="x", distillation_weight=0.0, relational_weight=0.0, own_key_weight=1.0, report_to="none"
+    )
+    assert only_own_key.uses_teacher

@@ -135,6 +135,15 @@ class ModelArguments:
         default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", metadata={"help": "β values tried on validation."}
     )
     retrieval_temperature: float = field(default=0.1, metadata={"help": "τ_r of the neighbour weights."})
+    evaluate_student_keyed_kb: bool = field(
+        default=False,
+        metadata={
+            "help": "Also measure the baseline that needs no teacher space: a second knowledge base of the same rows "
+            "and soft labels keyed by the trained student's own query embeddings (one student pass over the "
+            "knowledge base's texts), with its own k and β chosen on validation. Reported in metrics.json as "
+            "'student_retrieval_student_keys'; the saved model keeps the teacher-keyed knowledge base."
+        },
+    )
     store_kb_texts: bool = field(
         default=False,
         metadata={
@@ -200,6 +209,21 @@ class DataTrainingArguments:
         default=None, metadata={"help": "Column with the second text, for pair tasks (NLI, paraphrase)."}
     )
     label_column_name: str = field(default="label", metadata={"help": "Column with the label."})
+    unlabeled_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "CSV or JSON(L) file of in-domain texts without labels (the same text column(s); other columns "
+            "are ignored). The teacher, fine-tuned on the labelled train split only, labels them; they join the "
+            "knowledge base and the student's transfer set (KD, relational and own-key losses; no cross-entropy)."
+        },
+    )
+    unlabeled_dataset_name: str | None = field(
+        default=None, metadata={"help": "Unlabelled texts from a dataset (datasets.load_dataset) instead of a file."}
+    )
+    unlabeled_dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration name."})
+    unlabeled_dataset_split: str = field(
+        default="train", metadata={"help": "Its split holding the texts (e.g. imdb's 'unsupervised')."}
+    )
     max_seq_length: int = field(default=64, metadata={"help": "Tokens per example after truncation."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
     max_eval_samples: int | None = field(
@@ -211,7 +235,9 @@ class DataTrainingArguments:
             raise InputError("Give either --dataset_name or --train_file/--validation_file, not both.")
         if self.train_file and not self.validation_file:
             raise InputError("--train_file needs a --validation_file: k and β are chosen on validation.")
-        for path in (self.train_file, self.validation_file, self.test_file):
+        if self.unlabeled_file and self.unlabeled_dataset_name:
+            raise InputError("Give either --unlabeled_file or --unlabeled_dataset_name, not both.")
+        for path in (self.train_file, self.validation_file, self.test_file, self.unlabeled_file):
             if path and not Path(path).is_file():
                 raise InputError(f"Data file not found: {path}")
         for name in ("max_train_samples", "max_eval_samples"):

@@ -2,13 +2,14 @@
 shares, tokenization, and the one loop that turns a tokenized dataset into padded batches."""
 
 import codecs
+import dataclasses
 import itertools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, concatenate_datasets, load_dataset
 from transformers import PreTrainedTokenizerBase
 
 from .caching import fingerprint, hash_files
@@ -21,6 +22,7 @@ TEACHER_LOGITS = "teacher_logits"  # (C,) the teacher's logits
 TEACHER_KEYS = "teacher_keys"  # (d,) the example's knowledge-base key: normalize(W_t · h_t)
 TEACHER_NEIGHBORS = "teacher_neighbor_ids"  # (n,) the key's nearest *other* knowledge-base rows
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+UNLABELED = -100  # the label of unlabelled rows: cross-entropy's ignore_index, so CE skips them
 CHECK_BATCH_SIZE = 10_000  # rows read at once while checking texts and labels: memory stays flat for any N
 
 
@@ -28,8 +30,10 @@ CHECK_BATCH_SIZE = 10_000  # rows read at once while checking texts and labels: 
 class TaskData:
     """Splits with an integer `labels` column, the label names in id order, and where they came from.
 
-    `fingerprint` hashes the data's *content* (the files' bytes, the columns and subsets used), so cached stages
-    built from other data are never reused.
+    `fingerprint` hashes the labelled data's *content* (the files' bytes, the columns and subsets used), so cached
+    stages built from other data are never reused. `unlabeled` holds extra in-domain texts (label `UNLABELED`) that
+    the teacher labels for the knowledge base and the student's transfer set; `unlabeled_fingerprint` hashes their
+    content. The teacher's fine-tuning never sees them, so its stage is keyed by `fingerprint` alone.
     """
 
     splits: DatasetDict
@@ -38,6 +42,32 @@ class TaskData:
     text_pair_column: str | None
     source: str
     fingerprint: str
+    unlabeled: Dataset | None = None
+    unlabeled_fingerprint: str | None = None
+
+    @property
+    def text_columns(self) -> list[str]:
+        return [self.text_column] + ([self.text_pair_column] if self.text_pair_column else [])
+
+    @property
+    def content_fingerprint(self) -> str:
+        """The labelled data's fingerprint, with the unlabelled texts' when there are any (stages over all rows)."""
+        if self.unlabeled is None:
+            return self.fingerprint  # unchanged: caches made without unlabelled data stay valid
+        return fingerprint(self.fingerprint, self.unlabeled_fingerprint)
+
+    def transfer_set(self) -> Dataset:
+        """The student's distillation transfer set and the knowledge base's rows, in this order: the labelled train
+        rows, then the unlabelled ones (label `UNLABELED`). Without unlabelled texts: the train split as it is."""
+        train = self.splits["train"]
+        if self.unlabeled is None:
+            return train
+        columns = [*self.text_columns, LABEL_COLUMN]
+        features = Features({**{c: train.features[c] for c in self.text_columns}, LABEL_COLUMN: Value("int64")})
+        parts = [part.select_columns(columns) for part in (train, self.unlabeled)]
+        # a ClassLabel `labels` (Hub data) cannot hold -100, and text types may differ: one schema for both parts
+        parts = [part if part.features == features else part.cast(features) for part in parts]
+        return concatenate_datasets(parts)
 
 
 def load_task_data(
@@ -90,14 +120,7 @@ def load_task_data(
                     f"Column {column!r} not found in the {describe[name]}; its columns are {split.column_names}. "
                     f"Set --text_column_name / --text_pair_column_name / --label_column_name."
                 )
-        for column in [*text_columns, label_column]:
-            for start, batch in _iter_column(split, column):
-                for offset, value in enumerate(batch):
-                    if value is None or not str(value).strip():
-                        kind = "label" if column == label_column else "text"
-                        raise InputError(
-                            f"Empty {kind} in column {column!r}, row {start + offset} of the {describe[name]}."
-                        )
+        _check_filled(split, [*text_columns, label_column], describe[name], label_column)
 
     for name, split in splits.items():
         if len(split) == 0:
@@ -141,6 +164,65 @@ def load_task_data(
         content, text_column, text_pair_column, label_column, max_train_samples, max_eval_samples
     )
     return TaskData(splits, label_names, text_column, text_pair_column, source, data_fingerprint)
+
+
+def _check_filled(split: Dataset, columns: list[str], description: str, label_column: str | None = None) -> None:
+    """Refuse a missing or blank text (or label) with the column and row, streaming `CHECK_BATCH_SIZE` rows at once."""
+    for column in columns:
+        for start, batch in _iter_column(split, column):
+            for offset, value in enumerate(batch):
+                if value is None or not str(value).strip():
+                    kind = "label" if column == label_column else "text"
+                    raise InputError(f"Empty {kind} in column {column!r}, row {start + offset} of the {description}.")
+
+
+def load_unlabeled_texts(
+    data: TaskData,
+    unlabeled_file: str | None = None,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    split: str = "train",
+) -> TaskData:
+    """`data` with in-domain texts without labels from a CSV/JSON(L) file or a `datasets` split, checked like the
+    labelled data (the same text columns, no blank text; errors name the file or split and the row).
+
+    Any other column (a label, an id) is ignored: only the teacher labels these rows. Returns `data` unchanged when
+    neither source is given.
+    """
+    if not unlabeled_file and not dataset_name:
+        return data
+    if unlabeled_file:
+        raw = read_data_file("unlabeled", unlabeled_file)
+        description = f"unlabeled file {unlabeled_file}"
+        content = hash_files([unlabeled_file])
+    else:
+        try:
+            raw = load_dataset(dataset_name, dataset_config_name, split=split)
+        except Exception as err:  # unknown name, config or split, no network, ...: the user's to fix
+            raise InputError(
+                f"Could not load split {split!r} of --unlabeled_dataset_name {dataset_name!r} ({dataset_config_name}): "
+                f"{err}"
+            ) from err
+        description = f"split {split!r} of {dataset_name}"
+        content = raw._fingerprint  # datasets hashes the Hub revision
+    if len(raw) == 0:
+        raise InputError(f"The {description} has no rows.")
+    for column in data.text_columns:
+        if column not in raw.column_names:
+            raise InputError(
+                f"Column {column!r} not found in the {description}; its columns are {raw.column_names}. Unlabelled "
+                "texts use the labelled data's --text_column_name / --text_pair_column_name."
+            )
+    _check_filled(raw, data.text_columns, description)
+    unlabeled = raw.select_columns(data.text_columns).map(
+        lambda batch: {LABEL_COLUMN: [UNLABELED] * len(batch[data.text_column])},
+        batched=True,
+        desc="Marking unlabelled rows",
+    )
+    logger.info("unlabelled texts: %d rows from the %s", len(unlabeled), description)
+    return dataclasses.replace(
+        data, unlabeled=unlabeled, unlabeled_fingerprint=fingerprint(content, data.text_columns)
+    )
 
 
 def _iter_column(split: Dataset, column: str) -> Iterator[tuple[int, list]]:

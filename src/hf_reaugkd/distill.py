@@ -18,7 +18,7 @@ from transformers.trainer_utils import set_seed
 from . import demo
 from .arguments import DataTrainingArguments, ModelArguments, TeacherArguments, parse_args
 from .caching import remove_stale_temporaries, write_json
-from .data import LABEL_COLUMN, load_task_data, texts_of
+from .data import LABEL_COLUMN, load_task_data, load_unlabeled_texts, texts_of
 from .errors import InputError
 from .evaluation import evaluate_student
 from .model_card import create_model_card, hub_id
@@ -81,6 +81,19 @@ def run(
             max_train_samples=data_args.max_train_samples,
             max_eval_samples=data_args.max_eval_samples,
         )
+        data = load_unlabeled_texts(
+            data,
+            data_args.unlabeled_file,
+            data_args.unlabeled_dataset_name,
+            data_args.unlabeled_dataset_config_name,
+            data_args.unlabeled_dataset_split,
+        )
+    if data.unlabeled is not None and not training_args.uses_teacher:
+        raise InputError(
+            "Unlabelled texts only reach the student through the teacher's losses, but distillation_weight, "
+            "relational_weight and own_key_weight are all 0 (cross-entropy skips unlabelled rows): drop "
+            "--unlabeled_file / --unlabeled_dataset_name or give one of those losses a weight."
+        )
     id2label = dict(enumerate(data.label_names))
 
     # 1. Teacher: used as is when it already classifies these labels, fine-tuned otherwise; its outputs, once.
@@ -100,11 +113,12 @@ def run(
             device=training_args.device,
         )
 
-    # 2.–3. Teacher projection head (supervised contrastive) and the knowledge base over the training set.
+    # 2.–3. Teacher projection head (supervised contrastive, labelled rows) and the knowledge base over the transfer
+    #       set: the training set, then the unlabelled texts labelled by the teacher.
     kb_dim = model_args.kb_dim or AutoConfig.from_pretrained(student_name).hidden_size
     with stage("projection head and knowledge base"), training_args.main_process_first(desc="knowledge base"):
         projection, kb = knowledge_base_stage(
-            outputs["train"],
+            outputs,
             torch.as_tensor(data.splits["train"][LABEL_COLUMN]),
             model_args,
             kb_dim,
@@ -112,7 +126,9 @@ def run(
             training_args.seed,
             work_dir,
         )
-    keys = {name: kb.keys if name == "train" else project(projection, outputs[name].embeddings) for name in outputs}
+    keys = {
+        name: kb.keys if name == "train" else project(projection, outputs[name].embeddings) for name in data.splits
+    }
 
     # 4. Student: encoder (optionally truncated) + fresh projection head and classifier, trained with ReAugKD.
     #    The knowledge base stays with the trainer (relational loss) and joins the student only after training.
@@ -146,7 +162,7 @@ def run(
         return {}
     student = trainer.model
     if model_args.store_kb_texts:
-        kb.set_texts(texts_of(data.splits["train"], data.text_column, data.text_pair_column))
+        kb.set_texts(texts_of(data.transfer_set(), data.text_column, data.text_pair_column))
     student.set_knowledge_base(kb)
 
     # 5.–6. k and β on validation only, then teacher, student and student + retrieval on validation and test.
@@ -161,6 +177,7 @@ def run(
             model_args.betas,
             model_args.retrieval_temperature,
             training_args.per_device_eval_batch_size,
+            knowledge_base_texts=splits["train"] if model_args.evaluate_student_keyed_kb else None,
         )
     metrics["world_size"] = training_args.world_size  # processes that trained the student
     student.config.knn_k = metrics["selection"]["knn_k"]
@@ -168,8 +185,18 @@ def run(
 
     # 7. Save (atomically) and push what was saved.
     dataset_name = demo.DATASET_DESCRIPTION if demo_data else data_args.dataset_name
+    unlabeled_rows = 0 if data.unlabeled is None else len(data.unlabeled)
     card = _model_card(
-        student, teacher_name, student_name, dataset_name, metrics, model_args, teacher_args, data_args, training_args
+        student,
+        teacher_name,
+        student_name,
+        dataset_name,
+        metrics,
+        model_args,
+        teacher_args,
+        data_args,
+        training_args,
+        unlabeled_rows,
     )
     projection_metadata = {  # what `kb add --teacher` needs to key new rows as in training
         # the teacher that made the KB: the fine-tuned one (under --stages_dir) when the given one was fine-tuned
@@ -219,7 +246,16 @@ def _new_student(
 
 
 def _model_card(
-    student, teacher_name, student_name, dataset_name, metrics, model_args, teacher_args, data_args, training_args
+    student,
+    teacher_name,
+    student_name,
+    dataset_name,
+    metrics,
+    model_args,
+    teacher_args,
+    data_args,
+    training_args,
+    unlabeled_rows,
 ):
     kb = student.knowledge_base
     return create_model_card(
@@ -237,33 +273,44 @@ def _model_card(
             "kb_size": kb.size,
             "kb_dim": kb.dim,
         },
-        hyperparameters=_hyperparameters(model_args, teacher_args, data_args, training_args),
+        hyperparameters=_hyperparameters(model_args, teacher_args, data_args, training_args, unlabeled_rows),
         num_parameters=sum(p.numel() for p in student.parameters()),
     )
 
 
 def print_results(metrics: dict) -> None:
     """The results table: accuracy per evaluated split of teacher, student and student + retrieval."""
-    names = {"teacher": "teacher", "student": "student (β=0)", "student_retrieval": "student + retrieval"}
+    names = {
+        "teacher": "teacher",
+        "student": "student (β=0)",
+        "student_retrieval": "student + retrieval",
+        "student_retrieval_student_keys": "student + own-keyed KB",
+    }
     splits = list(metrics["splits"])
-    header = f"{'model':<22}" + "".join(f"{s + ' acc':>16}" for s in splits)
+    header = f"{'model':<24}" + "".join(f"{s + ' acc':>16}" for s in splits)
     lines = ["", header, "-" * len(header)]
     for key, label in names.items():
+        if key not in metrics["splits"][splits[0]]:  # the student-keyed baseline is measured on request
+            continue
         accuracies = "".join(f"{100 * metrics['splits'][s][key]['accuracy']:>16.2f}" for s in splits)
-        lines.append(f"{label:<22}{accuracies}")
+        lines.append(f"{label:<24}{accuracies}")
     selection = metrics["selection"]
     lines.append(f"\nretrieval chosen on validation: k={selection['knn_k']}, β={selection['retrieval_weight']}")
+    if "selection_student_keys" in metrics:
+        chosen = metrics["selection_student_keys"]
+        lines.append(f"own-keyed KB chosen on validation: k={chosen['knn_k']}, β={chosen['retrieval_weight']}")
     print("\n".join(lines), flush=True)
 
 
-def _hyperparameters(model_args, teacher_args, data_args, training_args) -> dict:
+def _hyperparameters(model_args, teacher_args, data_args, training_args, unlabeled_rows: int) -> dict:
     keys = (
         "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-        "seed", "distillation_weight", "relational_weight", "ce_weight", "distillation_temperature",
-        "relational_temperature", "relational_neighbors",
+        "seed", "distillation_weight", "relational_weight", "ce_weight", "own_key_weight", "distillation_temperature",
+        "relational_temperature", "own_key_temperature", "relational_neighbors",
     )  # fmt: skip
     values = {key: getattr(training_args, key) for key in keys}
     values.update(
+        unlabeled_rows=unlabeled_rows,
         max_seq_length=data_args.max_seq_length,
         student_num_layers=model_args.student_num_layers,
         teacher_num_train_epochs=teacher_args.teacher_num_train_epochs,

@@ -4,8 +4,13 @@ Every number comes from the code that ships: predictions stream through the stud
 through its knowledge base's `search`, and the retrieved distributions and the β-mixture through the model file's
 `neighbor_label_distribution` and `mix_probabilities`. Only validation and test are scored: the knowledge base holds
 the training set, so retrieval on a training example would find the example itself.
+
+On request (`evaluate_student_keyed_kb`) the same is measured for a baseline that needs no teacher space: the
+knowledge base's rows keyed by the trained student's own queries (a kNN-augmented classifier), retrieved through
+the same code with the same student queries.
 """
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -24,11 +29,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Predictions:
-    """One split's plain-student probabilities `(N, C)`, retrieved distributions `{k: (N, C)}` and labels `(N,)`."""
+    """One split's plain-student probabilities `(N, C)`, retrieved distributions `{k: (N, C)}`, labels `(N,)` and
+    the student's normalised queries `(N, d)` (kept to search another knowledge base without another forward)."""
 
     student_probs: torch.Tensor
     retrieved: dict[int, torch.Tensor]
     labels: torch.Tensor
+    queries: torch.Tensor | None = None
 
 
 def retrieved_distributions(
@@ -55,11 +62,12 @@ def predict(
     """Stream a tokenized split with `labels` through the student (β = 0) and its knowledge base, batch by batch."""
     model.eval()
     knowledge_base = model.knowledge_base
-    student_probs, retrieved = [], {k: [] for k in knn_ks}
+    student_probs, queries, retrieved = [], [], {k: [] for k in knn_ks}
     batches = padded_batches(dataset, tokenizer, batch_size, model.device)
     for inputs in tqdm(batches, total=-(-len(dataset) // batch_size), desc="Student predictions", leave=False):
         outputs = model(**inputs, retrieval_weight=0.0)
         student_probs.append(outputs.student_logits.float().softmax(-1).cpu())  # (B, C)
+        queries.append(outputs.query_embedding.float().cpu())  # (B, d)
         by_k = retrieved_distributions(knowledge_base, outputs.query_embedding, knn_ks, retrieval_temperature)
         for k, probs in by_k.items():
             retrieved[k].append(probs.cpu())
@@ -67,7 +75,23 @@ def predict(
         torch.cat(student_probs),
         {k: torch.cat(chunks) for k, chunks in retrieved.items()},
         torch.as_tensor(dataset[LABEL_COLUMN]),
+        torch.cat(queries),
     )
+
+
+def retrieved_in_chunks(
+    knowledge_base: KnowledgeBase,
+    queries: torch.Tensor,
+    knn_ks: list[int],
+    retrieval_temperature: float,
+    batch_size: int = 1024,
+) -> dict[int, torch.Tensor]:
+    """`retrieved_distributions` `{k: (N, C)}` of many queries `(N, d)`, `batch_size` queries at a time, on the CPU."""
+    by_k = {k: [] for k in knn_ks}
+    for chunk in queries.split(batch_size):
+        for k, probs in retrieved_distributions(knowledge_base, chunk, knn_ks, retrieval_temperature).items():
+            by_k[k].append(probs.cpu())
+    return {k: torch.cat(chunks) for k, chunks in by_k.items()}
 
 
 def knn_accuracy(
@@ -80,11 +104,33 @@ def knn_accuracy(
 ) -> dict[int, float]:
     """Accuracy of retrieval alone (β = 1) for each k: how good a query `(N, d)` is, e.g. the student's against the
     teacher's own projected one."""
-    by_k = {k: [] for k in knn_ks}
-    for chunk in queries.split(batch_size):
-        for k, probs in retrieved_distributions(knowledge_base, chunk, knn_ks, retrieval_temperature).items():
-            by_k[k].append(probs)
-    return {k: classification_metrics(torch.cat(chunks), labels)["accuracy"] for k, chunks in by_k.items()}
+    retrieved = retrieved_in_chunks(knowledge_base, queries, knn_ks, retrieval_temperature, batch_size)
+    return {k: classification_metrics(probs, labels)["accuracy"] for k, probs in retrieved.items()}
+
+
+@torch.no_grad()
+def student_keyed_knowledge_base(
+    model: ReAugKDForSequenceClassification,
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int = 64,
+) -> KnowledgeBase:
+    """The model's knowledge base re-keyed by the student's own normalised queries of the same rows `(N, d)` (the
+    tokenized knowledge-base texts, in its row order); the values stay the teacher's soft labels, and the index type
+    and settings are the same. Streams one student pass; holds a second `N × (d + C)` knowledge base in memory."""
+    model.eval()
+    teacher_keyed = model.knowledge_base
+    if len(dataset) != teacher_keyed.size:
+        raise ValueError(f"Expected the knowledge base's {teacher_keyed.size} rows, got a dataset of {len(dataset)}.")
+    keys = torch.empty(len(dataset), teacher_keyed.dim)  # (N, d)
+    start = 0
+    batches = padded_batches(dataset, tokenizer, batch_size, model.device)
+    for inputs in tqdm(batches, total=-(-len(dataset) // batch_size), desc="Student keys", leave=False):
+        queries = model(**inputs, retrieval_weight=0.0).query_embedding  # (B, d)
+        keys[start : start + len(queries)] = queries.float().cpu()
+        start += len(queries)
+    values = teacher_keyed.values.cpu()  # (N, C)
+    return KnowledgeBase.build(keys, values, teacher_keyed.index_type, **teacher_keyed.index_params)
 
 
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -113,14 +159,19 @@ def select_retrieval_settings(validation: Predictions, betas: list[float]) -> di
     return {**best, "grid": grid}
 
 
+def mixed_metrics(predictions: Predictions, knn_k: int, retrieval_weight: float) -> dict[str, float]:
+    """Accuracy and macro-F1 of the student mixed with its retrieved labels at the given k and β."""
+    mixed = mix_probabilities(predictions.student_probs, predictions.retrieved[knn_k], retrieval_weight)
+    return classification_metrics(mixed, predictions.labels)
+
+
 def split_metrics(predictions: Predictions, teacher_logits: np.ndarray, knn_k: int, retrieval_weight: float) -> dict:
     """Accuracy and macro-F1 of the teacher, the plain student (β = 0) and the student with the chosen retrieval."""
-    mixed = mix_probabilities(predictions.student_probs, predictions.retrieved[knn_k], retrieval_weight)
     teacher_probs = torch.from_numpy(np.array(teacher_logits)).softmax(-1)
     return {
         "teacher": classification_metrics(teacher_probs, predictions.labels),
         "student": classification_metrics(predictions.student_probs, predictions.labels),
-        "student_retrieval": classification_metrics(mixed, predictions.labels),
+        "student_retrieval": mixed_metrics(predictions, knn_k, retrieval_weight),
     }
 
 
@@ -134,10 +185,15 @@ def evaluate_student(
     betas: list[float],
     retrieval_temperature: float,
     batch_size: int = 64,
+    knowledge_base_texts: Dataset | None = None,
 ) -> dict:
     """k and β chosen on validation; the kNN accuracy (β = 1) of the student's queries and of the teacher's own
     projected ones; and the metrics of teacher, student and student + retrieval on each of `splits` (validation and
-    test: never train, whose examples are in the knowledge base themselves)."""
+    test: never train, whose examples are in the knowledge base themselves).
+
+    With `knowledge_base_texts` (the knowledge base's rows tokenized for the student, in its order) the student-keyed
+    baseline is measured too: `student_retrieval_student_keys` per split with its own k and β chosen on validation
+    (`selection_student_keys`, `validation_grid_student_keys`) and its kNN accuracy (`student_query_student_keys`)."""
     predictions = {
         name: predict(student, split, tokenizer, knn_ks, retrieval_temperature, batch_size)
         for name, split in splits.items()
@@ -152,9 +208,34 @@ def evaluate_student(
     teacher_knn = knn_accuracy(
         student.knowledge_base, teacher_validation_keys, validation.labels, knn_ks, retrieval_temperature
     )
-    return {
+    metrics = {
         "selection": {key: value for key, value in selection.items() if key != "grid"},
         "validation_grid": selection["grid"],
         "validation_knn_accuracy": {"student_query": student_knn, "teacher_query": teacher_knn},
         "splits": {name: split_metrics(p, teacher_logits[name], k, beta) for name, p in predictions.items()},
     }
+    if knowledge_base_texts is not None:
+        student_keyed = student_keyed_knowledge_base(student, knowledge_base_texts, tokenizer, batch_size)
+        own = {
+            name: dataclasses.replace(
+                p, retrieved=retrieved_in_chunks(student_keyed, p.queries, knn_ks, retrieval_temperature)
+            )
+            for name, p in predictions.items()
+        }
+        chosen = select_retrieval_settings(own["validation"], betas)
+        logger.info(
+            "Student-keyed knowledge base, chosen on validation: k=%d, β=%.2f",
+            chosen["knn_k"],
+            chosen["retrieval_weight"],
+        )
+        metrics["selection_student_keys"] = {key: value for key, value in chosen.items() if key != "grid"}
+        metrics["validation_grid_student_keys"] = chosen["grid"]
+        metrics["validation_knn_accuracy"]["student_query_student_keys"] = {
+            k: classification_metrics(probs, own["validation"].labels)["accuracy"]
+            for k, probs in own["validation"].retrieved.items()
+        }
+        for name, p in own.items():
+            metrics["splits"][name]["student_retrieval_student_keys"] = mixed_metrics(
+                p, chosen["knn_k"], chosen["retrieval_weight"]
+            )
+    return metrics

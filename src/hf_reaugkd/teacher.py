@@ -37,14 +37,49 @@ logger = logging.getLogger(__name__)
 CHUNK_ROWS = 65_536  # rows projected / written at once when a step runs over every example
 
 
+class StackedRows:
+    """Several arrays `(N_i, D)` read as one `(Σ N_i, D)` array, without copying them: memory-mapped teacher outputs
+    stay on disk. Rows come back as a new array for a slice or an index array, like NumPy's fancy indexing."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(part) for part in parts])  # (P + 1,)
+        self.shape = (int(self.offsets[-1]), *parts[0].shape[1:])
+        self.dtype = parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice | np.ndarray) -> np.ndarray:
+        rows = np.asarray(range(len(self))[rows] if isinstance(rows, slice) else rows)  # (R,)
+        part_of = np.searchsorted(self.offsets, rows, side="right") - 1  # (R,)
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        for part in np.unique(part_of):
+            mine = part_of == part
+            out[mine] = self.parts[part][rows[mine] - self.offsets[part]]
+        return out
+
+
 @dataclass
 class TeacherOutputs:
     """One split's teacher outputs, memory-mapped: `logits` `(N, C)` and mean-pooled `embeddings` `(N, H)`;
     `fingerprint` identifies the teacher and data they came from (later stages build their own on it)."""
 
-    logits: np.ndarray
-    embeddings: np.ndarray
+    logits: np.ndarray | StackedRows
+    embeddings: np.ndarray | StackedRows
     fingerprint: str
+
+
+def transfer_outputs(outputs: dict[str, TeacherOutputs]) -> TeacherOutputs:
+    """The teacher outputs of the transfer set (`TaskData.transfer_set`): the train rows, then the unlabelled ones."""
+    if "unlabeled" not in outputs:
+        return outputs["train"]
+    parts = [outputs["train"], outputs["unlabeled"]]
+    return TeacherOutputs(
+        logits=StackedRows([part.logits for part in parts]),
+        embeddings=StackedRows([part.embeddings for part in parts]),
+        fingerprint=outputs["train"].fingerprint,  # one stage made both
+    )
 
 
 # 1. Teacher fine-tuning ------------------------------------------------------------------------------------
@@ -144,16 +179,18 @@ def teacher_outputs(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
 ) -> dict[str, TeacherOutputs]:
-    """Logits and mean-pooled last-layer embeddings of the teacher for every split (a cached stage)."""
-    key = fingerprint(model_fingerprint(teacher_path), data.fingerprint, max_seq_length)
+    """Logits and mean-pooled last-layer embeddings of the teacher for every split, and for the unlabelled texts
+    (as `"unlabeled"`) when there are any (a cached stage)."""
+    key = fingerprint(model_fingerprint(teacher_path), data.content_fingerprint, max_seq_length)
     path = work_dir / f"teacher-outputs-{key}"
+    splits = {**data.splits, **({"unlabeled": data.unlabeled} if data.unlabeled is not None else {})}
     if path.exists():
         logger.info("teacher outputs: reused %s", path)
     else:
         tokenizer = AutoTokenizer.from_pretrained(teacher_path)
         teacher = AutoModelForSequenceClassification.from_pretrained(teacher_path).to(device).eval()
         with atomic_path(path, directory=True) as tmp:
-            for name, split in data.splits.items():
+            for name, split in splits.items():
                 encoded = tokenize(
                     split,
                     tokenizer,
@@ -186,7 +223,7 @@ def teacher_outputs(
             embeddings=np.load(path / f"{name}-embeddings.npy", mmap_mode="r"),
             fingerprint=key,
         )
-        for name in data.splits
+        for name in splits
     }
 
 
@@ -207,7 +244,7 @@ def teacher_batches(
 
 
 def train_teacher_projection(
-    embeddings: np.ndarray,
+    embeddings: np.ndarray | StackedRows,
     labels: torch.Tensor,
     kb_dim: int,
     temperature: float = 0.1,
@@ -241,7 +278,7 @@ def train_teacher_projection(
 
 
 @torch.no_grad()
-def project(projection: nn.Linear, embeddings: np.ndarray) -> torch.Tensor:
+def project(projection: nn.Linear, embeddings: np.ndarray | StackedRows) -> torch.Tensor:
     """Knowledge-base keys `normalize(W_t · h_t)` `(N, kb_dim)` of teacher embeddings `(N, H)`, chunk by chunk."""
     keys = torch.empty(len(embeddings), projection.out_features)
     for start in range(0, len(embeddings), CHUNK_ROWS):
@@ -253,7 +290,7 @@ def project(projection: nn.Linear, embeddings: np.ndarray) -> torch.Tensor:
 # 3. Knowledge base ------------------------------------------------------------------------------------------
 
 
-def soft_labels(logits: np.ndarray, temperature: float) -> torch.Tensor:
+def soft_labels(logits: np.ndarray | StackedRows, temperature: float) -> torch.Tensor:
     """`softmax(teacher_logits / T)` `(N, C)`, chunk by chunk."""
     values = torch.empty(logits.shape)
     for start in range(0, len(logits), CHUNK_ROWS):
@@ -263,7 +300,7 @@ def soft_labels(logits: np.ndarray, temperature: float) -> torch.Tensor:
 
 
 def knowledge_base_stage(
-    train_outputs: TeacherOutputs,
+    outputs: dict[str, TeacherOutputs],
     labels: torch.Tensor,
     model_args: ModelArguments,
     kb_dim: int,
@@ -271,11 +308,17 @@ def knowledge_base_stage(
     seed: int,
     work_dir: Path,
 ) -> tuple[nn.Linear, KnowledgeBase]:
-    """Train the projection head and build the knowledge base over the training set (a cached stage)."""
+    """Train the projection head and build the knowledge base over the transfer set (a cached stage): the train
+    split's rows, then the unlabelled texts' (`outputs["unlabeled"]`) when there are any.
+
+    The head is trained on the labelled rows only: its supervised contrastive loss needs labels, and the teacher's
+    own argmax on the unlabelled rows would shape the key space around the teacher's mistakes. A linear head over
+    frozen embeddings is well determined by a few thousand labelled rows; the unlabelled rows still get keys."""
+    train_outputs, transfer = outputs["train"], transfer_outputs(outputs)
     key = fingerprint(
         train_outputs.fingerprint, kb_dim, model_args.projection_num_epochs, model_args.projection_learning_rate,
         model_args.projection_temperature, temperature, model_args.index_type, DEFAULT_INDEX_PARAMS,
-        model_args.index_params, seed,
+        model_args.index_params, seed, *([len(transfer.logits)] if transfer is not train_outputs else []),
     )  # fmt: skip
     path = work_dir / f"knowledge-base-{key}"
     if path.exists():
@@ -290,8 +333,8 @@ def knowledge_base_stage(
             learning_rate=model_args.projection_learning_rate,
             seed=seed,
         )
-        keys = project(projection, train_outputs.embeddings)  # (N, kb_dim)
-        values = soft_labels(train_outputs.logits, temperature)  # (N, C)
+        keys = project(projection, transfer.embeddings)  # (N, kb_dim)
+        values = soft_labels(transfer.logits, temperature)  # (N, C)
         kb = KnowledgeBase.build(keys, values, model_args.index_type, **model_args.index_params)
         del keys
         with atomic_path(path, directory=True) as tmp:
@@ -376,23 +419,28 @@ def student_training_data(
     relational_neighbors: int,
     projection: nn.Linear,
 ) -> dict[str, Dataset]:
-    """Every split tokenized for the student, with the teacher's columns (and, for the relational loss's knowledge-base
-    variant, each train/validation example's nearest other entries)."""
+    """Every split tokenized for the student, with the teacher's columns (and, for the knowledge-base neighbours of
+    the relational and own-key losses, each train/validation example's nearest other entries). Its train split is
+    the transfer set (`TaskData.transfer_set`): the labelled rows, then the unlabelled ones, in the knowledge base's
+    row order, so `keys["train"]` are the knowledge base's own keys."""
     weights = torch.cat([projection.weight.detach().flatten(), projection.bias.detach()])
     keys_id = hashlib.sha256(weights.numpy().tobytes()).hexdigest()  # the keys are W_t · (fingerprinted outputs)
+    student_splits = {**data.splits, "train": data.transfer_set()}
+    split_outputs = {**outputs, "train": transfer_outputs(outputs)}
     splits = {}
-    for name, split in data.splits.items():
+    for name, split in student_splits.items():
         neighbors = None
         if relational_neighbors and name != "test":
             neighbors = knowledge_base_neighbors(knowledge_base, keys[name], relational_neighbors, name == "train")
         description = f"Tokenizing {name} for the student"
         encoded = tokenize(split, tokenizer, data.text_column, data.text_pair_column, max_seq_length, description)
         stage_inputs = (name, keys_id, knowledge_base.size, knowledge_base.index_type, relational_neighbors)
-        splits[name] = with_teacher_columns(encoded, outputs[name], keys[name], neighbors, stage_inputs)
+        splits[name] = with_teacher_columns(encoded, split_outputs[name], keys[name], neighbors, stage_inputs)
     return splits
 
 
 __all__ = [
+    "StackedRows",
     "TeacherOutputs",
     "finetune_teacher",
     "knowledge_base_neighbors",
@@ -402,5 +450,6 @@ __all__ = [
     "student_training_data",
     "teacher_outputs",
     "train_teacher_projection",
+    "transfer_outputs",
     "with_teacher_columns",
 ]

@@ -5,9 +5,9 @@ from collections import defaultdict
 import torch
 from transformers import Trainer
 
-from .data import TEACHER_KEYS, TEACHER_LOGITS, TEACHER_NEIGHBORS
+from .data import TEACHER_KEYS, TEACHER_LOGITS, TEACHER_NEIGHBORS, UNLABELED
 from .knowledge_base import KnowledgeBase
-from .losses import distillation_loss, relational_loss
+from .losses import distillation_loss, own_key_loss, relational_loss
 from .training_args import ReAugKDTrainingArguments
 
 
@@ -20,11 +20,15 @@ class ReAugKDTrainer(Trainer):
     `teacher_neighbor_ids` `(n,)`: the example's nearest other entries of `knowledge_base`. The knowledge base is
     held by the trainer, not by the student: under DDP it is never broadcast as a model buffer, and training
     checkpoints do not carry it; it is attached to the student after training.
-    Each loss part is logged (`loss_distillation`, `loss_relational`, `loss_ce`).
+    Each loss part is logged (`loss_distillation`, `loss_relational`, `loss_ce`, `loss_own_key`).
 
-    Under DDP the relational loss relates each local example to the teacher keys of *all* processes' batches
-    (gathered; they are constants, so no gradient needs to flow through the gather), which makes it the same
-    loss as one process with the global batch.
+    Under DDP the relational and own-key losses relate each local example to the teacher keys of *all* processes'
+    batches (gathered; they are constants, so no gradient needs to flow through the gather), which makes them the
+    same losses as one process with the global batch. The example's own key is among those keys (j = i): the
+    relational target keeps that self term, and the own-key loss makes it the positive.
+
+    Rows with label -100 (unlabelled texts the teacher labelled) get every loss but cross-entropy, which is the mean
+    over the batch's labelled rows (0, not NaN, for a batch without any).
     """
 
     args: ReAugKDTrainingArguments
@@ -57,20 +61,30 @@ class ReAugKDTrainer(Trainer):
             parts["distillation"] = distillation_loss(
                 outputs.student_logits, teacher_logits, args.distillation_temperature
             )
-        if args.relational_weight > 0:
-            keys = self.accelerator.gather(teacher_keys.contiguous())  # (world × B, d)
+        if args.relational_weight > 0 or args.own_key_weight > 0:
+            keys = self.accelerator.gather(teacher_keys.contiguous())  # (world × B, d), rank-major
             if args.relational_neighbors > 0:
                 neighbor_keys = self._neighbor_keys(neighbor_ids)  # (B, n, d)
                 keys = torch.cat([keys.expand(len(teacher_keys), -1, -1), neighbor_keys], dim=1)  # (B, M + n, d)
-            parts["relational"] = relational_loss(
-                outputs.query_embedding, teacher_keys, keys, args.relational_temperature
-            )
+            if args.relational_weight > 0:
+                parts["relational"] = relational_loss(
+                    outputs.query_embedding, teacher_keys, keys, args.relational_temperature
+                )
+            if args.own_key_weight > 0:
+                first = self.accelerator.process_index * len(teacher_keys)  # this rank's rows in the gathered keys
+                own = torch.arange(first, first + len(teacher_keys), device=teacher_keys.device)  # (B,)
+                parts["own_key"] = own_key_loss(outputs.query_embedding, keys, own, args.own_key_temperature)
         if args.ce_weight > 0:
-            parts["ce"] = torch.nn.functional.cross_entropy(outputs.student_logits.float(), labels)
+            labelled = labels != UNLABELED  # (B,)
+            total = torch.nn.functional.cross_entropy(
+                outputs.student_logits.float(), labels, ignore_index=UNLABELED, reduction="sum"
+            )
+            parts["ce"] = total / labelled.sum().clamp_min(1)
         weights = {
             "distillation": args.distillation_weight,
             "relational": args.relational_weight,
             "ce": args.ce_weight,
+            "own_key": args.own_key_weight,
         }
         loss = sum(weights[name] * value for name, value in parts.items())
 

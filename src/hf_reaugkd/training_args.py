@@ -11,11 +11,12 @@ from .errors import InputError
 class ReAugKDTrainingArguments(TrainingArguments):
     """`TrainingArguments` for the student, with the loss of docs/method.md §4:
 
-        L = distillation_weight · L_kd + relational_weight · L_rel + ce_weight · CE
+        L = distillation_weight · L_kd + relational_weight · L_rel + ce_weight · CE + own_key_weight · L_own
 
-    The defaults (KD and relational terms at full weight, no gold-label CE) follow the reference run in which
-    `L_kd + 1.0 · L_rel` beat both vanilla KD and `α · L_kd + (1 − α) · L_rel` with α = 0.5.
+    The defaults (KD and relational terms at full weight, no gold-label CE, no own-key term) follow the reference run
+    in which `L_kd + 1.0 · L_rel` beat both vanilla KD and `α · L_kd + (1 − α) · L_rel` with α = 0.5.
     The baselines are the same code with other weights: student without KD = (0, 0, 1), vanilla KD = (1, 0, 0).
+    CE only sees labelled rows: unlabelled ones (label -100) get the teacher's losses only.
     """
 
     _argument_group_name = "student training (the ReAugKD loss, then every TrainingArguments flag)"
@@ -37,21 +38,40 @@ class ReAugKDTrainingArguments(TrainingArguments):
         metadata={
             "help": "Also relate each example to its teacher key's N nearest knowledge-base entries, besides the "
             "batch: the student then learns the teacher's neighbourhoods, not only its in-batch (mostly "
-            "class-level) similarities. 0: the batch only."
+            "class-level) similarities; the own-key loss takes them as extra negatives. 0: the batch only."
         },
+    )
+    own_key_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the own-key loss: InfoNCE pulling each student query onto its own teacher key, the "
+            "other in-batch keys (and, with --relational_neighbors, its knowledge-base neighbours) as negatives. "
+            "It teaches the example's place in the teacher's space, which the class-level relational targets of a "
+            "SupCon head leave loose. 0: off."
+        },
+    )
+    own_key_temperature: float = field(
+        default=0.1, metadata={"help": "Temperature of the own-key loss's softmax over the keys."}
     )
 
     def __post_init__(self):
         super().__post_init__()
-        weights = (self.distillation_weight, self.relational_weight, self.ce_weight)
+        weights = (self.distillation_weight, self.relational_weight, self.ce_weight, self.own_key_weight)
         if min(weights) < 0 or max(weights) == 0:
             raise InputError(
-                f"distillation_weight, relational_weight and ce_weight must be >= 0 and not all 0, got {weights}."
+                "distillation_weight, relational_weight, ce_weight and own_key_weight must be >= 0 and not all 0, "
+                f"got {weights}."
             )
         if self.relational_neighbors < 0:
             raise InputError(f"relational_neighbors must be >= 0, got {self.relational_neighbors}.")
-        if self.distillation_temperature <= 0 or self.relational_temperature <= 0:
+        temperatures = (self.distillation_temperature, self.relational_temperature, self.own_key_temperature)
+        if min(temperatures) <= 0:
             raise InputError(
-                "distillation_temperature and relational_temperature must be > 0, got "
-                f"{self.distillation_temperature} and {self.relational_temperature}."
+                "distillation_temperature, relational_temperature and own_key_temperature must be > 0, got "
+                f"{temperatures}."
             )
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether a loss reads the teacher's outputs (only those can learn from unlabelled rows)."""
+        return max(self.distillation_weight, self.relational_weight, self.own_key_weight) > 0
