@@ -1,15 +1,22 @@
-"""Inference benchmark: latency and throughput of teacher, student and student + retrieval, side by side.
+"""Inference benchmark: what retrieval adds to the student's latency, lever by lever, side by side.
 
-    python benchmarks/inference.py --data PATH/rotten_tomatoes
+    python benchmarks/ablations.py --task rotten_tomatoes=PATH/rotten_tomatoes \
+        --variants kb_dim=64 kb_dim=128 kb_dim=256 kb_dim=384        # trains the students (validation only)
+    python benchmarks/inference.py --data PATH/rotten_tomatoes \
+        --student kb64=RUN/reaugkd+kb_dim=64 --student kb128=RUN/reaugkd+kb_dim=128 ...
 
-The knowledge base is the whole training set (train.csv): its keys are the student's own projected embeddings of
-the training texts, so neighbours are as close as a trained student's would be; timing does not depend on the
-weights, so the models are MiniLM-L6 (teacher, 6 layers) and its first 3 layers (student) with fresh heads, or
-the student given with --student. Each round times every configuration once, in turn (teacher, student, then
-student + retrieval for each backend), so the ratios compare measurements taken under the same machine load.
-The embeddings are cached under --work_dir; the timings are remeasured as a unit on every run.
-Output: `results/inference.json`, with `retrieval_overhead_batch32` = t(student + retrieval) / t(student) − 1 at
-batch 32 for the default backend.
+Levers measured, each against the same plain student (β = 0) in the same timing round:
+- the KB dimension (`--kb_dim`): one trained student per dimension (`--student NAME=DIR`, e.g. the ablation runs);
+  its validation accuracy with retrieval (its own KB and validation-chosen k, β) sits beside its overhead;
+- the precision of the exact scan (`search_dtype` float32 / bfloat16 / float16; candidates re-scored in fp32) and
+  the backend (torch exact, FAISS HNSW), each with the validation accuracy it gives the same student;
+- search alone, and FAISS int8 keys (scalar quantizer, search only), for scale.
+
+Timing KB: the whole training set (train.csv) keyed by each student's own queries, so neighbours are as close as
+a trained student's are. Each round times every configuration in turn at batch 32 and at batch 1, so the ratios
+compare measurements taken under the same machine load. Without `--student`, untrained students (MiniLM-L6's first
+3 layers with fresh heads) at each `--kb_dims` are timed (no accuracy). The teacher (MiniLM-L6) is timed for scale.
+Output: `results/inference.json`; `default` names the configuration the package's defaults give.
 """
 
 import argparse
@@ -18,39 +25,86 @@ import statistics
 import time
 from pathlib import Path
 
+import faiss
 import torch
 from common import RESULTS_DIR, batches, environment, read_csv, write_json
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from hf_reaugkd import KnowledgeBase, ReAugKDConfig, ReAugKDForSequenceClassification, assets
+from hf_reaugkd import KnowledgeBase, ReAugKDForSequenceClassification, assets
+from hf_reaugkd.knowledge_base import resolve_index_type, scan_dtype
 
-BACKENDS = ("torch", "flat", "hnsw")
+# name -> (index_type, index parameters) of the retrieval configurations timed for every student
+SEARCH_SETTINGS = {
+    "torch fp32": ("torch", {"search_dtype": "float32"}),
+    "torch bf16": ("torch", {"search_dtype": "bfloat16"}),
+    "torch fp16": ("torch", {"search_dtype": "float16"}),
+    "hnsw": ("hnsw", {}),
+}
 
 
 @torch.no_grad()
-def training_set_knowledge_base(student, tokenizer, texts, labels, max_length, cache: Path) -> tuple:
-    """Keys: the student's queries for every training text (cached); values: one-hot training labels."""
+def student_queries(student, tokenizer, texts: list[str], max_length: int, cache: Path) -> torch.Tensor:
+    """The student's normalised queries `(N, kb_dim)` for `texts` (cached)."""
     if cache.exists():
-        keys = torch.load(cache)
-    else:
-        queries = []
-        for batch in tqdm(batches(tokenizer, texts, 64, max_length), desc="Embedding the training set"):
-            queries.append(student(**batch, retrieval_weight=0.0).query_embedding)
-        keys = torch.cat(queries)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(keys, cache)
-    names = sorted(set(labels))
-    values = torch.nn.functional.one_hot(torch.tensor([names.index(label) for label in labels]), len(names))
-    return keys, values.float()
+        return torch.load(cache)
+    queries = [
+        student(**batch, retrieval_weight=0.0).query_embedding
+        for batch in tqdm(batches(tokenizer, texts, 64, max_length), desc="Embedding the training set")
+    ]
+    keys = torch.cat(queries)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(keys, cache)
+    return keys
+
+
+@torch.no_grad()
+def accuracy(model, tokenizer, texts: list[str], labels: list[str], max_length: int, **forward_kwargs) -> float:
+    """Accuracy of `model`'s own forward (its config's k and β unless overridden) on `texts`."""
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    predicted = [
+        names[i]
+        for batch in batches(tokenizer, texts, 64, max_length)
+        for i in model(**batch, **forward_kwargs).logits.argmax(-1).tolist()
+    ]
+    return sum(p == str(label) for p, label in zip(predicted, labels, strict=True)) / len(labels)
+
+
+def with_search_setting(model, index_type: str, params: dict):
+    """A copy of `model` whose knowledge base (same entries) is searched with `index_type` and `params`."""
+    kb = model.knowledge_base
+    copied = copy.deepcopy(model)
+    copied.set_knowledge_base(KnowledgeBase.build(kb.keys, kb.values, index_type, **{**kb.index_params, **params}))
+    return copied
+
+
+def load_students(args, train_labels: list[str]) -> dict[str, ReAugKDForSequenceClassification]:
+    if args.student:
+        return {name: ReAugKDForSequenceClassification.from_pretrained(path).eval() for name, path in args.student}
+    minilm = str(assets.minilm_l6_path())
+    id2label = dict(enumerate(sorted(set(train_labels))))
+    students = {}
+    for dim in args.kb_dims:
+        torch.manual_seed(0)
+        encoder = AutoModel.from_pretrained(minilm, num_hidden_layers=3)
+        model = ReAugKDForSequenceClassification.from_encoder(encoder, id2label, kb_dim=dim, retrieval_weight=0.5)
+        students[f"kb{dim}"] = model.eval()
+    return students
+
+
+def parse_student(value: str) -> tuple[str, Path]:
+    name, sep, path = value.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--student takes NAME=DIRECTORY, got {value!r}")
+    return name, Path(path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="Directory with train.csv and test.csv (text,label)")
-    parser.add_argument("--student", help="A saved ReAugKD student (default: MiniLM-L6's first 3 layers)")
+    parser.add_argument("--data", type=Path, required=True, help="Directory with train/validation/test.csv")
+    parser.add_argument("--student", type=parse_student, action="append", help="NAME=DIR of a saved student")
+    parser.add_argument("--kb_dims", type=int, nargs="+", default=[64, 128, 256, 384], help="Without --student")
     parser.add_argument("--max_seq_length", type=int, default=64)
-    parser.add_argument("--knn_k", type=int, default=16)
     parser.add_argument("--num_examples", type=int, default=256, help="Test texts timed at batch 32")
     parser.add_argument("--num_single", type=int, default=64, help="Test texts timed one at a time (batch 1)")
     parser.add_argument("--rounds", type=int, default=7)
@@ -59,115 +113,127 @@ def main() -> None:
     args = parser.parse_args()
 
     train_texts, train_labels = read_csv(args.data / "train.csv")
+    validation_texts, validation_labels = read_csv(args.data / "validation.csv")
     test_texts, _ = read_csv(args.data / "test.csv")
-    num_labels = len(set(train_labels))
     minilm = str(assets.minilm_l6_path())
-    tokenizer = AutoTokenizer.from_pretrained(args.student or minilm)
-    teacher = AutoModelForSequenceClassification.from_pretrained(minilm, num_labels=num_labels).eval()
-    if args.student:
-        student = ReAugKDForSequenceClassification.from_pretrained(args.student).eval()
-    else:
-        torch.manual_seed(0)
-        encoder = AutoModel.from_pretrained(minilm, num_hidden_layers=3)
-        id2label = dict(enumerate(sorted(set(train_labels))))
-        student = ReAugKDForSequenceClassification.from_encoder(encoder, id2label).eval()
-    student.config.knn_k, student.config.retrieval_weight = args.knn_k, 0.5
-    cache = args.work_dir / f"{args.data.name}-{args.student is not None}-{args.max_seq_length}-keys.pt"
-    keys, values = training_set_knowledge_base(
-        student, tokenizer, train_texts, train_labels, args.max_seq_length, cache
-    )
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    teacher = AutoModelForSequenceClassification.from_pretrained(minilm, num_labels=len(set(train_labels))).eval()
+    students = load_students(args, train_labels)
 
-    with_retrieval = {}
-    for backend in BACKENDS:
-        start = time.perf_counter()
-        kb = KnowledgeBase.build(keys, values, backend)
-        build_seconds = time.perf_counter() - start
-        model = copy.deepcopy(student)
-        model.set_knowledge_base(kb)
-        with_retrieval[backend] = (model, build_seconds)
-    default_backend = ReAugKDConfig().index_type
+    configs = {"teacher": teacher}
+    searches, validation, setting = {}, {}, {}
+    for name, student in students.items():
+        configs[f"{name} student"] = student
+        cache = args.work_dir / f"{args.data.name}-{name}-{args.max_seq_length}-keys.pt"
+        keys = student_queries(student, tokenizer, train_texts, args.max_seq_length, cache)
+        names = sorted(set(train_labels))
+        values = torch.nn.functional.one_hot(torch.tensor([names.index(label) for label in train_labels]))
+        timing_kb = KnowledgeBase.build(keys, values.float())
+        timed = copy.deepcopy(student)
+        timed.set_knowledge_base(timing_kb)
+        for search, (index_type, params) in SEARCH_SETTINGS.items():
+            configs[f"{name} +retrieval[{search}]"] = with_search_setting(timed, index_type, params)
+            searches[f"{name} search[{search}]"] = configs[f"{name} +retrieval[{search}]"].knowledge_base
+            if args.student:  # accuracy of the trained student with its own KB under this search setting
+                model = with_search_setting(student, index_type, params)
+                validation[f"{name} +retrieval[{search}]"] = accuracy(
+                    model, tokenizer, validation_texts, validation_labels, args.max_seq_length
+                )
+        quantized = faiss.IndexScalarQuantizer(
+            keys.shape[1], faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+        )
+        quantized.train(timing_kb.keys.numpy())
+        quantized.add(timing_kb.keys.numpy())
+        searches[f"{name} search[faiss int8]"] = quantized
+        if args.student:
+            validation[f"{name} student"] = accuracy(
+                student, tokenizer, validation_texts, validation_labels, args.max_seq_length, retrieval_weight=0.0
+            )
+        setting[name] = {
+            "kb_dim": student.config.kb_dim,
+            "knn_k": student.config.knn_k,
+            "retrieval_weight": student.config.retrieval_weight,
+            "timing_kb_size": len(keys),
+            "trained_kb_size": student.config.kb_size,
+        }
 
     inputs = {
         32: batches(tokenizer, test_texts[: args.num_examples], 32, args.max_seq_length),
         1: batches(tokenizer, test_texts[: args.num_single], 1, args.max_seq_length),
     }
-    configs = {
-        "teacher": lambda batch: teacher(**batch),
-        "student": lambda batch: student(**batch, retrieval_weight=0),
-    }
-    for backend, (model, _) in with_retrieval.items():
-        configs[f"student+retrieval[{backend}]"] = lambda batch, model=model: model(**batch)
-    queries = {
-        size: [student(**batch, retrieval_weight=0).query_embedding for batch in batch_list]
-        for size, batch_list in inputs.items()
-    }
-    for backend, (model, _) in with_retrieval.items():
-        kb = model.reaugkd.knowledge_base
-        configs[f"search only[{backend}]"] = lambda query, kb=kb: kb.search(query, args.knn_k)
+    with torch.no_grad():
+        queries = {  # per student and batch size: its queries of the timed texts
+            name: {
+                size: [student(**b, retrieval_weight=0).query_embedding for b in batch_list]
+                for size, batch_list in inputs.items()
+            }
+            for name, student in students.items()
+        }
 
+    def call(name: str, item) -> None:
+        if name.endswith("student"):
+            configs[name](**item, retrieval_weight=0)
+        elif name in searches:
+            index = searches[name]
+            if isinstance(index, KnowledgeBase):
+                index.search(item, 16)
+            else:
+                index.search(item.numpy(), 16)
+        else:
+            configs[name](**item)
+
+    names = [*configs, *searches]
     times: dict[tuple[str, int], list[float]] = {}
     with torch.no_grad():
-        for name, run in configs.items():  # warm-up: FAISS indexes are deserialized on first search
-            run(queries[1][0] if name.startswith("search") else inputs[1][0])
+        for name in names:  # warm-up: FAISS indexes are deserialized, reduced-precision keys made on first search
+            call(name, queries[name.split(" ")[0]][1][0] if name in searches else inputs[1][0])
         for _ in tqdm(range(args.rounds), desc="Timing rounds"):
             for batch_size, batch_list in inputs.items():
-                for name, run in configs.items():
-                    items = queries[batch_size] if name.startswith("search") else batch_list
+                for name in names:
+                    items = queries[name.split(" ")[0]][batch_size] if name in searches else batch_list
                     start = time.perf_counter()
                     for item in items:
-                        run(item)
+                        call(name, item)
                     times.setdefault((name, batch_size), []).append(time.perf_counter() - start)
 
+    ms_per_batch = {key: 1000 * statistics.median(seconds) / len(inputs[key[1]]) for key, seconds in times.items()}
     results = []
-    for (name, batch_size), seconds in times.items():
-        count = len(test_texts[: args.num_examples if batch_size == 32 else args.num_single])
-        median = statistics.median(seconds)
-        results.append(
-            {
-                "model": name,
-                "batch_size": batch_size,
-                "ms_per_batch": 1000 * median / len(inputs[batch_size]),
-                "ms_per_example": 1000 * median / count,
-                "examples_per_second": count / median,
-            }
-        )
-    by_key = {(r["model"], r["batch_size"]): r["ms_per_batch"] for r in results}
-    overhead = {
-        backend: {f"batch{b}": by_key[f"student+retrieval[{backend}]", b] / by_key["student", b] - 1 for b in inputs}
-        for backend in BACKENDS
-    }
+    for (name, batch_size), ms in ms_per_batch.items():
+        student_name = name.split(" ")[0]
+        row = {"model": name, "batch_size": batch_size, "ms_per_batch": ms}
+        if student_name in students and name != f"{student_name} student":
+            row["overhead"] = ms / ms_per_batch[f"{student_name} student", batch_size] - (0 if name in searches else 1)
+        if name in validation:
+            row["validation_accuracy"] = validation[name]
+        results.append(row)
+
+    default_index = resolve_index_type("auto", len(train_texts))
+    default_dtype = str(scan_dtype("auto", "cpu")).removeprefix("torch.")
+    default_search = (
+        "hnsw"
+        if default_index == "hnsw"
+        else {"float32": "torch fp32", "bfloat16": "torch bf16"}.get(default_dtype, "torch fp16")
+    )
     report = {
         "environment": environment(),
         "setting": {
             "data": args.data.name,
-            "kb_size": len(keys),
-            "kb_dim": keys.shape[1],
-            "knn_k": args.knn_k,
             "max_seq_length": args.max_seq_length,
             "rounds": args.rounds,
-            "student": args.student or "MiniLM-L6, first 3 layers",
+            "students": setting,
             "teacher": "MiniLM-L6 (6 layers)",
-            "build_seconds": {backend: seconds for backend, (_, seconds) in with_retrieval.items()},
         },
-        "default_backend": default_backend,
-        "retrieval_overhead_batch32": overhead[default_backend]["batch32"],
-        "retrieval_overhead": overhead,
-        "teacher_over_student_batch32": by_key["teacher", 32] / by_key["student", 32],
+        "default_search": default_search,
         "results": results,
     }
     write_json(args.output, report)
 
-    print(f"\nKB = {args.data.name} training set: {len(keys)} × {keys.shape[1]}, k={args.knn_k}")
-    print(f"{'model':<28}{'batch':>6}{'ms/batch':>11}{'ms/example':>12}{'examples/s':>12}")
-    for r in sorted(results, key=lambda r: (r["batch_size"], list(configs).index(r["model"]))):
-        print(
-            f"{r['model']:<28}{r['batch_size']:>6}{r['ms_per_batch']:>11.2f}{r['ms_per_example']:>12.3f}"
-            f"{r['examples_per_second']:>12.1f}"
-        )
-    for backend, values_by_batch in overhead.items():
-        print(
-            f"retrieval overhead [{backend}]: " + ", ".join(f"{k} {100 * v:+.1f}%" for k, v in values_by_batch.items())
-        )
+    print(f"\nTiming KB = {args.data.name} training set ({len(train_texts)} rows); default search: {default_search}")
+    print(f"{'configuration':<34}{'batch':>6}{'ms/batch':>10}{'overhead':>10}{'val. acc.':>10}")
+    for r in sorted(results, key=lambda r: (r["batch_size"], names.index(r["model"]))):
+        overhead = f"{100 * r['overhead']:+.1f}%" if "overhead" in r else ""
+        acc = f"{100 * r['validation_accuracy']:.2f}" if "validation_accuracy" in r else ""
+        print(f"{r['model']:<34}{r['batch_size']:>6}{r['ms_per_batch']:>10.2f}{overhead:>10}{acc:>10}")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
-"""Knowledge-base scaling: build time, batch-32 query latency, recall@16, memory and checkpoint size per backend.
+"""Knowledge-base scaling: build time, query latency at batch 32 and 1, recall@16, memory and checkpoint size per
+backend, and from them the size above which `index_type="auto"` switches from exact search to HNSW.
 
-    python benchmarks/kb_scaling.py --data PATH/rotten_tomatoes --data PATH/bbc_news
+    python benchmarks/kb_scaling.py --data PATH/rotten_tomatoes --data PATH/bbc_news --dim 128
 
 Keys are realistic rather than uniform: MiniLM-L6 sentence embeddings of the texts in the --data directories
 (d=384), and for larger sizes random mixtures of two such embeddings plus a little noise, so the keys lie where
 real embeddings lie (anisotropic, clustered) instead of spreading uniformly over the sphere, which would make
-approximate search look harder than it is. Queries are other mixtures. At each size every backend is built once
-(package defaults), then timed in rounds that take each search setting in turn (exact torch and FAISS flat, HNSW
-at several efSearch, IVF at several nprobe), next to the student's own forward pass at batch 32 (MiniLM-L6's
-first 3 layers), which gives the overhead retrieval adds. Recall@16 is measured against the torch-exact ids.
+approximate search look harder than it is; `--dim` below 384 maps them through a fixed random Gaussian projection
+(which keeps their geometry, Johnson–Lindenstrauss) and renormalises. Queries are other mixtures. At each size every backend is built once
+(package defaults, IVF with about 4·√N clusters), then timed in rounds that take each search setting in turn
+(exact torch in the default reduced-precision scan and in float32, FAISS flat, HNSW at several efSearch, IVF at
+several nprobe) at batch 32 and at batch 1, next to the student's own forward pass at the same batch sizes
+(MiniLM-L6's first 3 layers), which gives the overhead retrieval adds. Recall@16 is measured against the torch-exact ids.
 Each size is saved to `results/kb_scaling.json` when done, and a rerun skips sizes already there. On a CUDA GPU,
 torch-exact search also runs on the GPU and its achieved memory bandwidth is reported.
 """
@@ -26,10 +29,18 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 from hf_reaugkd import KnowledgeBase, assets
+from hf_reaugkd.knowledge_base import scan_dtype
 from hf_reaugkd.modeling_reaugkd import mean_pool
 
-BACKENDS = ("torch", "flat", "hnsw", "ivf")
 K = 16
+# name -> (index_type, index parameters it is built with)
+BACKENDS = {
+    "torch": ("torch", {}),
+    "torch fp32": ("torch", {"search_dtype": "float32"}),
+    "flat": ("flat", {}),
+    "hnsw": ("hnsw", {}),
+    "ivf": ("ivf", {}),
+}
 
 
 @torch.no_grad()
@@ -70,11 +81,14 @@ def mixtures(base: torch.Tensor, count: int, generator: torch.Generator, noise: 
 
 
 def memory_bytes(kb: KnowledgeBase) -> int:
-    """The KB's buffers plus the live FAISS index: a copy of the keys (flat), or about its serialized size."""
+    """The KB's buffers plus what searching keeps: the reduced-precision copy of the keys (torch), a copy of the keys
+    (flat), or the live FAISS index (about its serialized size)."""
     buffers = sum(b.numel() * b.element_size() for b in kb.buffers())
-    live_index = {"torch": 0, "flat": kb.keys.numel() * kb.keys.element_size()}.get(
-        kb.index_type, kb.index_bytes.numel()
-    )
+    scan_itemsize = scan_dtype(kb.index_params["search_dtype"], "cpu").itemsize
+    live_index = {
+        "torch": 0 if scan_itemsize == kb.keys.element_size() else kb.keys.numel() * scan_itemsize,
+        "flat": kb.keys.numel() * kb.keys.element_size(),
+    }.get(kb.index_type, kb.index_bytes.numel())
     return buffers + live_index
 
 
@@ -97,64 +111,86 @@ def gpu_search(keys: torch.Tensor, queries: torch.Tensor) -> dict:
     }
 
 
+def projected(embeddings: torch.Tensor, dim: int) -> torch.Tensor:
+    """Unit vectors `(n, dim)`: `embeddings` through a fixed random Gaussian projection (identity at full size)."""
+    if dim == embeddings.shape[1]:
+        return embeddings
+    projection = torch.randn(embeddings.shape[1], dim, generator=torch.Generator().manual_seed(0))
+    return torch.nn.functional.normalize(embeddings @ projection, dim=-1)
+
+
 def operating_points(hnsw_ef_search: list[int], ivf_nprobe: list[int]) -> dict[str, tuple[str, dict]]:
-    """Named search settings: exact backends once, approximate ones at each efSearch / nprobe."""
-    points = {"torch": ("torch", {}), "flat": ("flat", {})}
+    """Named search settings (backend name, search parameters): exact backends once, approximate ones at each
+    efSearch / nprobe."""
+    points = {"torch": ("torch", {}), "torch fp32": ("torch fp32", {}), "flat": ("flat", {})}
     points.update({f"hnsw ef={ef}": ("hnsw", {"hnsw_ef_search": ef}) for ef in hnsw_ef_search})
     points.update({f"ivf nprobe={n}": ("ivf", {"ivf_nprobe": n}) for n in ivf_nprobe})
     return points
 
 
 @torch.no_grad()
-def measure_size(size: int, base: torch.Tensor, student_run, rounds: int, points: dict) -> dict:
+def measure_size(size: int, base: torch.Tensor, student_runs: dict, rounds: int, points: dict) -> dict:
     generator = torch.Generator().manual_seed(size)
     keys = base[:size].clone() if size <= len(base) else torch.cat([base, mixtures(base, size - len(base), generator)])
     values = torch.nn.functional.one_hot(torch.randint(2, (size,), generator=generator), 2).float()
     query_batches = mixtures(base, 32 * rounds, generator).split(32)
 
     kbs, built = {}, {}
-    for backend in BACKENDS:  # each index is built once (package defaults); search settings vary below
+    for name, (index_type, params) in BACKENDS.items():  # each index is built once; search settings vary below
         start = time.perf_counter()
-        kbs[backend] = KnowledgeBase.build(keys, values, backend)
-        kbs[backend].search(query_batches[0], K)  # FAISS indexes are deserialized on first search
+        kbs[name] = KnowledgeBase.build(keys, values, index_type, **params)
+        kbs[name].search(query_batches[0], K)  # FAISS indexes are deserialized on first search
         seconds = time.perf_counter() - start
-        built[backend] = {
+        built[name] = {
             "build_seconds": seconds,
-            "memory_bytes": memory_bytes(kbs[backend]),
-            "checkpoint_bytes": checkpoint_bytes(kbs[backend]),
+            "memory_bytes": memory_bytes(kbs[name]),
+            "checkpoint_bytes": checkpoint_bytes(kbs[name]),
         }
-        tqdm.write(f"{size}: built {backend} in {seconds:.1f} s")
+        tqdm.write(f"{size}: built {name} in {seconds:.1f} s")
 
-    times: dict[str, list[float]] = {name: [] for name in (*points, "student")}
+    times: dict[tuple[str, int], list[float]] = {}
     found: dict[str, list[torch.Tensor]] = {name: [] for name in points}
     for queries in tqdm(query_batches, desc=f"{size} keys: timing rounds"):
-        start = time.perf_counter()
-        student_run()
-        times["student"].append(time.perf_counter() - start)
+        for batch_size, student_run in student_runs.items():
+            start = time.perf_counter()
+            student_run()
+            times.setdefault(("student", batch_size), []).append(time.perf_counter() - start)
         for name, (backend, params) in points.items():
             kb = kbs[backend]
             kb.index_params.update(params)
             start = time.perf_counter()
             _, ids = kb.search(queries, K)
-            times[name].append(time.perf_counter() - start)
+            times.setdefault((name, 32), []).append(time.perf_counter() - start)
             found[name].append(ids)
+            start = time.perf_counter()
+            for query in queries.split(1):
+                kb.search(query, K)
+            times.setdefault((name, 1), []).append((time.perf_counter() - start) / len(queries))
 
-    student_ms = 1000 * statistics.median(times["student"])
-    exact = torch.cat(found["torch"])
+    median_ms = {key: 1000 * statistics.median(values) for key, values in times.items()}
+    exact = torch.cat(found["torch fp32"])
     rows = {}
     for name, (backend, params) in points.items():
         ids = torch.cat(found[name])
         recall = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, exact, strict=True)) / exact.numel()
-        search_ms = 1000 * statistics.median(times[name])
         rows[name] = {
-            "backend": backend,
-            "search_params": params,
-            "search_ms_batch32": search_ms,
-            "overhead_vs_student_batch32": search_ms / student_ms,
+            "backend": BACKENDS[backend][0],
+            "search_params": {**BACKENDS[backend][1], **params},
+            "search_ms_batch32": median_ms[name, 32],
+            "overhead_vs_student_batch32": median_ms[name, 32] / median_ms["student", 32],
+            "search_ms_batch1": median_ms[name, 1],
+            "overhead_vs_student_batch1": median_ms[name, 1] / median_ms["student", 1],
             "recall_at_16": recall,
             **built[backend],
         }
-    result = {"size": size, "dim": keys.shape[1], "student_ms_batch32": student_ms, "rows": rows}
+    result = {
+        "size": size,
+        "dim": keys.shape[1],
+        "student_ms_batch32": median_ms["student", 32],
+        "student_ms_batch1": median_ms["student", 1],
+        "ivf_nlist": kbs["ivf"]._get_faiss_index().nlist,
+        "rows": rows,
+    }
     if torch.cuda.is_available():
         result["gpu_torch_exact"] = gpu_search(keys, torch.cat(query_batches))
     return result
@@ -163,11 +199,12 @@ def measure_size(size: int, base: torch.Tensor, student_run, rounds: int, points
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, action="append", required=True, help="Directory with text,label CSVs")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 30_000, 100_000, 300_000, 1_000_000])
+    parser.add_argument("--dim", type=int, default=384, help="Key dimension (a random projection below 384)")
     parser.add_argument("--rounds", type=int, default=10, help="Timed batches of 32 queries per backend")
     parser.add_argument("--max_seq_length", type=int, default=64)
     parser.add_argument("--hnsw_ef_search", type=int, nargs="+", default=[64, 128, 256], help="efSearch values")
-    parser.add_argument("--ivf_nprobe", type=int, nargs="+", default=[8, 32], help="nprobe values")
+    parser.add_argument("--ivf_nprobe", type=int, nargs="+", default=[8, 32, 64], help="nprobe values")
     parser.add_argument("--work_dir", type=Path, default=Path(__file__).parent / "runs" / "kb_scaling")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "kb_scaling.json")
     args = parser.parse_args()
@@ -175,20 +212,26 @@ def main() -> None:
     points = operating_points(args.hnsw_ef_search, args.ivf_nprobe)
     names = "-".join(d.name for d in args.data)
     base = real_embeddings(args.data, args.max_seq_length, args.work_dir / f"{names}-{args.max_seq_length}.pt")
+    base = projected(base, args.dim)
 
     minilm = str(assets.minilm_l6_path())
     tokenizer = AutoTokenizer.from_pretrained(minilm)
     student = AutoModel.from_pretrained(minilm, num_hidden_layers=3).eval()
-    student_batch = batches(tokenizer, read_csv(args.data[0] / "test.csv")[0][:32], 32, args.max_seq_length)[0]
+    texts = read_csv(args.data[0] / "test.csv")[0]
+    student_inputs = {
+        32: batches(tokenizer, texts[:32], 32, args.max_seq_length)[0],
+        1: batches(tokenizer, texts[:1], 1, args.max_seq_length)[0],
+    }
+    student_runs = {size: lambda inputs=inputs: student(**inputs) for size, inputs in student_inputs.items()}
 
     report = json.loads(args.output.read_text()) if args.output.exists() else {"sizes": []}
-    done = {(r["size"], tuple(r["rows"])) for r in report["sizes"]}
+    done = {(r["size"], r["dim"], tuple(r["rows"])) for r in report["sizes"]}
     report.update(environment=environment(), base_embeddings=len(base), k=K, data=[d.name for d in args.data])
     for size in args.sizes:
-        if (size, tuple(points)) in done:
-            print(f"{size}: already measured, skipping")
+        if (size, args.dim, tuple(points)) in done:
+            print(f"{size} × {args.dim}: already measured, skipping")
             continue
-        result = measure_size(size, base, lambda: student(**student_batch), args.rounds, points)
+        result = measure_size(size, base, student_runs, args.rounds, points)
         report["sizes"].append(result)
         write_json(args.output, report)
         print_size(result)
@@ -196,16 +239,19 @@ def main() -> None:
 
 def print_size(result: dict) -> None:
     print(
-        f"\n{result['size']} keys × {result['dim']}; student forward at batch 32: {result['student_ms_batch32']:.1f} ms"
+        f"\n{result['size']} keys × {result['dim']} (IVF nlist {result['ivf_nlist']}); student forward: "
+        f"{result['student_ms_batch32']:.1f} ms at batch 32, {result['student_ms_batch1']:.2f} ms at batch 1"
     )
     header = (
-        f"{'search':<16}{'build s':>9}{'ms/32 q':>9}{'overhead':>10}{'recall@16':>11}{'memory MB':>11}{'ckpt MB':>9}"
+        f"{'search':<16}{'build s':>9}{'ms/32 q':>9}{'ovh b32':>9}{'ms/q b1':>9}{'ovh b1':>8}{'recall@16':>11}"
+        f"{'memory MB':>11}{'ckpt MB':>9}"
     )
     print(header)
     for name, row in result["rows"].items():
         print(
             f"{name:<16}{row['build_seconds']:>9.2f}{row['search_ms_batch32']:>9.2f}"
-            f"{100 * row['overhead_vs_student_batch32']:>9.1f}%{row['recall_at_16']:>11.3f}"
+            f"{100 * row['overhead_vs_student_batch32']:>8.1f}%{row['search_ms_batch1']:>9.3f}"
+            f"{100 * row['overhead_vs_student_batch1']:>7.1f}%{row['recall_at_16']:>11.3f}"
             f"{row['memory_bytes'] / 2**20:>11.1f}{row['checkpoint_bytes'] / 2**20:>9.1f}"
         )
 

@@ -21,6 +21,61 @@ def test_torch_search_matches_brute_force_across_blocks():
         torch.testing.assert_close(scores, brute_scores)
 
 
+@pytest.mark.parametrize("search_dtype", ["float32", "bfloat16", "float16"])
+def test_reduced_precision_scan_returns_the_exact_neighbours_and_similarities(search_dtype):
+    kb = random_kb(300, search_dtype=search_dtype, search_block_size=64, search_query_block_size=3)
+    queries = unit(7)
+    brute_scores, brute_ids = (queries @ kb.keys.T).topk(9, dim=1)
+    scores, ids = kb.search(queries, 9)
+    assert scores.dtype == torch.float32
+    assert torch.equal(ids, brute_ids)
+    torch.testing.assert_close(scores, brute_scores)
+
+
+def test_candidates_of_a_bfloat16_scan_are_ranked_by_their_fp32_similarity():
+    # Ten keys whose cosines to the query differ by 2e-4 steps: bfloat16 (8 significant bits) rounds them all to
+    # the same value, so only the fp32 re-scoring can put them in order.
+    query = torch.nn.functional.normalize(torch.ones(1, 16), dim=-1)
+    other = torch.nn.functional.normalize(torch.arange(16.0) - 7.5, dim=0)  # orthogonal to the query
+    cosines = 0.98 + 2e-4 * torch.tensor([3, 7, 0, 9, 1, 5, 8, 2, 6, 4], dtype=torch.float32)
+    keys = cosines[:, None] * query + (1 - cosines[:, None] ** 2).sqrt() * other
+    kb = KnowledgeBase.build(keys, torch.full((10, 3), 1 / 3), search_dtype="bfloat16")
+    scores, ids = kb.search(query, 4)
+    assert ids[0].tolist() == [3, 6, 1, 8]
+    torch.testing.assert_close(scores[0], cosines[[3, 6, 1, 8]], atol=1e-6, rtol=0)
+
+
+def test_scan_copy_follows_the_keys():
+    kb = random_kb(50, search_dtype="bfloat16")
+    query = unit(1)
+    kb.search(query, 1)
+    kb.keys[17] = query[0]  # an in-place edit: the reduced-precision copy must be remade
+    assert kb.search(query, 1)[1].item() == 17
+
+
+def test_search_dtype_auto_and_unknown():
+    assert kb_module.scan_dtype("auto", "cuda") == torch.float16
+    assert kb_module.scan_dtype("float32", "cpu") == torch.float32
+    with pytest.raises(ValueError, match="Unknown search_dtype 'int4'"):
+        random_kb(5, search_dtype="int4")
+
+
+def test_auto_index_type_is_exact_for_small_and_hnsw_for_large_knowledge_bases(monkeypatch):
+    monkeypatch.setattr(kb_module, "AUTO_EXACT_MAX_SIZE", 100)
+    assert random_kb(100, index_type="auto").index_type == "torch"
+    assert random_kb(101, index_type="auto").index_type == "hnsw"
+    monkeypatch.setattr(kb_module, "faiss", None)
+    assert random_kb(101, index_type="auto").index_type == "torch"
+
+
+def test_ivf_nlist_zero_is_about_four_sqrt_n_and_round_trips(tmp_path):
+    kb = random_kb(400, index_type="ivf", ivf_nlist=0)
+    assert kb._get_faiss_index().nlist == 80
+    kb.save(tmp_path / "kb.safetensors")
+    loaded = KnowledgeBase.load(tmp_path / "kb.safetensors")  # layout checks expect the same nlist
+    assert torch.equal(loaded.search(unit(3), 5)[1], kb.search(unit(3), 5)[1])
+
+
 def test_keys_are_normalised_and_k_is_clamped():
     kb = random_kb(5)
     torch.testing.assert_close(kb.keys.norm(dim=1), torch.ones(5))

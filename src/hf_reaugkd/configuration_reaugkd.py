@@ -38,6 +38,8 @@ class ReAugKDConfig(PreTrainedConfig):
         index_type (`str`, defaults to `"torch"`):
             Search backend: `"torch"` (exact, blockwise matmul + top-k; runs on the model's device),
             `"flat"` (FAISS exact), `"hnsw"` or `"ivf"` (FAISS approximate). FAISS types need `faiss-cpu`.
+            `KnowledgeBase.build(..., index_type="auto")` (the pipeline's default) records `"torch"` for knowledge
+            bases up to 50,000 entries and `"hnsw"` above.
         index_nbytes (`int`, defaults to 0):
             Size of the serialized FAISS index stored in the checkpoint (only trained indexes, HNSW and IVF, are
             stored; exact ones are rebuilt from the keys).
@@ -51,11 +53,16 @@ class ReAugKDConfig(PreTrainedConfig):
         search_block_size (`int`, defaults to 65536), search_query_block_size (`int`, defaults to 1024):
             KB rows and queries scored per block by the torch backend: search memory is at most
             `search_query_block_size × search_block_size` scores, whatever the number of queries and keys.
+        search_dtype (`str`, defaults to `"auto"`):
+            Precision the torch backend scans the keys in: `"float32"`, `"bfloat16"`, `"float16"`, or `"auto"`
+            (float16 on CUDA, bfloat16 on CPUs with native bf16 matmul, else float32). The best candidates of a
+            reduced-precision scan are re-scored from the fp32 keys, so similarities stay exact.
         hnsw_m (`int`, defaults to 32), hnsw_ef_construction (`int`, defaults to 80),
-        hnsw_ef_search (`int`, defaults to 64):
+        hnsw_ef_search (`int`, defaults to 128):
             HNSW graph degree and search breadths.
-        ivf_nlist (`int`, defaults to 1024), ivf_nprobe (`int`, defaults to 32):
-            IVF number of clusters and clusters visited per query.
+        ivf_nlist (`int`, defaults to 0), ivf_nprobe (`int`, defaults to 32):
+            IVF number of clusters (0: about 4·√kb_size, fixed when the index is built) and clusters visited per
+            query.
         classifier_dropout (`float`, defaults to 0.1):
             Dropout before the student classifier.
         initializer_range (`float`, defaults to 0.02):
@@ -86,6 +93,7 @@ class ReAugKDConfig(PreTrainedConfig):
     kb_has_texts: bool = False
     search_block_size: int = DEFAULT_INDEX_PARAMS["search_block_size"]
     search_query_block_size: int = DEFAULT_INDEX_PARAMS["search_query_block_size"]
+    search_dtype: Literal["auto", "float32", "bfloat16", "float16"] = DEFAULT_INDEX_PARAMS["search_dtype"]
     hnsw_m: int = DEFAULT_INDEX_PARAMS["hnsw_m"]
     hnsw_ef_construction: int = DEFAULT_INDEX_PARAMS["hnsw_ef_construction"]
     hnsw_ef_search: int = DEFAULT_INDEX_PARAMS["hnsw_ef_search"]
@@ -127,6 +135,8 @@ class ReAugKDConfig(PreTrainedConfig):
             raise ValueError(f"retrieval_temperature must be > 0, got {self.retrieval_temperature}")
         if not 0.0 <= self.retrieval_weight <= 1.0:
             raise ValueError(f"retrieval_weight (β) must be in [0, 1], got {self.retrieval_weight}")
+        if self.ivf_nlist < 0:
+            raise ValueError(f"ivf_nlist must be >= 0 (0: about 4·√kb_size), got {self.ivf_nlist}")
         if min(self.search_block_size, self.search_query_block_size) < 1:
             raise ValueError(
                 "search_block_size and search_query_block_size must be >= 1, got "

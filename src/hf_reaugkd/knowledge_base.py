@@ -19,8 +19,10 @@ FAISS returns is checked against the keys before it is searched. What happens wh
 Checkpoints saved before the checksum existed (no `index_sha256`) get every check but the checksum.
 """
 
+import functools
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -43,17 +45,28 @@ logger = logging.get_logger(__name__)
 
 INDEX_TYPES = ("torch", "flat", "hnsw", "ivf")
 TRAINED_INDEX_TYPES = ("hnsw", "ivf")  # stored serialized; exact indexes are rebuilt from the keys
+# What `build(index_type="auto")` makes: exact torch search up to this many entries, HNSW above (torch when FAISS is
+# missing). Measured with benchmarks/kb_scaling.py: below it the reduced-precision exact scan is as fast as HNSW at
+# batch 1 and 32 with recall 1; above it its cost grows with N while HNSW's barely does.
+AUTO_EXACT_MAX_SIZE = 50_000
+SEARCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_INDEX_PARAMS = {
     # torch backend: KB rows scored per block, and queries scored at once; memory is at most
     # search_query_block_size × search_block_size × 4 bytes (256 MiB at the defaults) for any number of queries.
     "search_block_size": 65536,
     "search_query_block_size": 1024,
+    # torch backend: the dtype the keys are scanned in ("auto": see `scan_dtype`); the candidates found are re-scored
+    # from the fp32 keys, so returned similarities are exact.
+    "search_dtype": "auto",
     "hnsw_m": 32,
     "hnsw_ef_construction": 80,
-    "hnsw_ef_search": 64,
-    "ivf_nlist": 1024,
+    "hnsw_ef_search": 128,  # recall@16 >= 0.95 from 10k to 1M keys (benchmarks/kb_scaling.py)
+    "ivf_nlist": 0,  # 0: about 4·√N clusters for N entries (set when the index is built)
     "ivf_nprobe": 32,
 }
+# The reduced-precision scan keeps this many candidates per wanted neighbour for exact re-scoring: a true top-k key is
+# lost only if more than (factor - 1)·k keys outscore it by less than the scan's rounding error (~1e-3 in bfloat16).
+RESCORE_FACTOR = 2
 # Soft labels must sum to 1 up to this tolerance; fp32 softmax outputs are far closer than that.
 DISTRIBUTION_ATOL = 1e-3
 # `nn.functional.normalize` divides by max(norm, eps): a key whose fp32 norm is below eps (or overflows) cannot become
@@ -79,6 +92,36 @@ def _require_faiss(index_type: str) -> None:
 def _check_index_type(index_type: str) -> None:
     if index_type not in INDEX_TYPES:
         raise ValueError(f"Unknown index_type {index_type!r}: expected one of {INDEX_TYPES}.")
+
+
+def resolve_index_type(index_type: str, size: int) -> str:
+    """`"auto"` → `"torch"` (exact) for up to `AUTO_EXACT_MAX_SIZE` entries or without FAISS, `"hnsw"` above; any
+    other type is returned as it is (after checking it)."""
+    if index_type == "auto":
+        return "torch" if size <= AUTO_EXACT_MAX_SIZE or faiss is None else "hnsw"
+    _check_index_type(index_type)
+    return index_type
+
+
+@functools.cache
+def scan_dtype(search_dtype: str, device_type: str) -> torch.dtype:
+    """The dtype the exact torch search reads the keys in. Scanning the keys is memory-bound, so half the bytes is
+    about half the time, where the hardware multiplies half precision natively. `"auto"`: float16 on CUDA (tensor
+    cores; three more mantissa bits than bfloat16), bfloat16 on CPUs with native bf16 matmul (AVX512-BF16 or AMX,
+    through oneDNN), float32 elsewhere (emulated half precision is slower than float32)."""
+    if search_dtype not in SEARCH_DTYPES:
+        raise ValueError(f"Unknown search_dtype {search_dtype!r}: expected one of {SEARCH_DTYPES}.")
+    if search_dtype != "auto":
+        return getattr(torch, search_dtype)
+    if device_type == "cuda":
+        return torch.float16
+    if device_type == "cpu" and torch.backends.mkldnn.is_available():
+        try:
+            if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                return torch.bfloat16
+        except (AttributeError, RuntimeError):  # a torch build without the probe: assume no native bf16
+            pass
+    return torch.float32
 
 
 def validate_entries(keys: torch.Tensor, values: torch.Tensor, num_labels: int | None = None) -> None:
@@ -162,7 +205,7 @@ class KnowledgeBase(nn.Module):
         index_type: str = "torch",
         index_nbytes: int = 0,
         index_sha256: str | None = None,
-        **index_params: int,
+        **index_params: int | str,
     ):
         super().__init__()
         _check_index_type(index_type)
@@ -173,12 +216,14 @@ class KnowledgeBase(nn.Module):
             )
         self.index_type = index_type
         self.index_params = {**DEFAULT_INDEX_PARAMS, **index_params}
+        scan_dtype(self.index_params["search_dtype"], "cpu")  # refuse an unknown search_dtype now, not at search
         self.register_buffer("keys", torch.zeros(size, dim))
         self.register_buffer("values", torch.zeros(size, num_labels))
         self.register_buffer("index_bytes", torch.zeros(index_nbytes, dtype=torch.uint8))
         self.index_sha256 = index_sha256
         self._faiss_index = None
         self._faiss_index_source = None
+        self._scan_keys, self._scan_keys_source = None, None
         self._texts: list[str] | None = None
         self._texts_loader: Callable[[], list[str]] | None = None
 
@@ -236,17 +281,18 @@ class KnowledgeBase(nn.Module):
         keys: torch.Tensor,
         values: torch.Tensor,
         index_type: str = "torch",
-        **index_params: int,
+        **index_params: int | str,
     ) -> "KnowledgeBase":
         """Make a KB from teacher embeddings `[N, d]` and soft labels `[N, C]`.
 
-        Keys are L2-normalised and stored in fp32. For `"hnsw"` and `"ivf"` the FAISS index is trained and
-        filled here and its bytes are kept, so loading never retrains it.
+        Keys are L2-normalised and stored in fp32. `index_type="auto"` picks the backend by size (see
+        `resolve_index_type`). For `"hnsw"` and `"ivf"` the FAISS index is trained and filled here and its bytes are
+        kept, so loading never retrains it.
         """
-        _check_index_type(index_type)
+        validate_entries(keys, values)
+        index_type = resolve_index_type(index_type, len(keys))
         if index_type != "torch":
             _require_faiss(index_type)
-        validate_entries(keys, values)
         params = {**DEFAULT_INDEX_PARAMS, **index_params}
         kb = cls(len(keys), keys.shape[1], values.shape[1], index_type, 0, **index_params)
         block = params["search_block_size"]
@@ -328,25 +374,51 @@ class KnowledgeBase(nn.Module):
         return scores.to(queries.device), ids.to(queries.device)
 
     def _search_torch(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact top-k over blocks of queries × blocks of keys, so memory never grows with N or B."""
+        """Exact top-k `(B, k)`: a scan of the keys in `search_dtype` over blocks of queries × keys (memory bounded
+        for any N and B), then, for a reduced-precision scan, its `RESCORE_FACTOR · k` best candidates re-scored from
+        the fp32 keys. Scores are exact fp32 cosines; the neighbours are the exact ones unless a true neighbour fell
+        behind that many others by less than the scan's rounding error."""
+        scan_keys = self._keys_for_scan()  # (N, d): the fp32 keys themselves, or their reduced-precision copy
+        rescore = scan_keys.dtype != self.keys.dtype
+        candidates = min(RESCORE_FACTOR * k, self.size) if rescore else k
         query_block = self.index_params["search_query_block_size"]
-        results = [self._search_torch_block(chunk, k) for chunk in queries.split(query_block)]
-        return torch.cat([scores for scores, _ in results]), torch.cat([ids for _, ids in results])
+        if len(queries) <= query_block:  # the common case, without the split and concatenation
+            scores, ids = self._scan(queries, scan_keys, candidates)  # (B, c), (B, c)
+        else:
+            found = [self._scan(chunk, scan_keys, candidates) for chunk in queries.split(query_block)]
+            scores, ids = torch.cat([s for s, _ in found]), torch.cat([i for _, i in found])  # (B, c)
+        if not rescore:
+            return scores, ids
+        scores = torch.bmm(self.keys[ids], queries.unsqueeze(-1)).squeeze(-1)  # (B, c): exact fp32 similarities
+        scores, order = scores.topk(k, dim=1)  # (B, k)
+        return scores, ids.gather(1, order)
 
-    def _search_torch_block(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scan(self, queries: torch.Tensor, scan_keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k of `queries @ scan_keys.T` `(b, k)`, one block of `search_block_size` keys at a time."""
         block = self.index_params["search_block_size"]
+        queries = queries.to(scan_keys.dtype)  # (b, d)
         best_scores = best_ids = None
         for start in range(0, self.size, block):
-            scores = queries @ self.keys[start : start + block].T  # (b, block)
+            scores = queries @ scan_keys[start : start + block].T  # (b, block)
             top_scores, top_ids = scores.topk(min(k, scores.shape[1]), dim=1)  # (b, ≤k)
-            top_ids += start
             if best_scores is not None:
                 top_scores = torch.cat([best_scores, top_scores], dim=1)  # (b, ≤2k)
-                top_ids = torch.cat([best_ids, top_ids], dim=1)
+                top_ids = torch.cat([best_ids, top_ids + start], dim=1)
                 top_scores, order = top_scores.topk(min(k, top_scores.shape[1]), dim=1)  # (b, ≤k)
                 top_ids = top_ids.gather(1, order)
             best_scores, best_ids = top_scores, top_ids
         return best_scores, best_ids
+
+    def _keys_for_scan(self) -> torch.Tensor:
+        """The keys in the scan dtype for their device: the fp32 buffer itself, or a reduced-precision copy made once
+        and remade when the keys change (not a buffer: never saved, and the fp32 keys stay the reference)."""
+        dtype = scan_dtype(self.index_params["search_dtype"], self.keys.device.type)
+        if dtype == self.keys.dtype:
+            return self.keys
+        source = (self.keys.data_ptr(), self.keys._version, self.keys.device, dtype)
+        if self._scan_keys_source != source:
+            self._scan_keys, self._scan_keys_source = self.keys.to(dtype), source
+        return self._scan_keys
 
     def _get_faiss_index(self):
         """The FAISS index for the current buffers, made once and reused until the buffers change. Stored HNSW/IVF
@@ -583,7 +655,7 @@ def _train_faiss_index(keys: torch.Tensor, index_type: str, params: dict):
         index = faiss.IndexHNSWFlat(dim, params["hnsw_m"], faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = params["hnsw_ef_construction"]
     else:
-        nlist = min(params["ivf_nlist"], n)  # k-means needs at least one point per cluster
+        nlist = ivf_nlist(n, params)
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(vectors)
     index.add(vectors)
@@ -658,8 +730,11 @@ class _ByteReader:
             )
 
 
-def _expected_ivf_nlist(size: int, params: dict) -> int:
-    return min(params["ivf_nlist"], size)  # as `_train_faiss_index` builds it
+def ivf_nlist(size: int, params: dict) -> int:
+    """IVF clusters for `size` entries: `ivf_nlist`, or about 4·√size when it is 0 (FAISS's rule of thumb: lists of
+    ~√N/4 keys keep both the coarse and the fine scan short); never more than the entries (one point per cluster)."""
+    nlist = params["ivf_nlist"] or round(4 * math.sqrt(size))
+    return max(1, min(nlist, size))
 
 
 def _index_size_bounds(index_type: str, size: int, dim: int, params: dict) -> tuple[int, int]:
@@ -669,7 +744,7 @@ def _index_size_bounds(index_type: str, size: int, dim: int, params: dict) -> tu
     if index_type == "hnsw":
         estimate = vectors + size * (4 + 8 + 4 * 4 * params["hnsw_m"])  # level, offset, ~2M + M links (4M here)
     else:
-        estimate = vectors + 8 * size + _expected_ivf_nlist(size, params) * (4 * dim + 16)
+        estimate = vectors + 8 * size + ivf_nlist(size, params) * (4 * dim + 16)
     return vectors, 2 * estimate + (1 << 20)
 
 
@@ -695,7 +770,7 @@ def _check_index_layout(data: np.ndarray, index_type: str, size: int, dim: int, 
         reader.index_header(FLAT_IP_FOURCC, "the HNSW storage", dim, size)
         reader.vector(4, "the stored vectors", expected=size * dim)
     else:
-        nlist = _expected_ivf_nlist(size, params)
+        nlist = ivf_nlist(size, params)
         found_nlist = reader.unpack("Q", "nlist")
         if found_nlist != nlist:
             raise _MalformedIndexError(f"the IVF index has nlist={found_nlist}, expected {nlist}")
@@ -794,7 +869,7 @@ def _check_index_content(index, keys: np.ndarray, index_type: str, params: dict)
             raise ValueError(f"its HNSW links are not ids in [-1, {size})")
         index.hnsw.efSearch = max(params["hnsw_ef_search"], 1)
     else:
-        nlist = _expected_ivf_nlist(size, params)
+        nlist = ivf_nlist(size, params)
         quantizer = faiss.downcast_index(index.quantizer)
         if (
             index.nlist != nlist
