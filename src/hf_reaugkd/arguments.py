@@ -138,10 +138,8 @@ class ModelArguments:
     evaluate_student_keyed_kb: bool = field(
         default=False,
         metadata={
-            "help": "Also measure the baseline that needs no teacher space: a second knowledge base of the same rows "
-            "and soft labels keyed by the trained student's own query embeddings (one student pass over the "
-            "knowledge base's texts), with its own k and β chosen on validation. Reported in metrics.json as "
-            "'student_retrieval_student_keys'; the saved model keeps the teacher-keyed knowledge base."
+            "help": "Also measure a baseline without the teacher's space: the knowledge base keyed by the student's "
+            "own queries (metrics.json: student_retrieval_student_keys)."
         },
     )
     store_kb_texts: bool = field(
