@@ -14,7 +14,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from .errors import InputError
-from .knowledge_base import DEFAULT_INDEX_PARAMS, INDEX_TYPES
+from .knowledge_base import AUTO_EXACT_MAX_SIZE, DEFAULT_INDEX_PARAMS, INDEX_TYPES, SEARCH_DTYPES
 from .training_args import ReAugKDTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,20 @@ class ModelArguments:
             "<output_dir>/stages."
         },
     )
-    index_type: str = field(default="torch", metadata={"help": f"Knowledge-base search backend: {INDEX_TYPES}."})
+    index_type: str = field(
+        default="auto",
+        metadata={
+            "help": f"Knowledge-base search backend: 'auto' (exact 'torch' up to {AUTO_EXACT_MAX_SIZE:,} entries, "
+            f"'hnsw' above) or one of {INDEX_TYPES}."
+        },
+    )
+    search_dtype: str = field(
+        default=DEFAULT_INDEX_PARAMS["search_dtype"],
+        metadata={
+            "help": f"Precision of the exact torch scan, one of {SEARCH_DTYPES}: 'auto' is float16 on CUDA, bfloat16 "
+            "on CPUs with native bf16 matmul, else float32; candidates are re-scored in float32."
+        },
+    )
     hnsw_m: int = field(
         default=DEFAULT_INDEX_PARAMS["hnsw_m"], metadata={"help": "HNSW graph degree (--index_type hnsw)."}
     )
@@ -125,7 +138,7 @@ class ModelArguments:
     )
     ivf_nlist: int = field(
         default=DEFAULT_INDEX_PARAMS["ivf_nlist"],
-        metadata={"help": "IVF clusters (--index_type ivf); about 4·√N suits a KB of N entries."},
+        metadata={"help": "IVF clusters (--index_type ivf); 0: about 4·√N for a KB of N entries."},
     )
     ivf_nprobe: int = field(
         default=DEFAULT_INDEX_PARAMS["ivf_nprobe"], metadata={"help": "IVF clusters visited per query."}
@@ -159,18 +172,20 @@ class ModelArguments:
     )
 
     @property
-    def index_params(self) -> dict[str, int]:
-        """The HNSW/IVF settings the knowledge base is built with (the torch and flat backends ignore them)."""
+    def index_params(self) -> dict[str, int | str]:
+        """The search settings the knowledge base is built with (each backend reads its own)."""
         return {
             name: getattr(self, name)
-            for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe")
+            for name in ("search_dtype", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe")
         }
 
     def __post_init__(self):
         if self.pooling not in ("mean", "cls"):
             raise InputError(f"--pooling must be 'mean' or 'cls', got {self.pooling!r}")
-        if self.index_type not in INDEX_TYPES:
-            raise InputError(f"--index_type must be one of {INDEX_TYPES}, got {self.index_type!r}")
+        if self.index_type not in ("auto", *INDEX_TYPES):
+            raise InputError(f"--index_type must be 'auto' or one of {INDEX_TYPES}, got {self.index_type!r}")
+        if self.search_dtype not in SEARCH_DTYPES:
+            raise InputError(f"--search_dtype must be one of {SEARCH_DTYPES}, got {self.search_dtype!r}")
         grids = [
             ",".join(map(str, g)) if isinstance(g, list) else str(g)
             for g in (self.knn_k_grid, self.retrieval_weight_grid)
