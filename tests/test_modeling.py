@@ -9,7 +9,12 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForSequenceClassification, pipeline
 
 from hf_reaugkd import KnowledgeBase, ReAugKDForSequenceClassification, ReAugKDModel
-from hf_reaugkd.modeling_reaugkd import mix_probabilities, neighbor_label_distribution
+from hf_reaugkd.modeling_reaugkd import (
+    gated_retrieval_weight,
+    mix_probabilities,
+    neighbor_label_distribution,
+    retrieval_gate_features,
+)
 
 
 @pytest.fixture
@@ -436,3 +441,44 @@ def test_100k_by_384_knowledge_base_round_trips(tmp_path, batch):
     assert torch.equal(loaded.knowledge_base.keys, model.knowledge_base.keys)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
+
+
+def test_retrieval_gate_features_by_hand():
+    """top similarity 0.6; retrieved (0.75, 0.25): confidence 0.75, entropy −(0.75 ln 0.75 + 0.25 ln 0.25) / ln 2
+    = 0.8113; student (0.5, 0.5): entropy 1. A query without hits (score −inf, all-zero retrieved) reads 0 for its
+    similarity and retrieved features."""
+    features = retrieval_gate_features(
+        torch.tensor([0.6, float("-inf")]),
+        torch.tensor([[0.75, 0.25], [0.0, 0.0]]),
+        torch.tensor([[0.5, 0.5], [0.5, 0.5]]),
+    )
+    torch.testing.assert_close(
+        features, torch.tensor([[0.6, 0.75, 0.8113, 1.0], [0.0, 0.0, 0.0, 1.0]]), atol=1e-4, rtol=0
+    )
+
+
+def test_gated_retrieval_weight_by_hand():
+    """σ(1·0.9 + 0·0.8 + 0·0.5 − 1·0.2 + 0.5) = σ(1.2) = 0.76852."""
+    beta = gated_retrieval_weight(torch.tensor([[0.9, 0.8, 0.5, 0.2]]), [1.0, 0.0, 0.0, -1.0, 0.5])
+    assert beta.shape == (1, 1) and beta.item() == pytest.approx(0.76852, abs=1e-5)
+
+
+def test_forward_mixes_with_the_per_query_gate_unless_a_weight_is_given(tiny_tokenizer, tmp_path):
+    """The hand-built KB's nearest row is at cosine 0.9, so the gate [2, 0, 0, 0, −1] gives β = σ(2·0.9 − 1) = σ(0.8)
+    = 0.68997 for the query; a per-call retrieval_weight replaces it."""
+    model, batch = hand_built_student(tiny_tokenizer, knn_k=3, retrieval_temperature=0.5, retrieval_weight=0.3)
+    model.config.retrieval_gate = [2.0, 0.0, 0.0, 0.0, -1.0]
+    probs = model(**batch).logits.exp()[0]
+    assert probs.tolist() == pytest.approx(hand_mixture(3, 0.5, 0.68997)[3], abs=1e-4)
+    overridden = model(**batch, retrieval_weight=0.3).logits.exp()[0]
+    assert overridden.tolist() == pytest.approx(hand_mixture(3, 0.5, 0.3)[3], abs=1e-4)
+    model.save_pretrained(tmp_path)
+    loaded = ReAugKDForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert loaded.config.retrieval_gate == [2.0, 0.0, 0.0, 0.0, -1.0]
+    torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
+
+
+@pytest.mark.parametrize("gate", [[1.0, 2.0], [0.0, 0.0, 0.0, float("nan"), 0.0]])
+def test_malformed_retrieval_gate_is_rejected(gate):
+    with pytest.raises(Exception, match="retrieval_gate must be 5 finite numbers"):
+        tiny_student(kb_size=0, retrieval_gate=gate)

@@ -4,6 +4,7 @@ This file travels with saved checkpoints as remote code (with its flat sibling `
 index defaults).
 """
 
+import math
 import re
 from typing import Literal
 
@@ -12,6 +13,10 @@ from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 from .knowledge_base import DEFAULT_INDEX_PARAMS
+
+# What the per-query mixing weight β(x) reads, in this order (`modeling_reaugkd.retrieval_gate_features`); the gate
+# holds one weight per feature, then a bias.
+RETRIEVAL_GATE_FEATURES = ("top_similarity", "retrieved_confidence", "retrieved_entropy", "student_entropy")
 
 
 @strict
@@ -35,6 +40,11 @@ class ReAugKDConfig(PreTrainedConfig):
             τ_r in the neighbour weights `softmax(similarity / τ_r)`.
         retrieval_weight (`float`, defaults to 0.5):
             β in `β · retrieved + (1 − β) · student`. β = 0 is the plain student.
+        retrieval_gate (`list[float]`, *optional*):
+            A per-query β(x) = σ(w · features(x) + b) instead of the fixed `retrieval_weight`: one weight per feature of
+            `RETRIEVAL_GATE_FEATURES` (top similarity, retrieved confidence, retrieved entropy, student
+            entropy), then the bias. Fitted on validation by the pipeline and kept only when it beats the best fixed
+            β there; a `retrieval_weight` given to `forward` or the pipeline replaces it.
         index_type (`str`, defaults to `"torch"`):
             Search backend: `"torch"` (exact, blockwise matmul + top-k; runs on the model's device),
             `"flat"` (FAISS exact), `"hnsw"` or `"ivf"` (FAISS approximate). FAISS types need `faiss-cpu`.
@@ -87,6 +97,7 @@ class ReAugKDConfig(PreTrainedConfig):
     knn_k: int = 16
     retrieval_temperature: float | int = 0.1
     retrieval_weight: float | int = 0.5
+    retrieval_gate: list[float] | None = None
     index_type: Literal["torch", "flat", "hnsw", "ivf"] = "torch"
     index_nbytes: int = 0
     index_sha256: str | None = None
@@ -135,6 +146,14 @@ class ReAugKDConfig(PreTrainedConfig):
             raise ValueError(f"retrieval_temperature must be > 0, got {self.retrieval_temperature}")
         if not 0.0 <= self.retrieval_weight <= 1.0:
             raise ValueError(f"retrieval_weight (β) must be in [0, 1], got {self.retrieval_weight}")
+        if self.retrieval_gate is not None and (
+            len(self.retrieval_gate) != len(RETRIEVAL_GATE_FEATURES) + 1
+            or not all(math.isfinite(v) for v in self.retrieval_gate)
+        ):
+            raise ValueError(
+                f"retrieval_gate must be {len(RETRIEVAL_GATE_FEATURES) + 1} finite numbers (a weight per feature, then a bias), got "
+                f"{self.retrieval_gate!r}"
+            )
         if self.ivf_nlist < 0:
             raise ValueError(f"ivf_nlist must be >= 0 (0: about 4·√kb_size), got {self.ivf_nlist}")
         if min(self.search_block_size, self.search_query_block_size) < 1:

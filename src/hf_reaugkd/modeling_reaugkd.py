@@ -15,6 +15,7 @@ Class layout, the transformers way:
   `logits = log(mixed)`, so the pipeline's softmax yields the mixed probabilities.
 """
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -115,13 +116,38 @@ def neighbor_label_distribution(
 
 
 def mix_probabilities(
-    student_probs: torch.Tensor, retrieved_probs: torch.Tensor, retrieval_weight: float
+    student_probs: torch.Tensor, retrieved_probs: torch.Tensor, retrieval_weight: float | torch.Tensor
 ) -> torch.Tensor:
-    """`β · retrieved + (1 − β) · student` `(B, C)`; a query for which retrieval found nothing (an all-zero row of
-    `retrieved_probs`) keeps the student's own prediction. The only implementation of the mixing."""
+    """`β · retrieved + (1 − β) · student` `(B, C)`, with one β or one per query (`(B, 1)`, see
+    `gated_retrieval_weight`); a query for which retrieval found nothing (an all-zero row of `retrieved_probs`) keeps
+    the student's own prediction. The only implementation of the mixing."""
     mixed = retrieval_weight * retrieved_probs + (1 - retrieval_weight) * student_probs  # (B, C)
     found = retrieved_probs.sum(dim=-1, keepdim=True) > 0  # (B, 1)
     return torch.where(found, mixed, student_probs)
+
+
+def retrieval_gate_features(
+    top_similarity: torch.Tensor, retrieved_probs: torch.Tensor, student_probs: torch.Tensor
+) -> torch.Tensor:
+    """The features `(B, 4)` of `configuration_reaugkd.RETRIEVAL_GATE_FEATURES`: how close the nearest teacher example is (cosine), how
+    strongly the neighbours vote (largest retrieved probability), and how unsure the retrieved vote and the student
+    are (entropies divided by log C, so the same gate reads the same on any number of classes). A query without hits
+    reads 0 for its similarity and retrieved features."""
+    log_classes = math.log(max(student_probs.shape[-1], 2))
+
+    def entropy(probs: torch.Tensor) -> torch.Tensor:  # (B, C) -> (B,)
+        return -(probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum(-1) / log_classes
+
+    top_similarity = top_similarity.float().nan_to_num(0.0, posinf=0.0, neginf=0.0)  # (B,): no hit is -inf
+    features = [top_similarity, retrieved_probs.amax(-1), entropy(retrieved_probs), entropy(student_probs)]
+    return torch.stack(features, dim=-1)  # (B, 4)
+
+
+def gated_retrieval_weight(features: torch.Tensor, gate: list[float]) -> torch.Tensor:
+    """Per-query β(x) = σ(w · features + b) `(B, 1)`, from `gate` = `[w_1, ..., w_F, b]`. The only implementation:
+    `forward` and the fitting on validation both call it."""
+    gate = torch.as_tensor(gate, dtype=features.dtype, device=features.device)  # (F + 1,)
+    return torch.sigmoid(features @ gate[:-1] + gate[-1]).unsqueeze(-1)  # (B, 1)
 
 
 def mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -428,13 +454,15 @@ class ReAugKDForSequenceClassification(ReAugKDPreTrainedModel):
         r"""
         labels (`torch.LongTensor` of shape `(B,)`, *optional*): gold labels for the returned NLL loss.
         knn_k, retrieval_weight, retrieval_temperature (*optional*): per-call overrides of the config's k, β, τ_r.
-            `retrieval_weight=0` skips retrieval: the output is the plain student.
+            `retrieval_weight=0` skips retrieval: the output is the plain student. A given `retrieval_weight` also
+            replaces the per-query β(x) of `config.retrieval_gate`.
         output_neighbors (`bool`, defaults to `False`): also return neighbour ids, scores and weights (searched even
             at `retrieval_weight=0`, where they explain but do not change the plain student's prediction).
         """
         beta = self.config.retrieval_weight if retrieval_weight is None else retrieval_weight
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"retrieval_weight (β) must be in [0, 1], got {beta}")
+        gate = self.config.retrieval_gate if retrieval_weight is None else None
         outputs = self.reaugkd(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -446,11 +474,17 @@ class ReAugKDForSequenceClassification(ReAugKDPreTrainedModel):
             return_dict=True,
             knn_k=knn_k,
             retrieval_temperature=retrieval_temperature,
-            retrieve=beta > 0 or output_neighbors,  # neighbours on request, also to explain the plain student
+            # neighbours on request, also to explain the plain student
+            retrieve=beta > 0 or gate is not None or output_neighbors,
         )
         student_logits = self.classifier(self.dropout(outputs.sentence_embedding))  # (B, C)
-        if beta > 0:
+        if beta > 0 or gate is not None:
             student_probs = torch.softmax(student_logits.float(), dim=-1)  # (B, C)
+            if gate is not None:
+                features = retrieval_gate_features(
+                    outputs.neighbor_scores[:, 0], outputs.retrieved_probs, student_probs
+                )
+                beta = gated_retrieval_weight(features, gate)  # (B, 1)
             mixed_probs = mix_probabilities(student_probs, outputs.retrieved_probs, beta)  # (B, C)
             logits = mixed_probs.clamp_min(torch.finfo(mixed_probs.dtype).tiny).log()  # (B, C)
         else:
@@ -479,7 +513,9 @@ ReAugKDModel.register_for_auto_class("AutoModel")
 ReAugKDForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
 __all__ = [
+    "gated_retrieval_weight",
     "mix_probabilities",
+    "retrieval_gate_features",
     "neighbor_label_distribution",
     "ReAugKDModel",
     "ReAugKDForSequenceClassification",
