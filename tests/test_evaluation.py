@@ -13,7 +13,9 @@ from hf_reaugkd.evaluation import (
     evaluate_student,
     knn_accuracy,
     predict,
+    select_retrieval_gate,
     select_retrieval_settings,
+    split_metrics,
     student_keyed_knowledge_base,
 )
 from hf_reaugkd.modeling_reaugkd import mix_probabilities
@@ -166,3 +168,38 @@ def test_evaluation_reports_the_student_keyed_baseline_through_the_models_own_re
     test = predict(served, splits["test"], tiny_tokenizer, [1, 4], TAU, batch_size=3)
     mixed = mix_probabilities(test.student_probs, test.retrieved[chosen["knn_k"]], chosen["retrieval_weight"])
     assert metrics["splits"]["test"]["student_retrieval_student_keys"] == classification_metrics(mixed, test.labels)
+
+
+def _predictions_where_only_close_neighbours_are_right(n: int, seed: int) -> Predictions:
+    """Half the queries have a close nearest neighbour (cosine 0.9) whose vote is right (0.95), half a far one (0.3)
+    whose vote is wrong (0.95 on the other class); the student is right on 70% of rows, always at 0.6. No fixed β can
+    tell the halves apart (best: β = 0, 70%); a gate reading the similarity can (about 85%)."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(2, (n,), generator=generator)
+    close = torch.arange(n) % 2 == 0
+    student_right = torch.rand(n, generator=generator) < 0.7
+    student_class = torch.where(student_right, labels, 1 - labels)
+    retrieved_class = torch.where(close, labels, 1 - labels)
+    student_probs = torch.nn.functional.one_hot(student_class, 2) * 0.2 + 0.4  # 0.6 on its class
+    retrieved = torch.nn.functional.one_hot(retrieved_class, 2) * 0.9 + 0.05  # 0.95 on its class
+    top_similarity = torch.where(close, 0.9, 0.3)
+    return Predictions(student_probs.float(), {4: retrieved.float()}, labels, None, top_similarity)
+
+
+def test_retrieval_gate_is_kept_when_it_beats_the_fixed_beta_on_held_out_halves():
+    validation = _predictions_where_only_close_neighbours_are_right(400, seed=0)
+    selection = select_retrieval_settings(validation, [0.0, 0.25, 0.5, 0.75, 1.0])
+    assert selection["retrieval_weight"] == 0.0 and selection["accuracy"] < 0.75
+    gate = select_retrieval_gate(validation, selection)
+    assert gate["used"] and gate["validation_accuracy_crossfit"] > 0.8
+    test = _predictions_where_only_close_neighbours_are_right(400, seed=1)
+    metrics = split_metrics(test, np.zeros((400, 2)), 4, 0.0, gate["parameters"])
+    assert metrics["student_retrieval_gated"]["accuracy"] > metrics["student_retrieval"]["accuracy"] + 0.1
+
+
+def test_retrieval_gate_is_dropped_when_it_cannot_change_a_prediction():
+    validation = _predictions_where_only_close_neighbours_are_right(200, seed=0)
+    validation.retrieved[4] = validation.student_probs.clone()  # retrieval repeats the student: every β agrees
+    selection = select_retrieval_settings(validation, [0.0, 0.5])
+    gate = select_retrieval_gate(validation, selection)
+    assert not gate["used"] and gate["validation_accuracy_crossfit"] == gate["validation_accuracy_fixed"]

@@ -21,7 +21,7 @@ def test_end_to_end_then_fresh_process_pipeline(task, capsys):
     # train is never scored: its examples are in the knowledge base, so retrieval would find each one itself
     assert set(metrics["splits"]) == {"validation", "test"}
     for split in metrics["splits"].values():
-        assert set(split) == {"teacher", "student", "student_retrieval"}
+        assert set(split) == {"teacher", "student", "student_retrieval", "student_retrieval_gated"}
         assert all(0 <= m["accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1 for m in split.values())
     chosen = metrics["selection"]
     assert chosen["knn_k"] in (1, 4) and chosen["retrieval_weight"] in (0.0, 0.5, 1.0)
@@ -40,6 +40,10 @@ def test_end_to_end_then_fresh_process_pipeline(task, capsys):
     config = json.loads((model_dir / "config.json").read_text())
     assert config["knn_k"] == chosen["knn_k"] and config["retrieval_weight"] == chosen["retrieval_weight"]
     assert config["kb_size"] == 96 and config["encoder_config"]["num_hidden_layers"] == 1
+    gate = metrics["gate"]  # fitted at the chosen k; served only when it won on held-out validation halves
+    assert gate["knn_k"] == chosen["knn_k"] and len(gate["parameters"]) == 5
+    assert gate["used"] == (gate["validation_accuracy_crossfit"] > gate["validation_accuracy_fixed"])
+    assert config["retrieval_gate"] == (gate["parameters"] if gate["used"] else None)
     card = (model_dir / "README.md").read_text()
     assert "reaugkd" in card and "trust_remote_code=True" in card
 
@@ -137,7 +141,7 @@ def test_unseen_labels_empty_texts_and_foreign_teacher_are_rejected(task):
 def test_missing_file_and_bad_flags_are_reported():
     with pytest.raises(ValueError, match="Data file not found: nope.csv"):
         parse_args(["--train_file", "nope.csv", "--validation_file", "nope.csv"])
-    with pytest.raises(ValueError, match="index_type must be one of"):
+    with pytest.raises(ValueError, match="index_type must be .auto. or one of"):
         parse_args(["--index_type", "annoy"])
 
 

@@ -124,7 +124,7 @@ def test_pipeline_with_unlabelled_texts_own_key_loss_neighbours_and_the_student_
         assert all(entry[name] == entry[name] for entry in logged), name  # no NaN
     for split in ("validation", "test"):
         assert set(metrics["splits"][split]) == {
-            "teacher", "student", "student_retrieval", "student_retrieval_student_keys"
+            "teacher", "student", "student_retrieval", "student_retrieval_gated", "student_retrieval_student_keys"
         }  # fmt: skip
     assert set(metrics["selection_student_keys"]) == {"knn_k", "retrieval_weight", "accuracy"}
     assert set(metrics["validation_knn_accuracy"]) == {"student_query", "teacher_query", "student_query_student_keys"}

@@ -113,15 +113,15 @@ class ModelArguments:
     index_type: str = field(
         default="auto",
         metadata={
-            "help": f"Knowledge-base search backend: 'auto' (exact 'torch' up to {AUTO_EXACT_MAX_SIZE:,} entries, "
-            f"'hnsw' above) or one of {INDEX_TYPES}."
+            "help": f"Search backend: 'auto' (exact up to {AUTO_EXACT_MAX_SIZE:,} entries, HNSW above) or one of "
+            f"{INDEX_TYPES}."
         },
     )
     search_dtype: str = field(
         default=DEFAULT_INDEX_PARAMS["search_dtype"],
         metadata={
-            "help": f"Precision of the exact torch scan, one of {SEARCH_DTYPES}: 'auto' is float16 on CUDA, bfloat16 "
-            "on CPUs with native bf16 matmul, else float32; candidates are re-scored in float32."
+            "help": "Exact-scan precision, re-scored in float32: 'auto' (fp16 on CUDA, bf16 on CPUs with bf16 "
+            "matmul, else fp32) or a dtype."
         },
     )
     hnsw_m: int = field(
@@ -133,7 +133,7 @@ class ModelArguments:
     hnsw_ef_search: int = field(
         default=DEFAULT_INDEX_PARAMS["hnsw_ef_search"],
         metadata={
-            "help": "HNSW search breadth: higher is slower and finds more true neighbours (128: recall 0.95 at 1M)."
+            "help": "HNSW search breadth: higher finds more true neighbours, slower (128: recall@16 ≥ 0.95 to 1M)."
         },
     )
     ivf_nlist: int = field(
@@ -148,6 +148,10 @@ class ModelArguments:
         default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", metadata={"help": "β values tried on validation."}
     )
     retrieval_temperature: float = field(default=0.1, metadata={"help": "τ_r of the neighbour weights."})
+    retrieval_gate: bool = field(
+        default=True,
+        metadata={"help": "Fit a per-query β(x) on validation, kept if it wins."},
+    )
     evaluate_student_keyed_kb: bool = field(
         default=False,
         metadata={

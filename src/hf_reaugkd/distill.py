@@ -178,10 +178,13 @@ def run(
             model_args.retrieval_temperature,
             training_args.per_device_eval_batch_size,
             knowledge_base_texts=splits["train"] if model_args.evaluate_student_keyed_kb else None,
+            fit_gate=model_args.retrieval_gate,
         )
     metrics["world_size"] = training_args.world_size  # processes that trained the student
     student.config.knn_k = metrics["selection"]["knn_k"]
     student.config.retrieval_weight = metrics["selection"]["retrieval_weight"]
+    gate = metrics.get("gate")
+    student.config.retrieval_gate = gate["parameters"] if gate and gate["used"] else None
 
     # 7. Save (atomically) and push what was saved.
     dataset_name = demo.DATASET_DESCRIPTION if demo_data else data_args.dataset_name
@@ -268,6 +271,7 @@ def _model_card(
         retrieval={
             "knn_k": student.config.knn_k,
             "retrieval_weight": student.config.retrieval_weight,
+            "retrieval_gate": student.config.retrieval_gate,
             "retrieval_temperature": model_args.retrieval_temperature,
             "index_type": kb.index_type,
             "kb_size": kb.size,
@@ -284,18 +288,25 @@ def print_results(metrics: dict) -> None:
         "teacher": "teacher",
         "student": "student (β=0)",
         "student_retrieval": "student + retrieval",
+        "student_retrieval_gated": "student + retrieval, β(x)",
         "student_retrieval_student_keys": "student + own-keyed KB",
     }
     splits = list(metrics["splits"])
     header = f"{'model':<24}" + "".join(f"{s + ' acc':>16}" for s in splits)
     lines = ["", header, "-" * len(header)]
     for key, label in names.items():
-        if key not in metrics["splits"][splits[0]]:  # the student-keyed baseline is measured on request
+        if key not in metrics["splits"][splits[0]]:  # the gate and the student-keyed baseline are measured on request
             continue
         accuracies = "".join(f"{100 * metrics['splits'][s][key]['accuracy']:>16.2f}" for s in splits)
         lines.append(f"{label:<24}{accuracies}")
     selection = metrics["selection"]
     lines.append(f"\nretrieval chosen on validation: k={selection['knn_k']}, β={selection['retrieval_weight']}")
+    if "gate" in metrics:
+        gate = metrics["gate"]
+        lines.append(
+            f"per-query β(x): {gate['validation_accuracy_crossfit']:.4f} on held-out validation halves vs "
+            f"{gate['validation_accuracy_fixed']:.4f} with the fixed β: {'used' if gate['used'] else 'not used'}"
+        )
     if "selection_student_keys" in metrics:
         chosen = metrics["selection_student_keys"]
         lines.append(f"own-keyed KB chosen on validation: k={chosen['knn_k']}, β={chosen['retrieval_weight']}")

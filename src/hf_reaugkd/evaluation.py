@@ -12,6 +12,7 @@ the same code with the same student queries.
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,34 +21,58 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from .configuration_reaugkd import RETRIEVAL_GATE_FEATURES
 from .data import LABEL_COLUMN, padded_batches
 from .knowledge_base import KnowledgeBase
-from .modeling_reaugkd import ReAugKDForSequenceClassification, mix_probabilities, neighbor_label_distribution
+from .modeling_reaugkd import (
+    ReAugKDForSequenceClassification,
+    gated_retrieval_weight,
+    mix_probabilities,
+    neighbor_label_distribution,
+    retrieval_gate_features,
+)
 
 logger = logging.getLogger(__name__)
+
+# L2 penalty on the retrieval gate's feature weights: small next to the validation NLL (~0.3–0.7 per row), enough to
+# keep weights finite when a feature separates the validation rows perfectly.
+GATE_L2 = 1e-3
 
 
 @dataclass
 class Predictions:
-    """One split's plain-student probabilities `(N, C)`, retrieved distributions `{k: (N, C)}`, labels `(N,)` and
-    the student's normalised queries `(N, d)` (kept to search another knowledge base without another forward)."""
+    """One split's plain-student probabilities `(N, C)`, retrieved distributions `{k: (N, C)}`, labels `(N,)`, the
+    student's normalised queries `(N, d)` (kept to search another knowledge base without another forward) and the
+    similarity of each query's nearest knowledge-base entry `(N,)` (a feature of the retrieval gate)."""
 
     student_probs: torch.Tensor
     retrieved: dict[int, torch.Tensor]
     labels: torch.Tensor
     queries: torch.Tensor | None = None
+    top_similarity: torch.Tensor | None = None
+
+    def subset(self, rows: torch.Tensor) -> "Predictions":
+        """The predictions of `rows` only."""
+        return Predictions(
+            self.student_probs[rows],
+            {k: probs[rows] for k, probs in self.retrieved.items()},
+            self.labels[rows],
+            None if self.queries is None else self.queries[rows],
+            None if self.top_similarity is None else self.top_similarity[rows],
+        )
 
 
 def retrieved_distributions(
     knowledge_base: KnowledgeBase, queries: torch.Tensor, knn_ks: list[int], retrieval_temperature: float
-) -> dict[int, torch.Tensor]:
-    """For each k, the retrieved label distribution `(B, C)` of normalised queries `(B, d)`; one search with the
-    largest k serves every k (the neighbours come best first)."""
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """For each k, the retrieved label distribution `(B, C)` of normalised queries `(B, d)`, and the similarity of
+    each query's nearest entry `(B,)`; one search with the largest k serves every k (neighbours come best first)."""
     scores, ids = knowledge_base.search(queries, max(knn_ks))  # (B, K), (B, K)
-    return {
+    by_k = {
         k: neighbor_label_distribution(scores[:, :k], ids[:, :k], knowledge_base.values, retrieval_temperature)[0]
         for k in knn_ks
     }
+    return by_k, scores[:, 0]
 
 
 @torch.no_grad()
@@ -59,23 +84,19 @@ def predict(
     retrieval_temperature: float,
     batch_size: int = 64,
 ) -> Predictions:
-    """Stream a tokenized split with `labels` through the student (β = 0) and its knowledge base, batch by batch."""
+    """Stream a tokenized split with `labels` through the student (β = 0), batch by batch, then its queries through
+    the knowledge base in chunks."""
     model.eval()
-    knowledge_base = model.knowledge_base
-    student_probs, queries, retrieved = [], [], {k: [] for k in knn_ks}
+    student_probs, queries = [], []
     batches = padded_batches(dataset, tokenizer, batch_size, model.device)
     for inputs in tqdm(batches, total=-(-len(dataset) // batch_size), desc="Student predictions", leave=False):
         outputs = model(**inputs, retrieval_weight=0.0)
         student_probs.append(outputs.student_logits.float().softmax(-1).cpu())  # (B, C)
         queries.append(outputs.query_embedding.float().cpu())  # (B, d)
-        by_k = retrieved_distributions(knowledge_base, outputs.query_embedding, knn_ks, retrieval_temperature)
-        for k, probs in by_k.items():
-            retrieved[k].append(probs.cpu())
+    queries = torch.cat(queries)  # (N, d)
+    retrieved, top_similarity = retrieved_in_chunks(model.knowledge_base, queries, knn_ks, retrieval_temperature)
     return Predictions(
-        torch.cat(student_probs),
-        {k: torch.cat(chunks) for k, chunks in retrieved.items()},
-        torch.as_tensor(dataset[LABEL_COLUMN]),
-        torch.cat(queries),
+        torch.cat(student_probs), retrieved, torch.as_tensor(dataset[LABEL_COLUMN]), queries, top_similarity
     )
 
 
@@ -85,13 +106,16 @@ def retrieved_in_chunks(
     knn_ks: list[int],
     retrieval_temperature: float,
     batch_size: int = 1024,
-) -> dict[int, torch.Tensor]:
-    """`retrieved_distributions` `{k: (N, C)}` of many queries `(N, d)`, `batch_size` queries at a time, on the CPU."""
-    by_k = {k: [] for k in knn_ks}
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """`retrieved_distributions` of many queries `(N, d)`, `batch_size` queries at a time, on the CPU:
+    `({k: (N, C)}, top similarity (N,))`."""
+    by_k, top = {k: [] for k in knn_ks}, []
     for chunk in queries.split(batch_size):
-        for k, probs in retrieved_distributions(knowledge_base, chunk, knn_ks, retrieval_temperature).items():
+        retrieved, top_similarity = retrieved_distributions(knowledge_base, chunk, knn_ks, retrieval_temperature)
+        for k, probs in retrieved.items():
             by_k[k].append(probs.cpu())
-    return {k: torch.cat(chunks) for k, chunks in by_k.items()}
+        top.append(top_similarity.cpu())
+    return {k: torch.cat(chunks) for k, chunks in by_k.items()}, torch.cat(top)
 
 
 def knn_accuracy(
@@ -104,7 +128,7 @@ def knn_accuracy(
 ) -> dict[int, float]:
     """Accuracy of retrieval alone (β = 1) for each k: how good a query `(N, d)` is, e.g. the student's against the
     teacher's own projected one."""
-    retrieved = retrieved_in_chunks(knowledge_base, queries, knn_ks, retrieval_temperature, batch_size)
+    retrieved, _ = retrieved_in_chunks(knowledge_base, queries, knn_ks, retrieval_temperature, batch_size)
     return {k: classification_metrics(probs, labels)["accuracy"] for k, probs in retrieved.items()}
 
 
@@ -159,20 +183,86 @@ def select_retrieval_settings(validation: Predictions, betas: list[float]) -> di
     return {**best, "grid": grid}
 
 
+def gated_mixture(predictions: Predictions, knn_k: int, gate: list[float] | torch.Tensor) -> torch.Tensor:
+    """The student mixed with its retrieved labels at the per-query β(x) of `gate` `(N, C)`, through the model's own
+    `retrieval_gate_features`, `gated_retrieval_weight` and `mix_probabilities`."""
+    retrieved = predictions.retrieved[knn_k]  # (N, C)
+    features = retrieval_gate_features(predictions.top_similarity, retrieved, predictions.student_probs)  # (N, F)
+    return mix_probabilities(predictions.student_probs, retrieved, gated_retrieval_weight(features, gate))
+
+
+def fit_retrieval_gate(predictions: Predictions, knn_k: int, retrieval_weight: float) -> list[float]:
+    """Gate parameters `[w_1, ..., w_F, b]` that maximise the likelihood of the labels under the gated mixture
+    (L-BFGS). They start at the fixed β (w = 0, b = logit β), and a small L2 penalty on w keeps the gate near that
+    constant where the features carry nothing."""
+    start = min(max(retrieval_weight, 0.02), 0.98)
+    parameters = torch.zeros(len(RETRIEVAL_GATE_FEATURES) + 1)
+    parameters[-1] = math.log(start / (1 - start))
+    parameters.requires_grad_(True)
+    optimizer = torch.optim.LBFGS([parameters], max_iter=100, line_search_fn="strong_wolfe")
+    labels = predictions.labels.long().unsqueeze(-1)  # (N, 1)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        mixed = gated_mixture(predictions, knn_k, parameters)  # (N, C)
+        nll = -mixed.gather(1, labels).clamp_min(torch.finfo(mixed.dtype).tiny).log().mean()
+        loss = nll + GATE_L2 * parameters[:-1].pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return [round(value, 6) for value in parameters.detach().tolist()]
+
+
+def select_retrieval_gate(validation: Predictions, selection: dict) -> dict:
+    """Whether a per-query β(x) beats the chosen fixed β on validation, judged without scoring the gate on the rows it
+    was fitted to: fitted on each half of validation, scored on the other (cross-fitting), against the fixed β's
+    accuracy on the whole split (chosen there, so if anything flattered). Returns the gate fitted on all of
+    validation, both accuracies and `used`."""
+    knn_k, retrieval_weight = selection["knn_k"], selection["retrieval_weight"]
+    halves = torch.randperm(len(validation.labels), generator=torch.Generator().manual_seed(0)).chunk(2)
+    correct = 0
+    for fit_rows, score_rows in ((halves[0], halves[1]), (halves[1], halves[0])):
+        gate = fit_retrieval_gate(validation.subset(fit_rows), knn_k, retrieval_weight)
+        held_out = validation.subset(score_rows)
+        correct += (gated_mixture(held_out, knn_k, gate).argmax(-1) == held_out.labels).sum().item()
+    crossfit_accuracy = correct / len(validation.labels)
+    return {
+        "parameters": fit_retrieval_gate(validation, knn_k, retrieval_weight),
+        "features": list(RETRIEVAL_GATE_FEATURES),
+        "knn_k": knn_k,
+        "validation_accuracy_crossfit": crossfit_accuracy,
+        "validation_accuracy_fixed": selection["accuracy"],
+        "used": crossfit_accuracy > selection["accuracy"],
+    }
+
+
 def mixed_metrics(predictions: Predictions, knn_k: int, retrieval_weight: float) -> dict[str, float]:
     """Accuracy and macro-F1 of the student mixed with its retrieved labels at the given k and β."""
     mixed = mix_probabilities(predictions.student_probs, predictions.retrieved[knn_k], retrieval_weight)
     return classification_metrics(mixed, predictions.labels)
 
 
-def split_metrics(predictions: Predictions, teacher_logits: np.ndarray, knn_k: int, retrieval_weight: float) -> dict:
-    """Accuracy and macro-F1 of the teacher, the plain student (β = 0) and the student with the chosen retrieval."""
+def split_metrics(
+    predictions: Predictions,
+    teacher_logits: np.ndarray,
+    knn_k: int,
+    retrieval_weight: float,
+    gate: list[float] | None = None,
+) -> dict:
+    """Accuracy and macro-F1 of the teacher, the plain student (β = 0), the student with the chosen retrieval, and
+    with `gate` the student mixed at the per-query β(x) (`student_retrieval_gated`)."""
     teacher_probs = torch.from_numpy(np.array(teacher_logits)).softmax(-1)
-    return {
+    metrics = {
         "teacher": classification_metrics(teacher_probs, predictions.labels),
         "student": classification_metrics(predictions.student_probs, predictions.labels),
         "student_retrieval": mixed_metrics(predictions, knn_k, retrieval_weight),
     }
+    if gate is not None:
+        metrics["student_retrieval_gated"] = classification_metrics(
+            gated_mixture(predictions, knn_k, gate), predictions.labels
+        )
+    return metrics
 
 
 def evaluate_student(
@@ -186,6 +276,7 @@ def evaluate_student(
     retrieval_temperature: float,
     batch_size: int = 64,
     knowledge_base_texts: Dataset | None = None,
+    fit_gate: bool = False,
 ) -> dict:
     """k and β chosen on validation; the kNN accuracy (β = 1) of the student's queries and of the teacher's own
     projected ones; and the metrics of teacher, student and student + retrieval on each of `splits` (validation and
@@ -193,7 +284,10 @@ def evaluate_student(
 
     With `knowledge_base_texts` (the knowledge base's rows tokenized for the student, in its order) the student-keyed
     baseline is measured too: `student_retrieval_student_keys` per split with its own k and β chosen on validation
-    (`selection_student_keys`, `validation_grid_student_keys`) and its kNN accuracy (`student_query_student_keys`)."""
+    (`selection_student_keys`, `validation_grid_student_keys`) and its kNN accuracy (`student_query_student_keys`).
+
+    With `fit_gate`, a per-query β(x) is fitted at the chosen k (`gate`: its parameters, cross-fitted validation
+    accuracy against the fixed β's, and whether it is `used`) and measured on each split (`student_retrieval_gated`)."""
     predictions = {
         name: predict(student, split, tokenizer, knn_ks, retrieval_temperature, batch_size)
         for name, split in splits.items()
@@ -202,6 +296,14 @@ def evaluate_student(
     selection = select_retrieval_settings(validation, betas)
     k, beta = selection["knn_k"], selection["retrieval_weight"]
     logger.info("Chosen on validation: k=%d, β=%.2f", k, beta)
+    gate = select_retrieval_gate(validation, selection) if fit_gate else None
+    if gate is not None:
+        logger.info(
+            "Retrieval gate: cross-fitted validation accuracy %.4f vs %.4f with the fixed β: %s",
+            gate["validation_accuracy_crossfit"],
+            gate["validation_accuracy_fixed"],
+            "used" if gate["used"] else "not used",
+        )
     student_knn = {
         k: classification_metrics(p, validation.labels)["accuracy"] for k, p in validation.retrieved.items()
     }
@@ -212,16 +314,19 @@ def evaluate_student(
         "selection": {key: value for key, value in selection.items() if key != "grid"},
         "validation_grid": selection["grid"],
         "validation_knn_accuracy": {"student_query": student_knn, "teacher_query": teacher_knn},
-        "splits": {name: split_metrics(p, teacher_logits[name], k, beta) for name, p in predictions.items()},
+        "splits": {
+            name: split_metrics(p, teacher_logits[name], k, beta, gate and gate["parameters"])
+            for name, p in predictions.items()
+        },
     }
+    if gate is not None:
+        metrics["gate"] = gate
     if knowledge_base_texts is not None:
         student_keyed = student_keyed_knowledge_base(student, knowledge_base_texts, tokenizer, batch_size)
-        own = {
-            name: dataclasses.replace(
-                p, retrieved=retrieved_in_chunks(student_keyed, p.queries, knn_ks, retrieval_temperature)
-            )
-            for name, p in predictions.items()
-        }
+        own = {}
+        for name, p in predictions.items():
+            retrieved, top_similarity = retrieved_in_chunks(student_keyed, p.queries, knn_ks, retrieval_temperature)
+            own[name] = dataclasses.replace(p, retrieved=retrieved, top_similarity=top_similarity)
         chosen = select_retrieval_settings(own["validation"], betas)
         logger.info(
             "Student-keyed knowledge base, chosen on validation: k=%d, β=%.2f",

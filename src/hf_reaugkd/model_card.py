@@ -17,7 +17,12 @@ from .caching import atomic_path
 
 TAGS = ["reaugkd", "knowledge-distillation", "custom_code", "text-classification"]
 # (metrics key, row label in the evaluation table); "student" is the same checkpoint with β = 0.
-MODEL_ROWS = [("teacher", "Teacher"), ("student", "Student, β = 0"), ("student_retrieval", "Student + retrieval")]
+MODEL_ROWS = [
+    ("teacher", "Teacher"),
+    ("student", "Student, β = 0"),
+    ("student_retrieval", "Student + retrieval"),
+    ("student_retrieval_gated", "Student + retrieval, per-query β(x)"),
+]
 # (metrics key, model-index metric type, pretty name, metric args)
 METRICS = [("accuracy", "accuracy", "Accuracy", None), ("macro_f1", "f1", "Macro-F1", {"average": "macro"})]
 RETRIEVAL_KEYS = ("knn_k", "retrieval_weight", "retrieval_temperature", "index_type", "kb_size", "kb_dim")
@@ -135,7 +140,8 @@ def create_model_card(
         metrics (`dict`):
             `{split: {model: {"accuracy": a, "macro_f1": f}}}` with splits like `"validation"` / `"test"`, models
             `"teacher"`, `"student"` (β = 0) and `"student_retrieval"`, and values fractions in [0, 1]. The
-            model-index reports `"student_retrieval"`, the model the checkpoint serves by default.
+            model-index reports the model the checkpoint serves by default: `"student_retrieval"`, or
+            `"student_retrieval_gated"` when `retrieval["retrieval_gate"]` is set.
         retrieval (`dict`):
             The inference settings chosen on validation, `knn_k`, `retrieval_weight`, `retrieval_temperature`,
             `index_type`, and the KB shape, `kb_size`, `kb_dim`.
@@ -160,7 +166,13 @@ def create_model_card(
         datasets=[hub_id(dataset_name)] if hub_id(dataset_name) else None,
         pipeline_tag="text-classification",
         model_name=model_name,
-        eval_results=_eval_results(metrics, dataset_name) or None,
+        # the model the checkpoint serves: with the per-query β(x) when the gate was kept
+        eval_results=_eval_results(
+            metrics,
+            dataset_name,
+            "student_retrieval_gated" if retrieval.get("retrieval_gate") else "student_retrieval",
+        )
+        or None,
     )
     with resources.as_file(resources.files(__package__) / "model_card_template.md") as template_path:
         return ModelCard.from_template(
