@@ -77,6 +77,7 @@ RUNS = {
             {
                 f"{prefix}_no_retrieval": "student",
                 prefix: "student_retrieval",
+                f"{prefix}_gated": "student_retrieval_gated",
                 f"{prefix}_student_keys": "student_retrieval_student_keys",
             },
         )
@@ -87,6 +88,7 @@ RUNS = {
         {
             "vanilla_kd": "student",
             "vanilla_kd_retrieval": "student_retrieval",
+            "vanilla_kd_gated": "student_retrieval_gated",
             "vanilla_kd_student_keys": "student_retrieval_student_keys",
         },
     ),
@@ -94,9 +96,15 @@ RUNS = {
 }
 STUDENT_KEYED_RUNS = (*REAUGKD_VARIANTS, "vanilla_kd")  # runs that also measure the student-keyed baseline
 # the validation-chosen ReAugKD variant's records, under these names: chosen method -> suffix of the variant's method
-CHOSEN = {"reaugkd_no_retrieval": "_no_retrieval", "reaugkd": "", "reaugkd_student_keys": "_student_keys"}
+CHOSEN = {
+    "reaugkd_no_retrieval": "_no_retrieval",
+    "reaugkd": "",
+    "reaugkd_gated": "_gated",
+    "reaugkd_student_keys": "_student_keys",
+}
 METHODS = (
-    "teacher", "student_no_kd", "vanilla_kd", "vanilla_kd_retrieval", "vanilla_kd_student_keys", *CHOSEN,
+    "teacher", "student_no_kd", "vanilla_kd", "vanilla_kd_retrieval", "vanilla_kd_gated", "vanilla_kd_student_keys",
+    *CHOSEN,
     *(f"{prefix}{suffix}" for prefix, _ in REAUGKD_VARIANTS.values() for suffix in CHOSEN.values()),
 )  # fmt: skip
 # the headline setting's labelled rows per task (the rest of train.csv is unlabelled text)
@@ -222,6 +230,8 @@ def records_from(task: str, seed: int, name: str, metrics: dict, with_teacher: b
                 validation_knn_student_query=max(queries.values()),
                 validation_knn_teacher_query=max(knn["teacher_query"].values()),
             )
+        if key == "student_retrieval_gated":  # the per-query β(x) at the chosen k; served only if `gate_used`
+            record.update(knn_k=metrics["gate"]["knn_k"], gate_used=metrics["gate"]["used"])
         records.append(record)
     return records
 
@@ -282,7 +292,13 @@ def summarize(records: list[dict]) -> str:
         for method, found in rows.items():
             if not found:
                 continue
-            chosen = ", ".join(f"{r['knn_k']}/{r['retrieval_weight']:g}" for r in found if "knn_k" in r)
+            chosen = ", ".join(
+                f"{r['knn_k']}/{r['retrieval_weight']:g}"
+                if "retrieval_weight" in r
+                else f"{r['knn_k']}/β(x) {'served' if r['gate_used'] else 'not served'}"
+                for r in found
+                if "knn_k" in r
+            )
             accuracy = mean_std([r["accuracy"] for r in found])
             lines.append(f"| {method} | {accuracy} | {mean_std([r['macro_f1'] for r in found])} | {chosen} |")
         by_seed = {(r["method"], r["seed"]): r["accuracy"] for r in records if r["task"] == task}
@@ -292,6 +308,7 @@ def summarize(records: list[dict]) -> str:
             ("reaugkd", "teacher"),
             ("reaugkd", "reaugkd_no_retrieval"),
             ("reaugkd", "reaugkd_student_keys"),
+            ("reaugkd_gated", "reaugkd"),
             ("vanilla_kd_student_keys", "vanilla_kd"),
         )
         for a, b in pairs:
