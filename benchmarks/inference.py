@@ -13,8 +13,9 @@ Levers measured, each against the same plain student (β = 0) in the same timing
 - search alone, and FAISS int8 keys (scalar quantizer, search only), for scale.
 
 Timing KB: the whole training set (train.csv) keyed by each student's own queries, so neighbours are as close as
-a trained student's are. Each round times every configuration in turn at batch 32 and at batch 1, so the ratios
-compare measurements taken under the same machine load. Without `--student`, untrained students (MiniLM-L6's first
+a trained student's are. Each round runs every configuration on each batch in turn (at batch 32, then at batch 1),
+so the ratios compare measurements taken under the same machine load; the overhead is the median over rounds of
+each round's ratio to the same plain student, with its range. Without `--student`, untrained students (MiniLM-L6's first
 3 layers with fresh heads) at each `--kb_dims` are timed (no accuracy). The teacher (MiniLM-L6) is timed for scale.
 Output: `results/inference.json`; `default` names the configuration the package's defaults give.
 """
@@ -183,26 +184,39 @@ def main() -> None:
             configs[name](**item)
 
     names = [*configs, *searches]
+    # Every configuration runs on each item in turn (item-level interleaving), so slow drifts of the machine's speed
+    # hit all of them alike; a round's total per configuration is one measurement.
     times: dict[tuple[str, int], list[float]] = {}
     with torch.no_grad():
         for name in names:  # warm-up: FAISS indexes are deserialized, reduced-precision keys made on first search
             call(name, queries[name.split(" ")[0]][1][0] if name in searches else inputs[1][0])
         for _ in tqdm(range(args.rounds), desc="Timing rounds"):
             for batch_size, batch_list in inputs.items():
-                for name in names:
-                    items = queries[name.split(" ")[0]][batch_size] if name in searches else batch_list
-                    start = time.perf_counter()
-                    for item in items:
-                        call(name, item)
-                    times.setdefault((name, batch_size), []).append(time.perf_counter() - start)
+                totals = dict.fromkeys(names, 0.0)
+                for index, item in enumerate(batch_list):
+                    for name in names:
+                        argument = queries[name.split(" ")[0]][batch_size][index] if name in searches else item
+                        start = time.perf_counter()
+                        call(name, argument)
+                        totals[name] += time.perf_counter() - start
+                for name, total in totals.items():
+                    times.setdefault((name, batch_size), []).append(total)
 
-    ms_per_batch = {key: 1000 * statistics.median(seconds) / len(inputs[key[1]]) for key, seconds in times.items()}
     results = []
-    for (name, batch_size), ms in ms_per_batch.items():
+    for (name, batch_size), seconds in times.items():
         student_name = name.split(" ")[0]
-        row = {"model": name, "batch_size": batch_size, "ms_per_batch": ms}
+        row = {
+            "model": name,
+            "batch_size": batch_size,
+            "ms_per_batch": 1000 * statistics.median(seconds) / len(inputs[batch_size]),
+        }
         if student_name in students and name != f"{student_name} student":
-            row["overhead"] = ms / ms_per_batch[f"{student_name} student", batch_size] - (0 if name in searches else 1)
+            # per round: t(config) / t(plain student) − 1 (search alone: / t(plain student)); median over rounds
+            ratios = [
+                total / plain - (0 if name in searches else 1)
+                for total, plain in zip(seconds, times[f"{student_name} student", batch_size], strict=True)
+            ]
+            row.update(overhead=statistics.median(ratios), overhead_range=[min(ratios), max(ratios)])
         if name in validation:
             row["validation_accuracy"] = validation[name]
         results.append(row)
@@ -229,11 +243,14 @@ def main() -> None:
     write_json(args.output, report)
 
     print(f"\nTiming KB = {args.data.name} training set ({len(train_texts)} rows); default search: {default_search}")
-    print(f"{'configuration':<34}{'batch':>6}{'ms/batch':>10}{'overhead':>10}{'val. acc.':>10}")
+    print(f"{'configuration':<34}{'batch':>6}{'ms/batch':>10}{'overhead (range over rounds)':>30}{'val. acc.':>10}")
     for r in sorted(results, key=lambda r: (r["batch_size"], names.index(r["model"]))):
-        overhead = f"{100 * r['overhead']:+.1f}%" if "overhead" in r else ""
+        overhead = ""
+        if "overhead" in r:
+            low, high = r["overhead_range"]
+            overhead = f"{100 * r['overhead']:+.1f}% ({100 * low:+.1f} to {100 * high:+.1f})"
         acc = f"{100 * r['validation_accuracy']:.2f}" if "validation_accuracy" in r else ""
-        print(f"{r['model']:<34}{r['batch_size']:>6}{r['ms_per_batch']:>10.2f}{overhead:>10}{acc:>10}")
+        print(f"{r['model']:<34}{r['batch_size']:>6}{r['ms_per_batch']:>10.2f}{overhead:>30}{acc:>10}")
 
 
 if __name__ == "__main__":

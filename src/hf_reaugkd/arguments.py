@@ -94,8 +94,11 @@ class ModelArguments:
         metadata={"help": "Keep only the student encoder's first N layers (layer-truncation init). Demo: 3."},
     )
     pooling: str = field(default="mean", metadata={"help": "Sentence embedding pooling: 'mean' or 'cls'."})
-    kb_dim: int | None = field(
-        default=None, metadata={"help": "Knowledge-base key dimension. Default: the student's hidden size."}
+    kb_dim: int = field(
+        default=128,
+        metadata={
+            "help": "Knowledge-base key dimension: retrieval reads kb_dim numbers per entry (64–384 score alike)."
+        },
     )
     projection_num_epochs: int = field(default=10, metadata={"help": "Epochs of the teacher projection head."})
     projection_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the projection head."})
@@ -184,6 +187,8 @@ class ModelArguments:
         }
 
     def __post_init__(self):
+        if self.kb_dim < 1:
+            raise InputError(f"--kb_dim must be >= 1, got {self.kb_dim}")
         if self.pooling not in ("mean", "cls"):
             raise InputError(f"--pooling must be 'mean' or 'cls', got {self.pooling!r}")
         if self.index_type not in ("auto", *INDEX_TYPES):

@@ -32,7 +32,7 @@ class ReAugKDConfig(PreTrainedConfig):
             How token states become one sentence embedding: `"mean"` (attention-masked mean) or `"cls"`.
         kb_size (`int`, defaults to 0):
             Number of KB entries. Stored so that loading can allocate the KB buffers before reading them.
-        kb_dim (`int`, defaults to 384):
+        kb_dim (`int`, defaults to 128):
             Dimension of the KB keys, i.e. the output size of the student's projection head.
         knn_k (`int`, defaults to 16):
             Number of neighbours retrieved at inference. Clamped to `kb_size`.
@@ -49,7 +49,7 @@ class ReAugKDConfig(PreTrainedConfig):
             Search backend: `"torch"` (exact, blockwise matmul + top-k; runs on the model's device),
             `"flat"` (FAISS exact), `"hnsw"` or `"ivf"` (FAISS approximate). FAISS types need `faiss-cpu`.
             `KnowledgeBase.build(..., index_type="auto")` (the pipeline's default) records `"torch"` for knowledge
-            bases up to 50,000 entries and `"hnsw"` above.
+            bases up to 20,000 entries and `"hnsw"` above.
         index_nbytes (`int`, defaults to 0):
             Size of the serialized FAISS index stored in the checkpoint (only trained indexes, HNSW and IVF, are
             stored; exact ones are rebuilt from the keys).
@@ -93,7 +93,7 @@ class ReAugKDConfig(PreTrainedConfig):
     encoder_config: dict | PreTrainedConfig | None = None
     pooling: Literal["mean", "cls"] = "mean"
     kb_size: int = 0
-    kb_dim: int = 384
+    kb_dim: int = 128
     knn_k: int = 16
     retrieval_temperature: float | int = 0.1
     retrieval_weight: float | int = 0.5

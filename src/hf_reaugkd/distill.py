@@ -115,7 +115,7 @@ def run(
 
     # 2.–3. Teacher projection head (supervised contrastive, labelled rows) and the knowledge base over the transfer
     #       set: the training set, then the unlabelled texts labelled by the teacher.
-    kb_dim = model_args.kb_dim or AutoConfig.from_pretrained(student_name).hidden_size
+    kb_dim = model_args.kb_dim
     with stage("projection head and knowledge base"), training_args.main_process_first(desc="knowledge base"):
         projection, kb = knowledge_base_stage(
             outputs,

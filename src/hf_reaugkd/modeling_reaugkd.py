@@ -107,11 +107,10 @@ def neighbor_label_distribution(
     Returns:
         `(retrieved_probs (B, C), weights (B, k))`.
     """
-    hit = ids >= 0  # (B, k)
-    logits = (scores.float() / retrieval_temperature).masked_fill(~hit, float("-inf"))  # (B, k)
-    weights = torch.where(hit, torch.softmax(logits, dim=-1), 0.0)  # (B, k); rows without hits: 0, not NaN
-    neighbor_labels = soft_labels[ids.clamp_min(0)]  # (B, k, C)
-    retrieved_probs = torch.einsum("bk,bkc->bc", weights, neighbor_labels.float())  # (B, C)
+    logits = (scores.float() / retrieval_temperature).masked_fill(ids < 0, float("-inf"))  # (B, k)
+    weights = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # (B, k); a row without hits is NaN: 0
+    neighbor_labels = soft_labels.index_select(0, ids.clamp_min(0).flatten()).view(*ids.shape, -1)  # (B, k, C)
+    retrieved_probs = torch.bmm(weights.unsqueeze(1), neighbor_labels.float()).squeeze(1)  # (B, C)
     return retrieved_probs, weights
 
 
