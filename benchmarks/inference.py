@@ -10,12 +10,13 @@ Levers measured, each against the same plain student (β = 0) in the same timing
   its validation accuracy with retrieval (its own KB and validation-chosen k, β) sits beside its overhead;
 - the precision of the exact scan (`search_dtype` float32 / bfloat16 / float16; candidates re-scored in fp32) and
   the backend (torch exact, FAISS HNSW), each with the validation accuracy it gives the same student;
-- search alone, and FAISS int8 keys (scalar quantizer, search only), for scale.
+- search alone, and FAISS int8 keys (scalar quantizer), for scale (as a share of the plain student's time).
 
 Timing KB: the whole training set (train.csv) keyed by each student's own queries, so neighbours are as close as
-a trained student's are. Each round runs every configuration on each batch in turn (at batch 32, then at batch 1),
-so the ratios compare measurements taken under the same machine load; the overhead is the median over rounds of
-each round's ratio to the same plain student, with its range. Without `--student`, untrained students (MiniLM-L6's first
+a trained student's are. In each round, per student and batch, every retrieval forward runs right after a plain
+forward of the same student on the same batch (pairs, at batch 32, then at batch 1), so a ratio compares
+measurements taken under the same machine load; the overhead is the median over rounds of each round's
+t(retrieval) / t(plain) − 1, with its range. Search alone is timed apart (hot caches, no forward around it). Without `--student`, untrained students (MiniLM-L6's first
 3 layers with fresh heads) at each `--kb_dims` are timed (no accuracy). The teacher (MiniLM-L6) is timed for scale.
 Output: `results/inference.json`; `default` names the configuration the package's defaults give.
 """
@@ -121,20 +122,19 @@ def main() -> None:
     teacher = AutoModelForSequenceClassification.from_pretrained(minilm, num_labels=len(set(train_labels))).eval()
     students = load_students(args, train_labels)
 
-    configs = {"teacher": teacher}
-    searches, validation, setting = {}, {}, {}
+    models, searches, validation, setting = {}, {}, {}, {}
     for name, student in students.items():
-        configs[f"{name} student"] = student
         cache = args.work_dir / f"{args.data.name}-{name}-{args.max_seq_length}-keys.pt"
         keys = student_queries(student, tokenizer, train_texts, args.max_seq_length, cache)
-        names = sorted(set(train_labels))
-        values = torch.nn.functional.one_hot(torch.tensor([names.index(label) for label in train_labels]))
+        label_names = sorted(set(train_labels))
+        values = torch.nn.functional.one_hot(torch.tensor([label_names.index(label) for label in train_labels]))
         timing_kb = KnowledgeBase.build(keys, values.float())
-        timed = copy.deepcopy(student)
-        timed.set_knowledge_base(timing_kb)
+        with_timing_kb = copy.deepcopy(student)
+        with_timing_kb.set_knowledge_base(timing_kb)
+        searches[name] = {}
         for search, (index_type, params) in SEARCH_SETTINGS.items():
-            configs[f"{name} +retrieval[{search}]"] = with_search_setting(timed, index_type, params)
-            searches[f"{name} search[{search}]"] = configs[f"{name} +retrieval[{search}]"].knowledge_base
+            models[name, search] = with_search_setting(with_timing_kb, index_type, params)
+            searches[name][search] = models[name, search].knowledge_base
             if args.student:  # accuracy of the trained student with its own KB under this search setting
                 model = with_search_setting(student, index_type, params)
                 validation[f"{name} +retrieval[{search}]"] = accuracy(
@@ -145,7 +145,7 @@ def main() -> None:
         )
         quantized.train(timing_kb.keys.numpy())
         quantized.add(timing_kb.keys.numpy())
-        searches[f"{name} search[faiss int8]"] = quantized
+        searches[name]["faiss int8"] = quantized
         if args.student:
             validation[f"{name} student"] = accuracy(
                 student, tokenizer, validation_texts, validation_labels, args.max_seq_length, retrieval_weight=0.0
@@ -171,55 +171,96 @@ def main() -> None:
             for name, student in students.items()
         }
 
-    def call(name: str, item) -> None:
-        if name.endswith("student"):
-            configs[name](**item, retrieval_weight=0)
-        elif name in searches:
-            index = searches[name]
-            if isinstance(index, KnowledgeBase):
-                index.search(item, 16)
-            else:
-                index.search(item.numpy(), 16)
-        else:
-            configs[name](**item)
+    def timed(run) -> float:
+        start = time.perf_counter()
+        run()
+        return time.perf_counter() - start
 
-    names = [*configs, *searches]
-    # Every configuration runs on each item in turn (item-level interleaving), so slow drifts of the machine's speed
-    # hit all of them alike; a round's total per configuration is one measurement.
-    times: dict[tuple[str, int], list[float]] = {}
+    # Forward passes: per student, each item runs pairs (plain forward, forward with one retrieval setting), so each
+    # retrieval forward is compared with the plain forward just before it, on the same item and under the same load.
+    # An untimed plain forward opens each item: FAISS's threads, still spinning after the previous item's HNSW
+    # search, would otherwise slow the next timed run. Search alone is timed apart, setting after setting.
+    totals: dict[tuple, list[float]] = {}  # (kind, student, setting, batch size) -> per-round seconds
     with torch.no_grad():
-        for name in names:  # warm-up: FAISS indexes are deserialized, reduced-precision keys made on first search
-            call(name, queries[name.split(" ")[0]][1][0] if name in searches else inputs[1][0])
+        for model in models.values():  # warm-up: FAISS indexes are deserialized, bf16 copies made on first search
+            model(**inputs[1][0])
         for _ in tqdm(range(args.rounds), desc="Timing rounds"):
             for batch_size, batch_list in inputs.items():
-                totals = dict.fromkeys(names, 0.0)
-                for index, item in enumerate(batch_list):
-                    for name in names:
-                        argument = queries[name.split(" ")[0]][batch_size][index] if name in searches else item
-                        start = time.perf_counter()
-                        call(name, argument)
-                        totals[name] += time.perf_counter() - start
-                for name, total in totals.items():
-                    times.setdefault((name, batch_size), []).append(total)
+                round_totals: dict[tuple, float] = {}
+
+                def add(key: tuple, seconds: float, round_totals=round_totals) -> None:
+                    round_totals[key] = round_totals.get(key, 0.0) + seconds
+
+                for item in batch_list:
+                    add(("teacher", "", "", batch_size), timed(lambda item=item: teacher(**item)))
+                for name, student in students.items():
+                    for item in batch_list:
+                        student(**item, retrieval_weight=0.0)
+                        for search in SEARCH_SETTINGS:
+                            plain = timed(lambda item=item, student=student: student(**item, retrieval_weight=0.0))
+                            add(("plain", name, search, batch_size), plain)
+                            model = models[name, search]
+                            add(("retrieval", name, search, batch_size), timed(lambda item=item, m=model: m(**item)))
+                    for search, index in searches[name].items():
+                        for query in queries[name][batch_size]:
+                            run = (
+                                (lambda q=query, i=index: i.search(q, 16))
+                                if isinstance(index, KnowledgeBase)
+                                else (lambda q=query, i=index: i.search(q.numpy(), 16))
+                            )
+                            add(("search", name, search, batch_size), timed(run))
+                for key, seconds in round_totals.items():
+                    totals.setdefault(key, []).append(seconds)
+
+    def ms_per_batch(seconds: list[float], batch_size: int) -> float:
+        return 1000 * statistics.median(seconds) / len(inputs[batch_size])
 
     results = []
-    for (name, batch_size), seconds in times.items():
-        student_name = name.split(" ")[0]
-        row = {
-            "model": name,
-            "batch_size": batch_size,
-            "ms_per_batch": 1000 * statistics.median(seconds) / len(inputs[batch_size]),
-        }
-        if student_name in students and name != f"{student_name} student":
-            # per round: t(config) / t(plain student) − 1 (search alone: / t(plain student)); median over rounds
-            ratios = [
-                total / plain - (0 if name in searches else 1)
-                for total, plain in zip(seconds, times[f"{student_name} student", batch_size], strict=True)
-            ]
-            row.update(overhead=statistics.median(ratios), overhead_range=[min(ratios), max(ratios)])
-        if name in validation:
-            row["validation_accuracy"] = validation[name]
-        results.append(row)
+    for batch_size in inputs:
+        results.append(
+            {
+                "model": "teacher",
+                "batch_size": batch_size,
+                "ms_per_batch": ms_per_batch(totals["teacher", "", "", batch_size], batch_size),
+            }
+        )
+        for name in students:
+            plain_all = [t for search in SEARCH_SETTINGS for t in totals["plain", name, search, batch_size]]
+            results.append(
+                {
+                    "model": f"{name} student",
+                    "batch_size": batch_size,
+                    "ms_per_batch": ms_per_batch(plain_all, batch_size),
+                    "validation_accuracy": validation.get(f"{name} student"),
+                }
+            )
+            for search in SEARCH_SETTINGS:
+                plain, retrieval = (
+                    totals["plain", name, search, batch_size],
+                    totals["retrieval", name, search, batch_size],
+                )
+                ratios = [r / p - 1 for r, p in zip(retrieval, plain, strict=True)]
+                results.append(
+                    {
+                        "model": f"{name} +retrieval[{search}]",
+                        "batch_size": batch_size,
+                        "ms_per_batch": ms_per_batch(retrieval, batch_size),
+                        "overhead": statistics.median(ratios),
+                        "overhead_range": [min(ratios), max(ratios)],
+                        "validation_accuracy": validation.get(f"{name} +retrieval[{search}]"),
+                    }
+                )
+            plain_ms = ms_per_batch(plain_all, batch_size)
+            for search in searches[name]:
+                ms = ms_per_batch(totals["search", name, search, batch_size], batch_size)
+                results.append(
+                    {
+                        "model": f"{name} search[{search}]",
+                        "batch_size": batch_size,
+                        "ms_per_batch": ms,
+                        "overhead": ms / plain_ms,
+                    }
+                )
 
     default_index = resolve_index_type("auto", len(train_texts))
     default_dtype = str(scan_dtype("auto", "cpu")).removeprefix("torch.")
@@ -244,12 +285,14 @@ def main() -> None:
 
     print(f"\nTiming KB = {args.data.name} training set ({len(train_texts)} rows); default search: {default_search}")
     print(f"{'configuration':<34}{'batch':>6}{'ms/batch':>10}{'overhead (range over rounds)':>30}{'val. acc.':>10}")
-    for r in sorted(results, key=lambda r: (r["batch_size"], names.index(r["model"]))):
+    for r in results:
         overhead = ""
-        if "overhead" in r:
+        if "overhead_range" in r:
             low, high = r["overhead_range"]
             overhead = f"{100 * r['overhead']:+.1f}% ({100 * low:+.1f} to {100 * high:+.1f})"
-        acc = f"{100 * r['validation_accuracy']:.2f}" if "validation_accuracy" in r else ""
+        elif "overhead" in r:
+            overhead = f"{100 * r['overhead']:.1f}% of the student"
+        acc = f"{100 * r['validation_accuracy']:.2f}" if r.get("validation_accuracy") is not None else ""
         print(f"{r['model']:<34}{r['batch_size']:>6}{r['ms_per_batch']:>10.2f}{overhead:>30}{acc:>10}")
 
 
