@@ -42,6 +42,7 @@ def test_candidates_of_a_bfloat16_scan_are_ranked_by_their_fp32_similarity():
     kb = KnowledgeBase.build(keys, torch.full((10, 3), 1 / 3), search_dtype="bfloat16")
     scores, ids = kb.search(query, 4)
     assert ids[0].tolist() == [3, 6, 1, 8]
+    assert kb.search(query, 1)[1].item() == 3  # k = 1 still re-scores more than two candidates
     torch.testing.assert_close(scores[0], cosines[[3, 6, 1, 8]], atol=1e-6, rtol=0)
 
 
