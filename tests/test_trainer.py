@@ -65,12 +65,21 @@ def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path):
     torch.testing.assert_close(torch.tensor(two["update"]), torch.tensor(one["update"]), atol=1e-5, rtol=1e-3)
 
 
-def test_relational_neighbors_relate_each_example_to_its_knowledge_base_neighbours(tmp_path, tiny_tokenizer):
-    data = tiny_distillation_data(tiny_tokenizer, size=16)
+def data_with_knowledge_base_neighbors(tokenizer):
+    """16 distillation rows, their knowledge base, and each row's 3 nearest other entries (`teacher_neighbor_ids`)."""
+    data = tiny_distillation_data(tokenizer, size=16)
     kb = KnowledgeBase.build(
         torch.tensor(data["teacher_keys"]), torch.softmax(torch.tensor(data["teacher_logits"]), -1)
     )
-    data = data.add_column(TEACHER_NEIGHBORS, kb.search(kb.keys, 4)[1][:, 1:].tolist())  # 3 nearest other entries
+    return data.add_column(TEACHER_NEIGHBORS, kb.search(kb.keys, 4)[1][:, 1:].tolist()), kb
+
+
+def inputs_of(batch) -> dict:
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def test_relational_neighbors_relate_each_example_to_its_knowledge_base_neighbours(tmp_path, tiny_tokenizer):
+    data, kb = data_with_knowledge_base_neighbors(tiny_tokenizer)
     student = dropout_free_student()
     args = ReAugKDTrainingArguments(
         output_dir=str(tmp_path), relational_neighbors=3, per_device_train_batch_size=8, report_to="none", use_cpu=True
@@ -83,8 +92,7 @@ def test_relational_neighbors_relate_each_example_to_its_knowledge_base_neighbou
     assert student.config.kb_size == 0  # the knowledge base stays with the trainer: not broadcast, not checkpointed
 
     loss = trainer.compute_loss(student, dict(batch))
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-    outputs = student(**inputs, retrieval_weight=0.0)
+    outputs = student(**inputs_of(batch), retrieval_weight=0.0)
     distillation = distillation_loss(outputs.student_logits, batch["teacher_logits"], 1.0)
     keys = torch.cat([batch["teacher_keys"].expand(8, -1, -1), kb.keys[batch[TEACHER_NEIGHBORS]]], dim=1)  # (8, 11, d)
     expected = distillation + relational_loss(outputs.query_embedding, batch["teacher_keys"], keys, 0.1)
@@ -99,16 +107,8 @@ def test_relational_neighbors_relate_each_example_to_its_knowledge_base_neighbou
         trainer.compute_loss(student, without_ids)
 
 
-def inputs_of(batch) -> dict:
-    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-
-
 def test_own_key_loss_alone_with_knowledge_base_neighbours_as_negatives(tmp_path, tiny_tokenizer):
-    data = tiny_distillation_data(tiny_tokenizer, size=16)
-    kb = KnowledgeBase.build(
-        torch.tensor(data["teacher_keys"]), torch.softmax(torch.tensor(data["teacher_logits"]), -1)
-    )
-    data = data.add_column(TEACHER_NEIGHBORS, kb.search(kb.keys, 4)[1][:, 1:].tolist())  # 3 nearest other entries
+    data, kb = data_with_knowledge_base_neighbors(tiny_tokenizer)
     student = dropout_free_student()
     args = ReAugKDTrainingArguments(
         output_dir=str(tmp_path),
