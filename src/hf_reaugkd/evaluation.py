@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from datasets import Dataset
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -34,9 +35,11 @@ from .modeling_reaugkd import (
 
 logger = logging.getLogger(__name__)
 
-# L2 penalty on the retrieval gate's feature weights: small next to the validation NLL (~0.3–0.7 per row), enough to
-# keep weights finite when a feature separates the validation rows perfectly.
+# The retrieval gate's logistic regression: an L2 penalty (on standardised features) small next to its log-loss
+# (~0.5–0.7 per row) but enough to keep the weights finite when a feature separates the rows perfectly, and the fewest
+# disagreement rows worth fitting to.
 GATE_L2 = 1e-3
+GATE_MIN_ROWS = 10
 
 
 @dataclass
@@ -192,26 +195,39 @@ def gated_mixture(predictions: Predictions, knn_k: int, gate: list[float] | torc
 
 
 def fit_retrieval_gate(predictions: Predictions, knn_k: int, retrieval_weight: float) -> list[float]:
-    """Gate parameters `[w_1, ..., w_F, b]` that maximise the likelihood of the labels under the gated mixture
-    (L-BFGS). They start at the fixed β (w = 0, b = logit β), and a small L2 penalty on w keeps the gate near that
-    constant where the features carry nothing."""
-    start = min(max(retrieval_weight, 0.02), 0.98)
-    parameters = torch.zeros(len(RETRIEVAL_GATE_FEATURES) + 1)
-    parameters[-1] = math.log(start / (1 - start))
-    parameters.requires_grad_(True)
+    """Gate parameters `[w_1, ..., w_F, b]` for β(x) = σ(w · features + b): a logistic regression, on the rows where
+    the retrieved vote and the student disagree, of "the retrieved vote is the right one" (rows where neither is
+    right say nothing). Where they agree β does not change the prediction, so β(x) is fitted to what matters for
+    accuracy: how likely retrieval is to be right where it and the student part ways. (Fitting β to the likelihood
+    of the mixture instead drives it to 0 whenever the retrieved distributions are confident and sometimes wrong.)
+    Features are standardised for the fit, L2-penalised, and folded back into raw weights. With fewer than
+    `GATE_MIN_ROWS` such rows, the gate is the fixed β (w = 0, b = logit β)."""
+    retrieved = predictions.retrieved[knn_k]  # (N, C)
+    features = retrieval_gate_features(predictions.top_similarity, retrieved, predictions.student_probs)  # (N, F)
+    retrieved_class, student_class = retrieved.argmax(-1), predictions.student_probs.argmax(-1)  # (N,), (N,)
+    found = retrieved.sum(-1) > 0
+    retrieval_right, student_right = retrieved_class == predictions.labels, student_class == predictions.labels
+    informative = found & (retrieved_class != student_class) & (retrieval_right | student_right)  # (N,)
+    constant = min(max(retrieval_weight, 0.02), 0.98)
+    if informative.sum() < GATE_MIN_ROWS:
+        return [0.0] * len(RETRIEVAL_GATE_FEATURES) + [round(math.log(constant / (1 - constant)), 6)]
+    x, target = features[informative], retrieval_right[informative].float()  # (n, F), (n,)
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # (F,)
+    x = (x - mean) / std
+    parameters = torch.zeros(x.shape[1] + 1, requires_grad=True)
     optimizer = torch.optim.LBFGS([parameters], max_iter=100, line_search_fn="strong_wolfe")
-    labels = predictions.labels.long().unsqueeze(-1)  # (N, 1)
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        mixed = gated_mixture(predictions, knn_k, parameters)  # (N, C)
-        nll = -mixed.gather(1, labels).clamp_min(torch.finfo(mixed.dtype).tiny).log().mean()
-        loss = nll + GATE_L2 * parameters[:-1].pow(2).sum()
+        logits = x @ parameters[:-1] + parameters[-1]  # (n,)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, target) + GATE_L2 * parameters.pow(2).sum()
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    return [round(value, 6) for value in parameters.detach().tolist()]
+    weights, bias = parameters[:-1].detach() / std, parameters[-1].detach()  # back to raw features
+    bias = bias - (weights * mean).sum()
+    return [round(value, 6) for value in [*weights.tolist(), bias.item()]]
 
 
 def select_retrieval_gate(validation: Predictions, selection: dict) -> dict:
