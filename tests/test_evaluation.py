@@ -11,6 +11,8 @@ from hf_reaugkd.evaluation import (
     Predictions,
     classification_metrics,
     evaluate_student,
+    fit_retrieval_gate,
+    gated_mixture,
     knn_accuracy,
     predict,
     select_retrieval_gate,
@@ -195,6 +197,31 @@ def test_retrieval_gate_is_kept_when_it_beats_the_fixed_beta_on_held_out_halves(
     test = _predictions_where_only_close_neighbours_are_right(400, seed=1)
     metrics = split_metrics(test, np.zeros((400, 2)), 4, 0.0, gate["parameters"])
     assert metrics["student_retrieval_gated"]["accuracy"] > metrics["student_retrieval"]["accuracy"] + 0.1
+
+
+def test_retrieval_gate_is_fitted_on_the_rows_where_retrieval_and_student_disagree():
+    """Far neighbours (cosine 0.3) mostly agree with a right student, but where they disagree with it they are wrong;
+    close ones (0.9) are right. Fitted on all rows, "retrieval is right" would read 2/3 at cosine 0.3 and let the far
+    neighbours overrule the student; fitted on the disagreements, β(x) trusts only the close ones."""
+    groups = [  # (rows, cosine, student right, retrieval right)
+        (200, 0.3, True, True),
+        (100, 0.3, True, False),
+        (100, 0.9, False, True),
+        (200, 0.9, True, True),
+    ]
+    labels = torch.zeros(600, dtype=torch.long)
+    student_class = torch.cat([torch.full((n,), 0 if right else 1) for n, _, right, _ in groups])
+    retrieved_class = torch.cat([torch.full((n,), 0 if right else 1) for n, _, _, right in groups])
+    top_similarity = torch.cat([torch.full((n,), cosine) for n, cosine, _, _ in groups])
+    student_probs = torch.nn.functional.one_hot(student_class, 2).float() * 0.2 + 0.4  # 0.6 on its class
+    retrieved = torch.nn.functional.one_hot(retrieved_class, 2).float() * 0.9 + 0.05  # 0.95 on its class
+    predictions = Predictions(student_probs, {4: retrieved}, labels, None, top_similarity)
+
+    gate = fit_retrieval_gate(predictions, knn_k=4, retrieval_weight=0.5)
+    mixed = gated_mixture(predictions, 4, gate)  # (600, 2)
+    assert (mixed.argmax(-1) == labels).all()  # every row right: the student at 0.3, retrieval at 0.9
+    best_fixed_beta = select_retrieval_settings(predictions, [b / 20 for b in range(21)])
+    assert best_fixed_beta["accuracy"] < 0.9  # no single β gets both groups of disagreements right
 
 
 def test_retrieval_gate_is_dropped_when_it_cannot_change_a_prediction():
