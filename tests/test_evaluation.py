@@ -182,10 +182,16 @@ def _predictions_where_only_close_neighbours_are_right(n: int, seed: int) -> Pre
     student_right = torch.rand(n, generator=generator) < 0.7
     student_class = torch.where(student_right, labels, 1 - labels)
     retrieved_class = torch.where(close, labels, 1 - labels)
-    student_probs = torch.nn.functional.one_hot(student_class, 2) * 0.2 + 0.4  # 0.6 on its class
-    retrieved = torch.nn.functional.one_hot(retrieved_class, 2) * 0.9 + 0.05  # 0.95 on its class
-    top_similarity = torch.where(close, 0.9, 0.3)
-    return Predictions(student_probs.float(), {4: retrieved.float()}, labels, None, top_similarity)
+    return _two_class_predictions(labels, student_class, retrieved_class, torch.where(close, 0.9, 0.3))
+
+
+def _two_class_predictions(
+    labels: torch.Tensor, student_class: torch.Tensor, retrieved_class: torch.Tensor, top_similarity: torch.Tensor
+) -> Predictions:
+    """The student at 0.6 on its class, the k = 4 retrieved vote at 0.95 on its class."""
+    student_probs = torch.nn.functional.one_hot(student_class, 2).float() * 0.2 + 0.4  # (N, 2)
+    retrieved = torch.nn.functional.one_hot(retrieved_class, 2).float() * 0.9 + 0.05  # (N, 2)
+    return Predictions(student_probs, {4: retrieved}, labels, None, top_similarity)
 
 
 def test_retrieval_gate_is_kept_when_it_beats_the_fixed_beta_on_held_out_halves():
@@ -213,9 +219,7 @@ def test_retrieval_gate_is_fitted_on_the_rows_where_retrieval_and_student_disagr
     student_class = torch.cat([torch.full((n,), 0 if right else 1) for n, _, right, _ in groups])
     retrieved_class = torch.cat([torch.full((n,), 0 if right else 1) for n, _, _, right in groups])
     top_similarity = torch.cat([torch.full((n,), cosine) for n, cosine, _, _ in groups])
-    student_probs = torch.nn.functional.one_hot(student_class, 2).float() * 0.2 + 0.4  # 0.6 on its class
-    retrieved = torch.nn.functional.one_hot(retrieved_class, 2).float() * 0.9 + 0.05  # 0.95 on its class
-    predictions = Predictions(student_probs, {4: retrieved}, labels, None, top_similarity)
+    predictions = _two_class_predictions(labels, student_class, retrieved_class, top_similarity)
 
     gate = fit_retrieval_gate(predictions, knn_k=4, retrieval_weight=0.5)
     mixed = gated_mixture(predictions, 4, gate)  # (600, 2)
