@@ -8,7 +8,7 @@
 Levers measured, each against the same plain student (β = 0) in the same timing round:
 - the KB dimension (`--kb_dim`): one trained student per dimension (`--student NAME=DIR`, e.g. the ablation runs);
   its validation accuracy with retrieval (its own KB and validation-chosen k, β) sits beside its overhead;
-- the precision of the exact scan (`search_dtype` float32 / bfloat16 / float16; candidates re-scored in fp32) and
+- the precision of the exact scan (`search_dtype` float32 / bfloat16 / float16 / int8; candidates re-scored in fp32) and
   the backend (torch exact, FAISS HNSW), each with the validation accuracy it gives the same student;
 - search alone, and FAISS int8 keys (scalar quantizer), for scale (as a share of the plain student's time).
 
@@ -41,6 +41,7 @@ SEARCH_SETTINGS = {
     "torch fp32": ("torch", {"search_dtype": "float32"}),
     "torch bf16": ("torch", {"search_dtype": "bfloat16"}),
     "torch fp16": ("torch", {"search_dtype": "float16"}),
+    "torch int8": ("torch", {"search_dtype": "int8"}),
     "hnsw": ("hnsw", {}),
 }
 
@@ -176,9 +177,11 @@ def main() -> None:
         run()
         return time.perf_counter() - start
 
-    # Forward passes: per student, each item runs pairs (plain forward, forward with one retrieval setting), so each
-    # retrieval forward is compared with the plain forward just before it, on the same item and under the same load.
-    # An untimed plain forward opens each item: FAISS's threads, still spinning after the previous item's HNSW
+    # Forward passes: per student, each item runs pairs (plain forward, forward with one retrieval setting) of the
+    # same model object, so each retrieval forward is compared with the plain forward just before it, on the same
+    # item, the same weights in cache and under the same load. (Timing the plain forward on another copy of the
+    # student put the retrieval model's encoder weights out of cache: +5% at batch 1 with no retrieval at all.)
+    # An untimed plain forward opens each pair: FAISS's threads, still spinning after the previous item's HNSW
     # search, would otherwise slow the next timed run. Search alone is timed apart, setting after setting.
     totals: dict[tuple, list[float]] = {}  # (kind, student, setting, batch size) -> per-round seconds
     with torch.no_grad():
@@ -193,13 +196,13 @@ def main() -> None:
 
                 for item in batch_list:
                     add(("teacher", "", "", batch_size), timed(lambda item=item: teacher(**item)))
-                for name, student in students.items():
+                for name in students:
                     for item in batch_list:
-                        student(**item, retrieval_weight=0.0)
                         for search in SEARCH_SETTINGS:
-                            plain = timed(lambda item=item, student=student: student(**item, retrieval_weight=0.0))
-                            add(("plain", name, search, batch_size), plain)
                             model = models[name, search]
+                            model(**item, retrieval_weight=0.0)
+                            plain = timed(lambda item=item, m=model: m(**item, retrieval_weight=0.0))
+                            add(("plain", name, search, batch_size), plain)
                             add(("retrieval", name, search, batch_size), timed(lambda item=item, m=model: m(**item)))
                     for search, index in searches[name].items():
                         for query in queries[name][batch_size]:
@@ -263,12 +266,14 @@ def main() -> None:
                 )
 
     default_index = resolve_index_type("auto", len(train_texts))
-    default_dtype = str(scan_dtype("auto", "cpu")).removeprefix("torch.")
-    default_search = (
-        "hnsw"
+    default_search = {  # per student: the search setting the package's defaults pick for its KB dimension
+        name: "hnsw"
         if default_index == "hnsw"
-        else {"float32": "torch fp32", "bfloat16": "torch bf16"}.get(default_dtype, "torch fp16")
-    )
+        else "torch " + {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "int8"}[
+            str(scan_dtype("auto", "cpu", student.config.kb_dim)).removeprefix("torch.")
+        ]
+        for name, student in students.items()
+    }
     report = {
         "environment": environment(),
         "setting": {

@@ -29,7 +29,6 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 from hf_reaugkd import KnowledgeBase, assets
-from hf_reaugkd.knowledge_base import scan_dtype
 from hf_reaugkd.modeling_reaugkd import mean_pool
 
 K = 16
@@ -84,11 +83,11 @@ def memory_bytes(kb: KnowledgeBase) -> int:
     """The KB's buffers plus what searching keeps: the reduced-precision copy of the keys (torch), a copy of the keys
     (flat), or the live FAISS index (about its serialized size)."""
     buffers = sum(b.numel() * b.element_size() for b in kb.buffers())
-    scan_itemsize = scan_dtype(kb.index_params["search_dtype"], "cpu").itemsize
-    live_index = {
-        "torch": 0 if scan_itemsize == kb.keys.element_size() else kb.keys.numel() * scan_itemsize,
-        "flat": kb.keys.numel() * kb.keys.element_size(),
-    }.get(kb.index_type, kb.index_bytes.numel())
+    if kb.index_type == "torch":  # the scan copy (and int8 scales), unless the scan reads the fp32 keys themselves
+        scan_copy = [t for t in kb._keys_for_scan() if t is not None and t is not kb.keys]
+        live_index = sum(t.numel() * t.element_size() for t in scan_copy)
+    else:
+        live_index = {"flat": kb.keys.numel() * kb.keys.element_size()}.get(kb.index_type, kb.index_bytes.numel())
     return buffers + live_index
 
 

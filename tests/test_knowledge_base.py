@@ -21,10 +21,14 @@ def test_torch_search_matches_brute_force_across_blocks():
         torch.testing.assert_close(scores, brute_scores)
 
 
-@pytest.mark.parametrize("search_dtype", ["float32", "bfloat16", "float16"])
-def test_reduced_precision_scan_returns_the_exact_neighbours_and_similarities(search_dtype):
-    kb = random_kb(300, search_dtype=search_dtype, search_block_size=64, search_query_block_size=3)
-    queries = unit(7)
+@pytest.mark.parametrize(
+    ("search_dtype", "dim"),
+    # int8 at dim 16 uses torch's int8 kernel; at dim 24 (a shape that kernel mishandles) the dequantizing fallback
+    [("float32", 16), ("bfloat16", 16), ("float16", 16), ("int8", 16), ("int8", 24)],
+)
+def test_reduced_precision_scan_returns_the_exact_neighbours_and_similarities(search_dtype, dim):
+    kb = random_kb(2000, dim, search_dtype=search_dtype, search_block_size=256, search_query_block_size=3)
+    queries = unit(7, dim)
     brute_scores, brute_ids = (queries @ kb.keys.T).topk(9, dim=1)
     scores, ids = kb.search(queries, 9)
     assert scores.dtype == torch.float32
@@ -32,22 +36,24 @@ def test_reduced_precision_scan_returns_the_exact_neighbours_and_similarities(se
     torch.testing.assert_close(scores, brute_scores)
 
 
-def test_candidates_of_a_bfloat16_scan_are_ranked_by_their_fp32_similarity():
-    # Ten keys whose cosines to the query differ by 2e-4 steps: bfloat16 (8 significant bits) rounds them all to
-    # the same value, so only the fp32 re-scoring can put them in order.
+@pytest.mark.parametrize("search_dtype", ["bfloat16", "int8"])
+def test_candidates_of_a_reduced_precision_scan_are_ranked_by_their_fp32_similarity(search_dtype):
+    # Ten keys whose cosines to the query differ by 2e-4 steps: bfloat16 (8 significant bits; also the int8 scan's
+    # output) rounds them all to the same value, so only the fp32 re-scoring can put them in order.
     query = torch.nn.functional.normalize(torch.ones(1, 16), dim=-1)
     other = torch.nn.functional.normalize(torch.arange(16.0) - 7.5, dim=0)  # orthogonal to the query
     cosines = 0.98 + 2e-4 * torch.tensor([3, 7, 0, 9, 1, 5, 8, 2, 6, 4], dtype=torch.float32)
     keys = cosines[:, None] * query + (1 - cosines[:, None] ** 2).sqrt() * other
-    kb = KnowledgeBase.build(keys, torch.full((10, 3), 1 / 3), search_dtype="bfloat16")
+    kb = KnowledgeBase.build(keys, torch.full((10, 3), 1 / 3), search_dtype=search_dtype)
     scores, ids = kb.search(query, 4)
     assert ids[0].tolist() == [3, 6, 1, 8]
     assert kb.search(query, 1)[1].item() == 3  # k = 1 still re-scores more than two candidates
     torch.testing.assert_close(scores[0], cosines[[3, 6, 1, 8]], atol=1e-6, rtol=0)
 
 
-def test_scan_copy_follows_the_keys():
-    kb = random_kb(50, search_dtype="bfloat16")
+@pytest.mark.parametrize("search_dtype", ["bfloat16", "int8"])
+def test_scan_copy_follows_the_keys(search_dtype):
+    kb = random_kb(50, search_dtype=search_dtype)
     query = unit(1)
     kb.search(query, 1)
     kb.keys[17] = query[0]  # an in-place edit: the reduced-precision copy must be remade
@@ -55,8 +61,11 @@ def test_scan_copy_follows_the_keys():
 
 
 def test_search_dtype_auto_and_unknown():
-    assert kb_module.scan_dtype("auto", "cuda") == torch.float16
-    assert kb_module.scan_dtype("float32", "cpu") == torch.float32
+    assert kb_module.scan_dtype("auto", "cuda", 128) == torch.float16
+    assert kb_module.scan_dtype("float32", "cpu", 128) == torch.float32
+    # torch's int8 CPU kernel crashes or returns garbage unless the key dimension is a multiple of 16
+    assert kb_module.scan_dtype("auto", "cpu", 24) != torch.int8
+    assert kb_module.int8_matmul("cpu", 24) is None and kb_module.int8_matmul("cuda", 128) is None
     with pytest.raises(ValueError, match="Unknown search_dtype 'int4'"):
         random_kb(5, search_dtype="int4")
 

@@ -123,7 +123,7 @@ class ModelArguments:
     search_dtype: str = field(
         default=DEFAULT_INDEX_PARAMS["search_dtype"],
         metadata={
-            "help": "Exact-scan precision, re-scored in float32: 'auto' (fp16 on CUDA, bf16 on CPUs with bf16 "
+            "help": "Exact-scan precision, re-scored in fp32: 'auto' (fp16 on CUDA, int8 on CPUs with bf16 "
             "matmul, else fp32) or a dtype."
         },
     )

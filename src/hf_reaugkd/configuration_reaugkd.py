@@ -64,9 +64,10 @@ class ReAugKDConfig(PreTrainedConfig):
             KB rows and queries scored per block by the torch backend: search memory is at most
             `search_query_block_size × search_block_size` scores, whatever the number of queries and keys.
         search_dtype (`str`, defaults to `"auto"`):
-            Precision the torch backend scans the keys in: `"float32"`, `"bfloat16"`, `"float16"`, or `"auto"`
-            (float16 on CUDA, bfloat16 on CPUs with native bf16 matmul, else float32). The best candidates of a
-            reduced-precision scan are re-scored from the fp32 keys, so similarities stay exact.
+            Precision the torch backend scans the keys in: `"float32"`, `"bfloat16"`, `"float16"`, `"int8"` (per-row
+            scales), or `"auto"` (float16 on CUDA; int8 on CPUs with native bf16 matmul, bfloat16 there when
+            `kb_dim` is not a multiple of 16; else float32). The best candidates of a reduced-precision scan are
+            re-scored from the fp32 keys, so similarities stay exact.
         hnsw_m (`int`, defaults to 32), hnsw_ef_construction (`int`, defaults to 80),
         hnsw_ef_search (`int`, defaults to 128):
             HNSW graph degree and search breadths.
@@ -104,7 +105,7 @@ class ReAugKDConfig(PreTrainedConfig):
     kb_has_texts: bool = False
     search_block_size: int = DEFAULT_INDEX_PARAMS["search_block_size"]
     search_query_block_size: int = DEFAULT_INDEX_PARAMS["search_query_block_size"]
-    search_dtype: Literal["auto", "float32", "bfloat16", "float16"] = DEFAULT_INDEX_PARAMS["search_dtype"]
+    search_dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = DEFAULT_INDEX_PARAMS["search_dtype"]
     hnsw_m: int = DEFAULT_INDEX_PARAMS["hnsw_m"]
     hnsw_ef_construction: int = DEFAULT_INDEX_PARAMS["hnsw_ef_construction"]
     hnsw_ef_search: int = DEFAULT_INDEX_PARAMS["hnsw_ef_search"]

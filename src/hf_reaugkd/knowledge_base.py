@@ -50,7 +50,7 @@ TRAINED_INDEX_TYPES = ("hnsw", "ivf")  # stored serialized; exact indexes are re
 # 1.5 ms at 10k entries and 3.0 ms at 30k, HNSW (efSearch 128) 1.7 and 2.5 ms; the exact scan's cost grows with N and
 # HNSW's barely does. Below the crossover exact search is as fast, finds every true neighbour and needs no index.
 AUTO_EXACT_MAX_SIZE = 20_000
-SEARCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
+SEARCH_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 DEFAULT_INDEX_PARAMS = {
     # torch backend: KB rows scored per block, and queries scored at once; memory is at most
     # search_query_block_size × search_block_size × 4 bytes (256 MiB at the defaults) for any number of queries.
@@ -106,11 +106,14 @@ def resolve_index_type(index_type: str, size: int) -> str:
 
 
 @functools.cache
-def scan_dtype(search_dtype: str, device_type: str) -> torch.dtype:
-    """The dtype the exact torch search reads the keys in. Scanning the keys is memory-bound, so half the bytes is
-    about half the time, where the hardware multiplies half precision natively. `"auto"`: float16 on CUDA (tensor
-    cores; three more mantissa bits than bfloat16), bfloat16 on CPUs with native bf16 matmul (AVX512-BF16 or AMX,
-    through oneDNN), float32 elsewhere (emulated half precision is slower than float32)."""
+def scan_dtype(search_dtype: str, device_type: str, dim: int) -> torch.dtype:
+    """The dtype the exact torch search reads `dim`-dimensional keys in. Scanning the keys is memory-bound (and,
+    right after an encoder forward has evicted them from cache, bound by memory bandwidth), so fewer bytes is less
+    time, where the hardware computes in the smaller type natively. `"auto"`: float16 on CUDA (tensor cores; three
+    more mantissa bits than bfloat16); on CPUs with native bf16 matmul (AVX512-BF16 or AMX, through oneDNN) int8 keys
+    with a per-row scale, read by torch's int8-weight matmul against bf16 queries where it takes the shape (a quarter
+    of the fp32 bytes; benchmarks/inference.py), else bfloat16; float32 elsewhere (emulated half precision is slower
+    than float32)."""
     if search_dtype not in SEARCH_DTYPES:
         raise ValueError(f"Unknown search_dtype {search_dtype!r}: expected one of {SEARCH_DTYPES}.")
     if search_dtype != "auto":
@@ -120,10 +123,30 @@ def scan_dtype(search_dtype: str, device_type: str) -> torch.dtype:
     if device_type == "cpu" and torch.backends.mkldnn.is_available():
         try:
             if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-                return torch.bfloat16
+                return torch.int8 if int8_matmul(device_type, dim) is not None else torch.bfloat16
         except (AttributeError, RuntimeError):  # a torch build without the probe: assume no native bf16
             pass
     return torch.float32
+
+
+def int8_matmul(device_type: str, dim: int) -> Callable | None:
+    """torch's int8-weight matmul `(queries (b, d) bf16, keys (n, d) int8, scales (n,) bf16) -> (b, n)` where it
+    applies, else None (an int8 scan then dequantizes block by block). Only its CPU kernel is used, and only for
+    `d` a multiple of 16: for other `d` that kernel (torch 2.13) returns garbage or crashes the process."""
+    if device_type != "cpu" or dim % 16:
+        return None
+    try:
+        return torch.ops.aten._weight_int8pack_mm
+    except (AttributeError, RuntimeError):  # a torch without it
+        return None
+
+
+def quantize_rows(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: `keys ≈ quantized * scales[:, None]`, `(N, d)` int8 and `(N,)` fp32. A unit key's
+    largest component maps to ±127, so each coordinate is off by at most half a step (≤ 1/254 of that component)."""
+    scales = keys.abs().amax(dim=1).clamp_min(torch.finfo(keys.dtype).tiny) / 127  # (N,)
+    quantized = torch.round(keys / scales.unsqueeze(1)).to(torch.int8)  # (N, d)
+    return quantized, scales
 
 
 def validate_entries(keys: torch.Tensor, values: torch.Tensor, num_labels: int | None = None) -> None:
@@ -218,7 +241,7 @@ class KnowledgeBase(nn.Module):
             )
         self.index_type = index_type
         self.index_params = {**DEFAULT_INDEX_PARAMS, **index_params}
-        scan_dtype(self.index_params["search_dtype"], "cpu")  # refuse an unknown search_dtype now, not at search
+        scan_dtype(self.index_params["search_dtype"], "cpu", dim)  # refuse an unknown search_dtype now, not at search
         self.register_buffer("keys", torch.zeros(size, dim))
         self.register_buffer("values", torch.zeros(size, num_labels))
         self.register_buffer("index_bytes", torch.zeros(index_nbytes, dtype=torch.uint8))
@@ -380,29 +403,39 @@ class KnowledgeBase(nn.Module):
         for any N and B), then, for a reduced-precision scan, its `k + max(k, RESCORE_EXTRA)` best candidates re-scored from
         the fp32 keys. Scores are exact fp32 cosines; the neighbours are the exact ones unless a true neighbour fell
         behind that many others by less than the scan's rounding error."""
-        scan_keys = self._keys_for_scan()  # (N, d): the fp32 keys themselves, or their reduced-precision copy
+        scan_keys, scales = self._keys_for_scan()  # (N, d) fp32 keys or their reduced-precision copy; int8: (N,)
         rescore = scan_keys.dtype != self.keys.dtype
         candidates = min(k + max(k, RESCORE_EXTRA), self.size) if rescore else k
         query_block = self.index_params["search_query_block_size"]
         if len(queries) <= query_block:  # the common case, without the split and concatenation
-            scores, ids = self._scan(queries, scan_keys, candidates)  # (B, c), (B, c)
+            scores, ids = self._scan(queries, scan_keys, scales, candidates)  # (B, c), (B, c)
         else:
-            found = [self._scan(chunk, scan_keys, candidates) for chunk in queries.split(query_block)]
+            found = [self._scan(chunk, scan_keys, scales, candidates) for chunk in queries.split(query_block)]
             scores, ids = torch.cat([s for s, _ in found]), torch.cat([i for _, i in found])  # (B, c)
         if not rescore:
             return scores, ids
         candidates = self.keys.index_select(0, ids.flatten()).view(*ids.shape, -1)  # (B, c, d), fp32
-        scores = (candidates * queries.unsqueeze(1)).sum(-1)  # (B, c): exact fp32 similarities
+        scores = (candidates * queries.unsqueeze(1)).sum(-1)  # (B, c): exact fp32 (bmm: 4× slower at B = 32)
         scores, order = scores.topk(k, dim=1)  # (B, k)
         return scores, ids.gather(1, order)
 
-    def _scan(self, queries: torch.Tensor, scan_keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k of `queries @ scan_keys.T` `(b, k)`, one block of `search_block_size` keys at a time."""
+    def _scan(
+        self, queries: torch.Tensor, scan_keys: torch.Tensor, scales: torch.Tensor | None, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k of `queries @ keys.T` `(b, k)`, one block of `search_block_size` keys at a time; int8 keys are
+        scored as `(queries @ quantized.T) * scales` against bf16 queries."""
         block = self.index_params["search_block_size"]
-        queries = queries.to(scan_keys.dtype)  # (b, d)
+        int8_kernel = int8_matmul(scan_keys.device.type, self.dim)
+        queries = queries.to(torch.bfloat16 if scales is not None else scan_keys.dtype)  # (b, d)
         best_scores = best_ids = None
         for start in range(0, self.size, block):
-            scores = queries @ scan_keys[start : start + block].T  # (b, block)
+            keys = scan_keys[start : start + block]  # (block, d)
+            if scales is None:
+                scores = queries @ keys.T  # (b, block)
+            elif int8_kernel is not None:
+                scores = int8_kernel(queries, keys, scales[start : start + block])  # (b, block)
+            else:
+                scores = (queries @ keys.T.to(queries.dtype)) * scales[start : start + block]  # (b, block)
             top_scores, top_ids = scores.topk(min(k, scores.shape[1]), dim=1)  # (b, ≤k)
             if best_scores is not None:
                 top_scores = torch.cat([best_scores, top_scores], dim=1)  # (b, ≤2k)
@@ -412,15 +445,21 @@ class KnowledgeBase(nn.Module):
             best_scores, best_ids = top_scores, top_ids
         return best_scores, best_ids
 
-    def _keys_for_scan(self) -> torch.Tensor:
-        """The keys in the scan dtype for their device: the fp32 buffer itself, or a reduced-precision copy made once
-        and remade when the keys change (not a buffer: never saved, and the fp32 keys stay the reference)."""
-        dtype = scan_dtype(self.index_params["search_dtype"], self.keys.device.type)
+    def _keys_for_scan(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The keys in the scan dtype for their device, and for int8 their per-row scales (bf16, the queries' dtype):
+        the fp32 buffer itself, or a reduced-precision copy made once and remade when the keys change (not a buffer:
+        never saved, and the fp32 keys stay the reference)."""
+        dtype = scan_dtype(self.index_params["search_dtype"], self.keys.device.type, self.dim)
         if dtype == self.keys.dtype:
-            return self.keys
+            return self.keys, None
         source = (self.keys.data_ptr(), self.keys._version, self.keys.device, dtype)
         if self._scan_keys_source != source:
-            self._scan_keys, self._scan_keys_source = self.keys.to(dtype), source
+            if dtype == torch.int8:
+                quantized, scales = quantize_rows(self.keys)
+                self._scan_keys = (quantized, scales.to(torch.bfloat16))
+            else:
+                self._scan_keys = (self.keys.to(dtype), None)
+            self._scan_keys_source = source
         return self._scan_keys
 
     def _get_faiss_index(self):
