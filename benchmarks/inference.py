@@ -266,12 +266,11 @@ def main() -> None:
                 )
 
     default_index = resolve_index_type("auto", len(train_texts))
+    scan_names = {torch.float32: "torch fp32", torch.bfloat16: "torch bf16", torch.float16: "torch fp16"}
     default_search = {  # per student: the search setting the package's defaults pick for its KB dimension
         name: "hnsw"
         if default_index == "hnsw"
-        else "torch " + {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "int8"}[
-            str(scan_dtype("auto", "cpu", student.config.kb_dim)).removeprefix("torch.")
-        ]
+        else scan_names.get(scan_dtype("auto", "cpu", student.config.kb_dim), "torch int8")
         for name, student in students.items()
     }
     report = {

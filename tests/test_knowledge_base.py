@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 import torch
 from conftest import random_kb
@@ -76,6 +78,18 @@ def test_auto_index_type_is_exact_for_small_and_hnsw_for_large_knowledge_bases(m
     assert random_kb(101, index_type="auto").index_type == "hnsw"
     monkeypatch.setattr(kb_module, "faiss", None)
     assert random_kb(101, index_type="auto").index_type == "torch"
+
+
+def test_building_ivf_below_its_useful_size_warns_that_it_misses_neighbours(caplog, monkeypatch):
+    def ivf_warnings(size: int) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            random_kb(size, index_type="ivf")
+        return [r.getMessage() for r in caplog.records if "IVF index" in r.getMessage()]
+
+    assert len(ivf_warnings(400)) == 1 and "over 400 keys" in ivf_warnings(400)[0]
+    monkeypatch.setattr(kb_module, "IVF_MIN_SIZE", 400)
+    assert ivf_warnings(400) == []
 
 
 def test_ivf_nlist_zero_is_about_four_sqrt_n_and_round_trips(tmp_path):

@@ -46,10 +46,13 @@ logger = logging.get_logger(__name__)
 INDEX_TYPES = ("torch", "flat", "hnsw", "ivf")
 TRAINED_INDEX_TYPES = ("hnsw", "ivf")  # stored serialized; exact indexes are rebuilt from the keys
 # What `build(index_type="auto")` makes: exact torch search up to this many entries, HNSW above (torch when FAISS is
-# missing). Measured with benchmarks/kb_scaling.py (d = 128, 2 CPU cores): for 32 queries the bf16 exact scan takes
-# 1.5 ms at 10k entries and 3.0 ms at 30k, HNSW (efSearch 128) 1.7 and 2.5 ms; the exact scan's cost grows with N and
-# HNSW's barely does. Below the crossover exact search is as fast, finds every true neighbour and needs no index.
+# missing). Measured with benchmarks/kb_scaling.py (d = 128, 2 CPU cores): for 32 queries the int8 exact scan takes
+# 1.9 ms at 10k entries and 3.8 ms at 30k, HNSW (efSearch 128) 2.0 and 2.8 ms; the exact scan's cost grows with N and
+# HNSW's barely does. Up to 20k exact search costs at most ~0.4 ms more, finds every true neighbour and needs no index.
 AUTO_EXACT_MAX_SIZE = 20_000
+# Below this many entries IVF at the default nprobe missed the 0.95 recall@16 mark in benchmarks/kb_scaling.py
+# (0.82-0.86 from 10k to 100k keys), where exact search or HNSW costs about the same: `build` says so.
+IVF_MIN_SIZE = 300_000
 SEARCH_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 DEFAULT_INDEX_PARAMS = {
     # torch backend: KB rows scored per block, and queries scored at once; memory is at most
@@ -318,6 +321,12 @@ class KnowledgeBase(nn.Module):
         index_type = resolve_index_type(index_type, len(keys))
         if index_type != "torch":
             _require_faiss(index_type)
+        if index_type == "ivf" and len(keys) < IVF_MIN_SIZE:
+            logger.warning(
+                f"An IVF index over {len(keys):,} keys finds fewer true neighbours than it should: below "
+                f"{IVF_MIN_SIZE:,} entries recall@16 measured 0.82-0.86 at ivf_nprobe=32. Exact search "
+                "(index_type='torch') or 'hnsw' costs about the same at this size; IVF pays off for millions of keys."
+            )
         params = {**DEFAULT_INDEX_PARAMS, **index_params}
         kb = cls(len(keys), keys.shape[1], values.shape[1], index_type, 0, **index_params)
         block = params["search_block_size"]
