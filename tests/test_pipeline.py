@@ -146,10 +146,10 @@ def test_missing_file_and_bad_flags_are_reported():
 
 
 def test_training_flags_reach_the_student_and_teacher_flags_the_teacher(task):
-    """--max_steps limits the student only, --eval_strategy steps evaluates on validation, gradient checkpointing
+    """--max_steps limits the student only, --eval_strategy steps evaluates on validation, activation checkpointing
     runs; the teacher has its own --teacher_* budget, and a changed teacher budget retrains the teacher."""
     output_dir = task / "out"
-    flags = ["--max_steps", "3", "--eval_strategy", "steps", "--eval_steps", "2", "--gradient_checkpointing"]
+    flags = ["--max_steps", "3", "--eval_strategy", "steps", "--eval_steps", "2", "--activation_checkpointing"]
     main(
         pipeline_args(
             task, output_dir, *flags, "--teacher_max_steps", "2", "--save_strategy", "steps", "--keep_checkpoints"

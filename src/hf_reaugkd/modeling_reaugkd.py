@@ -210,7 +210,7 @@ class ReAugKDPreTrainedModel(PreTrainedModel):
     # vectors lose neighbour order in half precision. (The uint8 index bytes are never cast.)
     _keep_in_fp32_modules_strict = ["knowledge_base.keys", "knowledge_base.values"]
     _supports_sdpa = True
-    # The encoder's layers checkpoint themselves (`--gradient_checkpointing`); the heads are single linear layers.
+    # The encoder's layers checkpoint themselves (`--activation_checkpointing`); the heads are single linear layers.
     supports_gradient_checkpointing = True
 
     @torch.no_grad()
