@@ -53,6 +53,14 @@ def test_candidates_of_a_reduced_precision_scan_are_ranked_by_their_fp32_similar
     torch.testing.assert_close(scores[0], cosines[[3, 6, 1, 8]], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("search_dtype", ["float32", "bfloat16", "int8"])
+def test_exact_search_takes_queries_that_are_not_contiguous(search_dtype):
+    kb = random_kb(200, 32, search_dtype=search_dtype)
+    queries = unit(5, 32).T.contiguous().T  # the same values, column-major
+    assert not queries.is_contiguous()
+    assert torch.equal(kb.search(queries, 3)[1], (queries @ kb.keys.T).topk(3, dim=1).indices)
+
+
 @pytest.mark.parametrize("search_dtype", ["bfloat16", "int8"])
 def test_scan_copy_follows_the_keys(search_dtype):
     kb = random_kb(50, search_dtype=search_dtype)

@@ -135,7 +135,8 @@ def scan_dtype(search_dtype: str, device_type: str, dim: int) -> torch.dtype:
 def int8_matmul(device_type: str, dim: int) -> Callable | None:
     """torch's int8-weight matmul `(queries (b, d) bf16, keys (n, d) int8, scales (n,) bf16) -> (b, n)` where it
     applies, else None (an int8 scan then dequantizes block by block). Only its CPU kernel is used, and only for
-    `d` a multiple of 16: for other `d` that kernel (torch 2.13) returns garbage or crashes the process."""
+    `d` a multiple of 16: its vector loads assume rows aligned to 16 elements, and for other `d` (torch 2.13) it
+    returns garbage or crashes the process. It also needs contiguous queries."""
     if device_type != "cpu" or dim % 16:
         return None
     try:
@@ -435,7 +436,7 @@ class KnowledgeBase(nn.Module):
         scored as `(queries @ quantized.T) * scales` against bf16 queries."""
         block = self.index_params["search_block_size"]
         int8_kernel = int8_matmul(scan_keys.device.type, self.dim)
-        queries = queries.to(torch.bfloat16 if scales is not None else scan_keys.dtype)  # (b, d)
+        queries = queries.to(torch.bfloat16 if scales is not None else scan_keys.dtype).contiguous()  # (b, d)
         best_scores = best_ids = None
         for start in range(0, self.size, block):
             keys = scan_keys[start : start + block]  # (block, d)
