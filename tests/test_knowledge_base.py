@@ -63,11 +63,32 @@ def test_exact_search_takes_queries_that_are_not_contiguous(search_dtype):
 
 @pytest.mark.parametrize("search_dtype", ["bfloat16", "int8"])
 def test_scan_copy_follows_the_keys(search_dtype):
-    kb = random_kb(50, search_dtype=search_dtype)
+    # 500 keys: far more than the 33 candidates re-scored from the fp32 keys, so a stale copy would not find row 17
+    kb = random_kb(500, search_dtype=search_dtype)
     query = unit(1)
     kb.search(query, 1)
     kb.keys[17] = query[0]  # an in-place edit: the reduced-precision copy must be remade
     assert kb.search(query, 1)[1].item() == 17
+
+
+@pytest.fixture
+def fresh_int8_probe():
+    """Forget which int8 kernels were found usable, before and after the test (they are cached per process)."""
+    kb_module.int8_matmul.cache_clear()
+    kb_module.scan_dtype.cache_clear()
+    yield
+    kb_module.int8_matmul.cache_clear()
+    kb_module.scan_dtype.cache_clear()
+
+
+def test_an_int8_kernel_that_disagrees_with_a_dequantized_matmul_is_not_used(monkeypatch, fresh_int8_probe):
+    assert kb_module.int8_matmul("cpu", 32) is not None  # torch 2.13's kernel on this CPU passes the check
+    kb_module.int8_matmul.cache_clear()
+    monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", lambda q, k, s: torch.zeros(len(q), len(k)))
+    assert kb_module.int8_matmul("cpu", 32) is None
+    kb = random_kb(300, 32, search_dtype="int8")  # so an explicit int8 scan dequantizes, and stays exact
+    queries = unit(4, 32)
+    assert torch.equal(kb.search(queries, 5)[1], (queries @ kb.keys.T).topk(5, dim=1).indices)
 
 
 def test_search_dtype_auto_and_unknown():

@@ -51,7 +51,7 @@ TRAINED_INDEX_TYPES = ("hnsw", "ivf")  # stored serialized; exact indexes are re
 # HNSW's barely does. Up to 20k exact search costs at most ~0.4 ms more, finds every true neighbour and needs no index.
 AUTO_EXACT_MAX_SIZE = 20_000
 # Below this many entries IVF at the default nprobe missed the 0.95 recall@16 mark in benchmarks/kb_scaling.py
-# (0.82-0.86 from 10k to 100k keys), where exact search or HNSW costs about the same: `build` says so.
+# (0.82-0.86 from 10k to 100k keys) while HNSW reached 0.98: `build` says so.
 IVF_MIN_SIZE = 300_000
 SEARCH_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 DEFAULT_INDEX_PARAMS = {
@@ -69,7 +69,8 @@ DEFAULT_INDEX_PARAMS = {
     "ivf_nprobe": 32,
 }
 # The reduced-precision scan keeps k + max(k, RESCORE_EXTRA) candidates per query for exact re-scoring: a true top-k
-# key is lost only if that many others outscore it by less than the scan's rounding error (~4e-3 in bfloat16). A floor
+# key is lost only if that many others outscore it by less than the scan's error (~4e-3 in bfloat16, up to ~3.5e-3 with
+# int8 keys at d = 128). A floor
 # of 32 extra: with k = 1 two candidates were too few (on a 384-d KB, 4 of 1,275 validation predictions changed).
 RESCORE_EXTRA = 32
 # Soft labels must sum to 1 up to this tolerance; fp32 softmax outputs are far closer than that.
@@ -115,8 +116,9 @@ def scan_dtype(search_dtype: str, device_type: str, dim: int) -> torch.dtype:
     time, where the hardware computes in the smaller type natively. `"auto"`: float16 on CUDA (tensor cores; three
     more mantissa bits than bfloat16); on CPUs with native bf16 matmul (AVX512-BF16 or AMX, through oneDNN) int8 keys
     with a per-row scale, read by torch's int8-weight matmul against bf16 queries where it takes the shape (a quarter
-    of the fp32 bytes; benchmarks/inference.py), else bfloat16; float32 elsewhere (emulated half precision is slower
-    than float32)."""
+    of the fp32 bytes, through a kernel made for few query rows: the fastest one query at a time, level with bf16
+    at 32 inside a forward; benchmarks/inference.py), else bfloat16; float32 elsewhere (emulated half precision is
+    slower than float32)."""
     if search_dtype not in SEARCH_DTYPES:
         raise ValueError(f"Unknown search_dtype {search_dtype!r}: expected one of {SEARCH_DTYPES}.")
     if search_dtype != "auto":
@@ -132,24 +134,42 @@ def scan_dtype(search_dtype: str, device_type: str, dim: int) -> torch.dtype:
     return torch.float32
 
 
-def int8_matmul(device_type: str, dim: int) -> Callable | None:
+Int8Matmul = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@functools.cache
+def int8_matmul(device_type: str, dim: int) -> Int8Matmul | None:
     """torch's int8-weight matmul `(queries (b, d) bf16, keys (n, d) int8, scales (n,) bf16) -> (b, n)` where it
     applies, else None (an int8 scan then dequantizes block by block). Only its CPU kernel is used, and only for
     `d` a multiple of 16: its vector loads assume rows aligned to 16 elements, and for other `d` (torch 2.13) it
-    returns garbage or crashes the process. It also needs contiguous queries."""
+    returns garbage or crashes the process. Since this file runs on whatever torch and CPU loads a checkpoint, the
+    kernel is also checked once per `d` against a dequantized matmul, and not used if it disagrees."""
     if device_type != "cpu" or dim % 16:
         return None
     try:
-        return torch.ops.aten._weight_int8pack_mm
-    except (AttributeError, RuntimeError):  # a torch without it
+        kernel = torch.ops.aten._weight_int8pack_mm
+        generator = torch.Generator().manual_seed(0)
+        keys = torch.randint(-127, 128, (37, dim), generator=generator, dtype=torch.int8)  # (37, d): odd n on purpose
+        scales = torch.rand(37, generator=generator).add_(0.5).div_(127).to(torch.bfloat16)  # (37,)
+        queries = torch.randn(3, dim, generator=generator).to(torch.bfloat16)  # (3, d)
+        expected = (queries.float() @ keys.float().T) * scales.float()  # (3, 37)
+        error = (kernel(queries, keys, scales).float() - expected).abs().max() / expected.abs().max()
+    except (AttributeError, RuntimeError, NotImplementedError):  # a torch without it, or a build that refuses
         return None
+    return kernel if error < 0.02 else None  # bf16 output: ~0.4% relative error when it works
 
 
-def quantize_rows(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: `keys ≈ quantized * scales[:, None]`, `(N, d)` int8 and `(N,)` fp32. A unit key's
-    largest component maps to ±127, so each coordinate is off by at most half a step (≤ 1/254 of that component)."""
-    scales = keys.abs().amax(dim=1).clamp_min(torch.finfo(keys.dtype).tiny) / 127  # (N,)
-    quantized = torch.round(keys / scales.unsqueeze(1)).to(torch.int8)  # (N, d)
+def quantize_rows(keys: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8, `block_size` rows at a time (no full-size fp32 temporaries): `keys ≈ quantized *
+    scales[:, None]`, `(N, d)` int8 and `(N,)` fp32. Each row's largest component maps to ±127, so every coordinate
+    is off by at most half a step, max|row| / 254."""
+    quantized = torch.empty(keys.shape, dtype=torch.int8, device=keys.device)  # (N, d)
+    scales = torch.empty(len(keys), dtype=keys.dtype, device=keys.device)  # (N,)
+    for start in range(0, len(keys), block_size):
+        block = keys[start : start + block_size]  # (block, d)
+        block_scales = block.abs().amax(dim=1).clamp_min(torch.finfo(keys.dtype).tiny) / 127  # (block,)
+        quantized[start : start + block_size] = torch.round(block / block_scales.unsqueeze(1))
+        scales[start : start + block_size] = block_scales
     return quantized, scales
 
 
@@ -322,11 +342,13 @@ class KnowledgeBase(nn.Module):
         index_type = resolve_index_type(index_type, len(keys))
         if index_type != "torch":
             _require_faiss(index_type)
-        if index_type == "ivf" and len(keys) < IVF_MIN_SIZE:
+        nprobe = index_params.get("ivf_nprobe", DEFAULT_INDEX_PARAMS["ivf_nprobe"])
+        if index_type == "ivf" and len(keys) < IVF_MIN_SIZE and nprobe <= DEFAULT_INDEX_PARAMS["ivf_nprobe"]:
             logger.warning(
-                f"An IVF index over {len(keys):,} keys finds fewer true neighbours than it should: below "
-                f"{IVF_MIN_SIZE:,} entries recall@16 measured 0.82-0.86 at ivf_nprobe=32. Exact search "
-                "(index_type='torch') or 'hnsw' costs about the same at this size; IVF pays off for millions of keys."
+                f"An IVF index over {len(keys):,} keys at ivf_nprobe={nprobe} misses true neighbours: below "
+                f"{IVF_MIN_SIZE:,} entries recall@16 measured 0.82-0.86 at nprobe 32 (benchmarks/kb_scaling.py). "
+                "index_type='hnsw' (what 'auto' builds above 20,000 entries) reached 0.98 or more at every size; or "
+                "raise ivf_nprobe."
             )
         params = {**DEFAULT_INDEX_PARAMS, **index_params}
         kb = cls(len(keys), keys.shape[1], values.shape[1], index_type, 0, **index_params)
@@ -410,8 +432,8 @@ class KnowledgeBase(nn.Module):
 
     def _search_torch(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k `(B, k)`: a scan of the keys in `search_dtype` over blocks of queries × keys (memory bounded
-        for any N and B), then, for a reduced-precision scan, its `k + max(k, RESCORE_EXTRA)` best candidates re-scored from
-        the fp32 keys. Scores are exact fp32 cosines; the neighbours are the exact ones unless a true neighbour fell
+        for any N and B), then, for a reduced-precision scan, its `k + max(k, RESCORE_EXTRA)` best candidates
+        re-scored from the fp32 keys. Scores are exact fp32 cosines; the neighbours are the exact ones unless a true neighbour fell
         behind that many others by less than the scan's rounding error."""
         scan_keys, scales = self._keys_for_scan()  # (N, d) fp32 keys or their reduced-precision copy; int8: (N,)
         rescore = scan_keys.dtype != self.keys.dtype
@@ -435,7 +457,7 @@ class KnowledgeBase(nn.Module):
         """Top-k of `queries @ keys.T` `(b, k)`, one block of `search_block_size` keys at a time; int8 keys are
         scored as `(queries @ quantized.T) * scales` against bf16 queries."""
         block = self.index_params["search_block_size"]
-        int8_kernel = int8_matmul(scan_keys.device.type, self.dim)
+        int8_kernel = int8_matmul(scan_keys.device.type, self.dim) if scales is not None else None
         queries = queries.to(torch.bfloat16 if scales is not None else scan_keys.dtype).contiguous()  # (b, d)
         best_scores = best_ids = None
         for start in range(0, self.size, block):
@@ -465,7 +487,7 @@ class KnowledgeBase(nn.Module):
         source = (self.keys.data_ptr(), self.keys._version, self.keys.device, dtype)
         if self._scan_keys_source != source:
             if dtype == torch.int8:
-                quantized, scales = quantize_rows(self.keys)
+                quantized, scales = quantize_rows(self.keys, self.index_params["search_block_size"])
                 self._scan_keys = (quantized, scales.to(torch.bfloat16))
             else:
                 self._scan_keys = (self.keys.to(dtype), None)

@@ -119,7 +119,8 @@ def mix_probabilities(
 ) -> torch.Tensor:
     """`β · retrieved + (1 − β) · student` `(B, C)`, with one β or one per query (`(B, 1)`, see
     `gated_retrieval_weight`); a query for which retrieval found nothing (an all-zero row of `retrieved_probs`) keeps
-    the student's own prediction. The only implementation of the mixing."""
+    the student's own prediction. In fp32, whatever the inputs' dtypes. The only implementation of the mixing."""
+    student_probs, retrieved_probs = student_probs.float(), retrieved_probs.float()  # lerp takes one dtype
     mixed = torch.lerp(student_probs, retrieved_probs, retrieval_weight)  # (B, C): one op, not four
     found = retrieved_probs.sum(dim=-1, keepdim=True) > 0  # (B, 1)
     return torch.where(found, mixed, student_probs)
