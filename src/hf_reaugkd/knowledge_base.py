@@ -70,8 +70,8 @@ DEFAULT_INDEX_PARAMS = {
 }
 # The reduced-precision scan keeps k + max(k, RESCORE_EXTRA) candidates per query for exact re-scoring: a true top-k
 # key is lost only if that many others outscore it by less than the scan's error (~4e-3 in bfloat16, up to ~3.5e-3 with
-# int8 keys at d = 128). A floor
-# of 32 extra: with k = 1 two candidates were too few (on a 384-d KB, 4 of 1,275 validation predictions changed).
+# int8 keys at d = 128). A floor of 32 extra: with k = 1 two candidates were too few (on a 384-d KB, 4 of 1,275
+# validation predictions changed).
 RESCORE_EXTRA = 32
 # Soft labels must sum to 1 up to this tolerance; fp32 softmax outputs are far closer than that.
 DISTRIBUTION_ATOL = 1e-3
@@ -100,6 +100,11 @@ def _check_index_type(index_type: str) -> None:
         raise ValueError(f"Unknown index_type {index_type!r}: expected one of {INDEX_TYPES}.")
 
 
+def _check_search_dtype(search_dtype: str) -> None:
+    if search_dtype not in SEARCH_DTYPES:
+        raise ValueError(f"Unknown search_dtype {search_dtype!r}: expected one of {SEARCH_DTYPES}.")
+
+
 def resolve_index_type(index_type: str, size: int) -> str:
     """`"auto"` → `"torch"` (exact) for up to `AUTO_EXACT_MAX_SIZE` entries or without FAISS, `"hnsw"` above; any
     other type is returned as it is (after checking it)."""
@@ -119,8 +124,7 @@ def scan_dtype(search_dtype: str, device_type: str, dim: int) -> torch.dtype:
     of the fp32 bytes, through a kernel made for few query rows: the fastest one query at a time, level with bf16
     at 32 inside a forward; benchmarks/inference.py), else bfloat16; float32 elsewhere (emulated half precision is
     slower than float32)."""
-    if search_dtype not in SEARCH_DTYPES:
-        raise ValueError(f"Unknown search_dtype {search_dtype!r}: expected one of {SEARCH_DTYPES}.")
+    _check_search_dtype(search_dtype)
     if search_dtype != "auto":
         return getattr(torch, search_dtype)
     if device_type == "cuda":
@@ -265,7 +269,7 @@ class KnowledgeBase(nn.Module):
             )
         self.index_type = index_type
         self.index_params = {**DEFAULT_INDEX_PARAMS, **index_params}
-        scan_dtype(self.index_params["search_dtype"], "cpu", dim)  # refuse an unknown search_dtype now, not at search
+        _check_search_dtype(self.index_params["search_dtype"])  # refuse an unknown search_dtype now, not at search
         self.register_buffer("keys", torch.zeros(size, dim))
         self.register_buffer("values", torch.zeros(size, num_labels))
         self.register_buffer("index_bytes", torch.zeros(index_nbytes, dtype=torch.uint8))
@@ -342,7 +346,8 @@ class KnowledgeBase(nn.Module):
         index_type = resolve_index_type(index_type, len(keys))
         if index_type != "torch":
             _require_faiss(index_type)
-        nprobe = index_params.get("ivf_nprobe", DEFAULT_INDEX_PARAMS["ivf_nprobe"])
+        params = {**DEFAULT_INDEX_PARAMS, **index_params}
+        nprobe = params["ivf_nprobe"]
         if index_type == "ivf" and len(keys) < IVF_MIN_SIZE and nprobe <= DEFAULT_INDEX_PARAMS["ivf_nprobe"]:
             logger.warning(
                 f"An IVF index over {len(keys):,} keys at ivf_nprobe={nprobe} misses true neighbours: below "
@@ -350,7 +355,6 @@ class KnowledgeBase(nn.Module):
                 "index_type='hnsw' (what 'auto' builds above 20,000 entries) reached 0.98 or more at every size; or "
                 "raise ivf_nprobe."
             )
-        params = {**DEFAULT_INDEX_PARAMS, **index_params}
         kb = cls(len(keys), keys.shape[1], values.shape[1], index_type, 0, **index_params)
         block = params["search_block_size"]
         for start in range(0, len(keys), block):  # normalise in blocks: no full-size temporaries
@@ -433,8 +437,8 @@ class KnowledgeBase(nn.Module):
     def _search_torch(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k `(B, k)`: a scan of the keys in `search_dtype` over blocks of queries × keys (memory bounded
         for any N and B), then, for a reduced-precision scan, its `k + max(k, RESCORE_EXTRA)` best candidates
-        re-scored from the fp32 keys. Scores are exact fp32 cosines; the neighbours are the exact ones unless a true neighbour fell
-        behind that many others by less than the scan's rounding error."""
+        re-scored from the fp32 keys. Scores are exact fp32 cosines; the neighbours are the exact ones unless a true
+        neighbour fell behind that many others by less than the scan's rounding error."""
         scan_keys, scales = self._keys_for_scan()  # (N, d) fp32 keys or their reduced-precision copy; int8: (N,)
         rescore = scan_keys.dtype != self.keys.dtype
         candidates = min(k + max(k, RESCORE_EXTRA), self.size) if rescore else k
