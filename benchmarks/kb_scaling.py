@@ -83,9 +83,9 @@ def memory_bytes(kb: KnowledgeBase) -> int:
     """The KB's buffers plus what searching keeps: the reduced-precision copy of the keys (torch), a copy of the keys
     (flat), or the live FAISS index (about its serialized size)."""
     buffers = sum(b.numel() * b.element_size() for b in kb.buffers())
-    if kb.index_type == "torch":  # the scan copy (and int8 scales), unless the scan reads the fp32 keys themselves
-        scan_copy = [t for t in kb._keys_for_scan() if t is not None and t is not kb.keys]
-        live_index = sum(t.numel() * t.element_size() for t in scan_copy)
+    if kb.index_type == "torch":  # the scan copies made so far (int8 and its scales, bf16), not the fp32 keys
+        scan_copies = [t for copy in kb._scan_keys.values() for t in copy if t is not None]
+        live_index = sum(t.numel() * t.element_size() for t in scan_copies)
     else:
         live_index = {"flat": kb.keys.numel() * kb.keys.element_size()}.get(kb.index_type, kb.index_bytes.numel())
     return buffers + live_index
@@ -139,6 +139,7 @@ def measure_size(size: int, base: torch.Tensor, student_runs: dict, rounds: int,
         start = time.perf_counter()
         kbs[name] = KnowledgeBase.build(keys, values, index_type, **params)
         kbs[name].search(query_batches[0], K)  # FAISS indexes are deserialized on first search
+        kbs[name].search(query_batches[0][:1], K)  # exact "auto" on CPU scans another copy for single queries
         seconds = time.perf_counter() - start
         built[name] = {
             "build_seconds": seconds,

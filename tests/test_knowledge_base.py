@@ -61,14 +61,16 @@ def test_exact_search_takes_queries_that_are_not_contiguous(search_dtype):
     assert torch.equal(kb.search(queries, 3)[1], (queries @ kb.keys.T).topk(3, dim=1).indices)
 
 
-@pytest.mark.parametrize("search_dtype", ["bfloat16", "int8"])
+@pytest.mark.parametrize("search_dtype", ["bfloat16", "int8", "auto"])
 def test_scan_copy_follows_the_keys(search_dtype):
-    # 500 keys: far more than the 33 candidates re-scored from the fp32 keys, so a stale copy would not find row 17
+    # 500 keys: far more than the 33 candidates re-scored from the fp32 keys, so a stale copy would not find row 17.
+    # One query and 32 at once: on CPU, "auto" scans a different copy of the keys for each.
     kb = random_kb(500, search_dtype=search_dtype)
-    query = unit(1)
-    kb.search(query, 1)
-    kb.keys[17] = query[0]  # an in-place edit: the reduced-precision copy must be remade
-    assert kb.search(query, 1)[1].item() == 17
+    queries = unit(32)
+    kb.search(queries[:1], 1), kb.search(queries, 1)
+    kb.keys[17] = queries[0]  # an in-place edit: every reduced-precision copy must be remade
+    assert kb.search(queries[:1], 1)[1].item() == 17
+    assert kb.search(queries, 1)[1][0].item() == 17
 
 
 @pytest.fixture
@@ -93,6 +95,9 @@ def test_an_int8_kernel_that_disagrees_with_a_dequantized_matmul_is_not_used(mon
 
 def test_search_dtype_auto_and_unknown():
     assert kb_module.scan_dtype("auto", "cuda", 128) == torch.float16
+    # this CPU has native bf16: the int8 kernel for a few queries, a bf16 matmul for many
+    assert kb_module.scan_dtype("auto", "cpu", 128, 1) == torch.int8
+    assert kb_module.scan_dtype("auto", "cpu", 128, 64) == torch.bfloat16
     assert kb_module.scan_dtype("float32", "cpu", 128) == torch.float32
     # torch's int8 CPU kernel crashes or returns garbage unless the key dimension is a multiple of 16
     assert kb_module.scan_dtype("auto", "cpu", 24) != torch.int8

@@ -73,6 +73,12 @@ DEFAULT_INDEX_PARAMS = {
 # int8 keys at d = 128). A floor of 32 extra: with k = 1 two candidates were too few (on a 384-d KB, 4 of 1,275
 # validation predictions changed).
 RESCORE_EXTRA = 32
+# `search_dtype="auto"` on CPU scans int8 keys for at most this many queries at once and bfloat16 keys for more. The
+# int8 kernel is made for few query rows (it reads a quarter of the fp32 bytes, which is what matters right after an
+# encoder forward has evicted the keys from cache); oneDNN's bf16 matmul wins once the queries fill its tiles. Inside
+# a 3-layer student's forward (10.2k × 128 keys, 2 cores), benchmarks/inference.py: one query 0.45 ms int8 against
+# 0.74 bf16, 32 queries 1.65 against 1.43; a probe at 16 queries still favoured int8 (1.07 against 1.17 ms).
+INT8_SCAN_MAX_QUERIES = 16
 # Soft labels must sum to 1 up to this tolerance; fp32 softmax outputs are far closer than that.
 DISTRIBUTION_ATOL = 1e-3
 # `nn.functional.normalize` divides by max(norm, eps): a key whose fp32 norm is below eps (or overflows) cannot become
@@ -115,15 +121,15 @@ def resolve_index_type(index_type: str, size: int) -> str:
 
 
 @functools.cache
-def scan_dtype(search_dtype: str, device_type: str, dim: int) -> torch.dtype:
-    """The dtype the exact torch search reads `dim`-dimensional keys in. Scanning the keys is memory-bound (and,
-    right after an encoder forward has evicted them from cache, bound by memory bandwidth), so fewer bytes is less
-    time, where the hardware computes in the smaller type natively. `"auto"`: float16 on CUDA (tensor cores; three
-    more mantissa bits than bfloat16); on CPUs with native bf16 matmul (AVX512-BF16 or AMX, through oneDNN) int8 keys
-    with a per-row scale, read by torch's int8-weight matmul against bf16 queries where it takes the shape (a quarter
-    of the fp32 bytes, through a kernel made for few query rows: the fastest one query at a time, level with bf16
-    at 32 inside a forward; benchmarks/inference.py), else bfloat16; float32 elsewhere (emulated half precision is
-    slower than float32)."""
+def scan_dtype(search_dtype: str, device_type: str, dim: int, num_queries: int = 1) -> torch.dtype:
+    """The dtype the exact torch search reads `dim`-dimensional keys in for `num_queries` queries at once. Scanning
+    the keys is memory-bound (and, right after an encoder forward has evicted them from cache, bound by memory
+    bandwidth), so fewer bytes is less time, where the hardware computes in the smaller type natively. `"auto"`:
+    float16 on CUDA (tensor cores; three more mantissa bits than bfloat16); on CPUs with native bf16 matmul
+    (AVX512-BF16 or AMX, through oneDNN) int8 keys with a per-row scale for up to `INT8_SCAN_MAX_QUERIES` queries,
+    read by torch's int8-weight matmul against bf16 queries where it takes the shape (a quarter of the fp32 bytes,
+    through a kernel made for few query rows), and bfloat16 keys for more queries or where that kernel does not
+    apply; float32 elsewhere (emulated half precision is slower than float32)."""
     _check_search_dtype(search_dtype)
     if search_dtype != "auto":
         return getattr(torch, search_dtype)
@@ -132,7 +138,8 @@ def scan_dtype(search_dtype: str, device_type: str, dim: int) -> torch.dtype:
     if device_type == "cpu" and torch.backends.mkldnn.is_available():
         try:
             if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-                return torch.int8 if int8_matmul(device_type, dim) is not None else torch.bfloat16
+                few_queries = num_queries <= INT8_SCAN_MAX_QUERIES
+                return torch.int8 if few_queries and int8_matmul(device_type, dim) is not None else torch.bfloat16
         except (AttributeError, RuntimeError):  # a torch build without the probe: assume no native bf16
             pass
     return torch.float32
@@ -276,7 +283,8 @@ class KnowledgeBase(nn.Module):
         self.index_sha256 = index_sha256
         self._faiss_index = None
         self._faiss_index_source = None
-        self._scan_keys, self._scan_keys_source = None, None
+        self._scan_keys: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._scan_keys_source = None
         self._texts: list[str] | None = None
         self._texts_loader: Callable[[], list[str]] | None = None
 
@@ -439,7 +447,7 @@ class KnowledgeBase(nn.Module):
         for any N and B), then, for a reduced-precision scan, its `k + max(k, RESCORE_EXTRA)` best candidates
         re-scored from the fp32 keys. Scores are exact fp32 cosines; the neighbours are the exact ones unless a true
         neighbour fell behind that many others by less than the scan's rounding error."""
-        scan_keys, scales = self._keys_for_scan()  # (N, d) fp32 keys or their reduced-precision copy; int8: (N,)
+        scan_keys, scales = self._keys_for_scan(len(queries))  # (N, d) fp32 keys or a reduced-precision copy; int8: (N,)
         rescore = scan_keys.dtype != self.keys.dtype
         candidates = min(k + max(k, RESCORE_EXTRA), self.size) if rescore else k
         query_block = self.index_params["search_query_block_size"]
@@ -467,7 +475,7 @@ class KnowledgeBase(nn.Module):
         for start in range(0, self.size, block):
             keys = scan_keys[start : start + block]  # (block, d)
             if scales is None:
-                scores = queries @ keys.T  # (b, block)
+                scores = (keys @ queries.T).T  # (b, block): key-major, faster than queries @ keys.T for many queries
             elif int8_kernel is not None:
                 scores = int8_kernel(queries, keys, scales[start : start + block])  # (b, block)
             else:
@@ -481,22 +489,24 @@ class KnowledgeBase(nn.Module):
             best_scores, best_ids = top_scores, top_ids
         return best_scores, best_ids
 
-    def _keys_for_scan(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The keys in the scan dtype for their device, and for int8 their per-row scales (bf16, the queries' dtype):
-        the fp32 buffer itself, or a reduced-precision copy made once and remade when the keys change (not a buffer:
-        never saved, and the fp32 keys stay the reference)."""
-        dtype = scan_dtype(self.index_params["search_dtype"], self.keys.device.type, self.dim)
+    def _keys_for_scan(self, num_queries: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The keys in the scan dtype for their device and `num_queries`, and for int8 their per-row scales (bf16, the
+        queries' dtype): the fp32 buffer itself, or a reduced-precision copy made on first use and remade when the
+        keys change (not a buffer: never saved, and the fp32 keys stay the reference). `"auto"` on CPU makes the int8
+        copy for small batches and the bf16 one for large batches only once such batches are searched."""
+        dtype = scan_dtype(self.index_params["search_dtype"], self.keys.device.type, self.dim, num_queries)
         if dtype == self.keys.dtype:
             return self.keys, None
-        source = (self.keys.data_ptr(), self.keys._version, self.keys.device, dtype)
+        source = (self.keys.data_ptr(), self.keys._version, self.keys.device)
         if self._scan_keys_source != source:
+            self._scan_keys, self._scan_keys_source = {}, source
+        if dtype not in self._scan_keys:
             if dtype == torch.int8:
                 quantized, scales = quantize_rows(self.keys, self.index_params["search_block_size"])
-                self._scan_keys = (quantized, scales.to(torch.bfloat16))
+                self._scan_keys[dtype] = (quantized, scales.to(torch.bfloat16))
             else:
-                self._scan_keys = (self.keys.to(dtype), None)
-            self._scan_keys_source = source
-        return self._scan_keys
+                self._scan_keys[dtype] = (self.keys.to(dtype), None)
+        return self._scan_keys[dtype]
 
     def _get_faiss_index(self):
         """The FAISS index for the current buffers, made once and reused until the buffers change. Stored HNSW/IVF
