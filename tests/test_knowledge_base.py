@@ -73,6 +73,15 @@ def test_scan_copy_follows_the_keys(search_dtype):
     assert kb.search(queries, 1)[1][0].item() == 17
 
 
+def test_int8_keys_are_rounded_against_the_scales_the_scan_multiplies_by():
+    keys = unit(2000, 128)
+    quantized, scales = kb_module.quantize_rows(keys, block_size=300)
+    used = scales.to(torch.bfloat16).float().unsqueeze(1)  # (N, 1): the scan multiplies by bf16 scales
+    error = (quantized.float() * used - keys).abs()  # (N, d)
+    assert (error <= used / 2 * (1 + 1e-3)).all()  # half a step; rounding against the fp32 scales errs by up to 3/4
+    assert quantized.abs().amax(dim=1).ge(126).all()  # each row still spans the int8 range
+
+
 @pytest.fixture
 def fresh_int8_probe():
     """Forget which int8 kernels were found usable, before and after the test (they are cached per process)."""

@@ -172,14 +172,17 @@ def int8_matmul(device_type: str, dim: int) -> Int8Matmul | None:
 
 def quantize_rows(keys: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8, `block_size` rows at a time (no full-size fp32 temporaries): `keys ≈ quantized *
-    scales[:, None]`, `(N, d)` int8 and `(N,)` fp32. Each row's largest component maps to ±127, so every coordinate
-    is off by at most half a step, max|row| / 254."""
+    scales[:, None]`, `(N, d)` int8 and `(N,)` bf16 scales, the dtype the scan multiplies by. The rows are rounded
+    against the bf16 scale itself (not the fp32 one it came from), so every coordinate is off by at most half a
+    step, about max|row| / 254; a row's largest component maps to ±127 (clamped where bf16 rounded its scale
+    down)."""
     quantized = torch.empty(keys.shape, dtype=torch.int8, device=keys.device)  # (N, d)
-    scales = torch.empty(len(keys), dtype=keys.dtype, device=keys.device)  # (N,)
+    scales = torch.empty(len(keys), dtype=torch.bfloat16, device=keys.device)  # (N,)
     for start in range(0, len(keys), block_size):
         block = keys[start : start + block_size]  # (block, d)
-        block_scales = block.abs().amax(dim=1).clamp_min(torch.finfo(keys.dtype).tiny) / 127  # (block,)
-        quantized[start : start + block_size] = torch.round(block / block_scales.unsqueeze(1))
+        block_scales = (block.abs().amax(dim=1) / 127).to(torch.bfloat16).clamp_min(torch.finfo(torch.bfloat16).tiny)
+        steps = block / block_scales.to(block.dtype).unsqueeze(1)  # (block, d): coordinates in scale steps
+        quantized[start : start + block_size] = torch.round(steps).clamp_(-127, 127)
         scales[start : start + block_size] = block_scales
     return quantized, scales
 
@@ -502,8 +505,7 @@ class KnowledgeBase(nn.Module):
             self._scan_keys, self._scan_keys_source = {}, source
         if dtype not in self._scan_keys:
             if dtype == torch.int8:
-                quantized, scales = quantize_rows(self.keys, self.index_params["search_block_size"])
-                self._scan_keys[dtype] = (quantized, scales.to(torch.bfloat16))
+                self._scan_keys[dtype] = quantize_rows(self.keys, self.index_params["search_block_size"])
             else:
                 self._scan_keys[dtype] = (self.keys.to(dtype), None)
         return self._scan_keys[dtype]
