@@ -7,6 +7,9 @@ from conftest import random_kb
 import hf_reaugkd.knowledge_base as kb_module
 from hf_reaugkd import KnowledgeBase
 
+# The int8 kernel and the bf16 scan `auto` picks exist only on CPUs with native bf16 matmul.
+NEEDS_NATIVE_BF16 = pytest.mark.skipif(not kb_module.cpu_has_native_bf16(), reason="needs a CPU with native bf16")
+
 
 def unit(n: int, d: int = 16, seed: int = 1) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
@@ -78,20 +81,37 @@ def test_int8_keys_are_rounded_against_the_scales_the_scan_multiplies_by():
     quantized, scales = kb_module.quantize_rows(keys, block_size=300)
     used = scales.to(torch.bfloat16).float().unsqueeze(1)  # (N, 1): the scan multiplies by bf16 scales
     error = (quantized.float() * used - keys).abs()  # (N, d)
-    assert (error <= used / 2 * (1 + 1e-3)).all()  # half a step; rounding against the fp32 scales errs by up to 3/4
+    # half a step; rounding against the fp32 scales erred by up to a whole one
+    assert (error <= used / 2 * (1 + 1e-3)).all()
     assert quantized.abs().amax(dim=1).ge(126).all()  # each row still spans the int8 range
+
+
+def test_scan_copy_follows_keys_replaced_by_a_shorter_view():
+    kb = random_kb(500, search_dtype="int8")
+    query = unit(1)
+    kb.search(query, 1)
+    kb.keys, kb.values = kb.keys[:100], kb.values[:100]  # same storage and version, fewer rows
+    assert torch.equal(kb.search(query, 3)[1], (query @ kb.keys.T).topk(3, dim=1).indices)
+
+
+def test_a_knowledge_base_built_in_inference_mode_searches_outside_it():
+    with torch.inference_mode():  # its buffers are inference tensors, without a version counter
+        kb = random_kb(200, search_dtype="bfloat16")
+    query = unit(1)
+    assert torch.equal(kb.search(query, 3)[1], (query @ kb.keys.T).topk(3, dim=1).indices)
 
 
 @pytest.fixture
 def fresh_int8_probe():
     """Forget which int8 kernels were found usable, before and after the test (they are cached per process)."""
     kb_module.int8_matmul.cache_clear()
-    kb_module.scan_dtype.cache_clear()
+    kb_module._scan_dtype.cache_clear()
     yield
     kb_module.int8_matmul.cache_clear()
-    kb_module.scan_dtype.cache_clear()
+    kb_module._scan_dtype.cache_clear()
 
 
+@NEEDS_NATIVE_BF16
 def test_an_int8_kernel_that_disagrees_with_a_dequantized_matmul_is_not_used(monkeypatch, fresh_int8_probe):
     assert kb_module.int8_matmul("cpu", 32) is not None  # torch 2.13's kernel on this CPU passes the check
     kb_module.int8_matmul.cache_clear()
@@ -102,11 +122,20 @@ def test_an_int8_kernel_that_disagrees_with_a_dequantized_matmul_is_not_used(mon
     assert torch.equal(kb.search(queries, 5)[1], (queries @ kb.keys.T).topk(5, dim=1).indices)
 
 
+@NEEDS_NATIVE_BF16
+def test_auto_scans_int8_keys_for_few_queries_and_bf16_keys_for_many():
+    assert kb_module.scan_dtype("auto", "cpu", 128, 1) == torch.int8
+    assert kb_module.scan_dtype("auto", "cpu", 128, kb_module.INT8_SCAN_MAX_QUERIES + 1) == torch.bfloat16
+    kb = random_kb(300, 32)
+    queries = unit(32, 32)
+    kb.search(queries[:1], 5)
+    assert list(kb._scan_keys) == [torch.int8]  # one query: only the int8 copy is made
+    assert torch.equal(kb.search(queries, 5)[1], (queries @ kb.keys.T).topk(5, dim=1).indices)
+    assert set(kb._scan_keys) == {torch.int8, torch.bfloat16}
+
+
 def test_search_dtype_auto_and_unknown():
     assert kb_module.scan_dtype("auto", "cuda", 128) == torch.float16
-    # this CPU has native bf16: the int8 kernel for a few queries, a bf16 matmul for many
-    assert kb_module.scan_dtype("auto", "cpu", 128, 1) == torch.int8
-    assert kb_module.scan_dtype("auto", "cpu", 128, 64) == torch.bfloat16
     assert kb_module.scan_dtype("float32", "cpu", 128) == torch.float32
     # torch's int8 CPU kernel crashes or returns garbage unless the key dimension is a multiple of 16
     assert kb_module.scan_dtype("auto", "cpu", 24) != torch.int8

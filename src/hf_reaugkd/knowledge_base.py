@@ -46,9 +46,10 @@ logger = logging.get_logger(__name__)
 INDEX_TYPES = ("torch", "flat", "hnsw", "ivf")
 TRAINED_INDEX_TYPES = ("hnsw", "ivf")  # stored serialized; exact indexes are rebuilt from the keys
 # What `build(index_type="auto")` makes: exact torch search up to this many entries, HNSW above (torch when FAISS is
-# missing). Measured with benchmarks/kb_scaling.py (d = 128, 2 CPU cores): for 32 queries the int8 exact scan takes
-# 1.9 ms at 10k entries and 3.8 ms at 30k, HNSW (efSearch 128) 2.0 and 2.8 ms; the exact scan's cost grows with N and
-# HNSW's barely does. Up to 20k exact search costs at most ~0.4 ms more, finds every true neighbour and needs no index.
+# missing). Measured with benchmarks/kb_scaling.py (d = 128, 2 CPU cores) when the exact scan read int8 keys at every
+# batch size: for 32 queries it took 1.9 ms at 10k entries and 3.8 ms at 30k, HNSW (efSearch 128) 2.0 and 2.8 ms; the
+# exact scan's cost grows with N and HNSW's barely does. Up to 20k exact search cost at most ~0.4 ms more (less with
+# the bf16 scan `auto` now uses for 32 queries), finds every true neighbour and needs no index.
 AUTO_EXACT_MAX_SIZE = 20_000
 # Below this many entries IVF at the default nprobe missed the 0.95 recall@16 mark in benchmarks/kb_scaling.py
 # (0.82-0.86 from 10k to 100k keys) while HNSW reached 0.98: `build` says so.
@@ -120,7 +121,6 @@ def resolve_index_type(index_type: str, size: int) -> str:
     return index_type
 
 
-@functools.cache
 def scan_dtype(search_dtype: str, device_type: str, dim: int, num_queries: int = 1) -> torch.dtype:
     """The dtype the exact torch search reads `dim`-dimensional keys in for `num_queries` queries at once. Scanning
     the keys is memory-bound (and, right after an encoder forward has evicted them from cache, bound by memory
@@ -129,20 +129,30 @@ def scan_dtype(search_dtype: str, device_type: str, dim: int, num_queries: int =
     (AVX512-BF16 or AMX, through oneDNN) int8 keys with a per-row scale for up to `INT8_SCAN_MAX_QUERIES` queries,
     read by torch's int8-weight matmul against bf16 queries where it takes the shape (a quarter of the fp32 bytes,
     through a kernel made for few query rows), and bfloat16 keys for more queries or where that kernel does not
-    apply; float32 elsewhere (emulated half precision is slower than float32)."""
+    apply; float32 elsewhere (emulated half precision is slower than float32). A query's neighbours can therefore
+    differ between a small and a large batch, only in near-ties that the re-scoring window misses."""
+    return _scan_dtype(search_dtype, device_type, dim, num_queries <= INT8_SCAN_MAX_QUERIES)
+
+
+@functools.cache
+def _scan_dtype(search_dtype: str, device_type: str, dim: int, few_queries: bool) -> torch.dtype:
     _check_search_dtype(search_dtype)
     if search_dtype != "auto":
         return getattr(torch, search_dtype)
     if device_type == "cuda":
         return torch.float16
-    if device_type == "cpu" and torch.backends.mkldnn.is_available():
-        try:
-            if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-                few_queries = num_queries <= INT8_SCAN_MAX_QUERIES
-                return torch.int8 if few_queries and int8_matmul(device_type, dim) is not None else torch.bfloat16
-        except (AttributeError, RuntimeError):  # a torch build without the probe: assume no native bf16
-            pass
+    if device_type == "cpu" and cpu_has_native_bf16():
+        return torch.int8 if few_queries and int8_matmul(device_type, dim) is not None else torch.bfloat16
     return torch.float32
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX, through oneDNN)."""
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without the probe: assume no native bf16
+        return False
 
 
 Int8Matmul = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -185,6 +195,13 @@ def quantize_rows(keys: torch.Tensor, block_size: int) -> tuple[torch.Tensor, to
         quantized[start : start + block_size] = torch.round(steps).clamp_(-127, 127)
         scales[start : start + block_size] = block_scales
     return quantized, scales
+
+
+def _identity(tensor: torch.Tensor) -> tuple:
+    """What changes when a buffer is replaced or edited in place: a derived copy made from it is stale once this
+    differs. Inference-mode tensors have no version counter (and cannot be edited in place outside that mode)."""
+    version = 0 if tensor.is_inference() else tensor._version
+    return (tensor.data_ptr(), version, tuple(tensor.shape), tensor.device)
 
 
 def validate_entries(keys: torch.Tensor, values: torch.Tensor, num_labels: int | None = None) -> None:
@@ -450,7 +467,7 @@ class KnowledgeBase(nn.Module):
         for any N and B), then, for a reduced-precision scan, its `k + max(k, RESCORE_EXTRA)` best candidates
         re-scored from the fp32 keys. Scores are exact fp32 cosines; the neighbours are the exact ones unless a true
         neighbour fell behind that many others by less than the scan's rounding error."""
-        scan_keys, scales = self._keys_for_scan(len(queries))  # (N, d) fp32 keys or a reduced-precision copy; int8: (N,)
+        scan_keys, scales = self._keys_for_scan(len(queries))  # (N, d) fp32 keys or a scan copy; int8: (N,)
         rescore = scan_keys.dtype != self.keys.dtype
         candidates = min(k + max(k, RESCORE_EXTRA), self.size) if rescore else k
         query_block = self.index_params["search_query_block_size"]
@@ -477,8 +494,10 @@ class KnowledgeBase(nn.Module):
         best_scores = best_ids = None
         for start in range(0, self.size, block):
             keys = scan_keys[start : start + block]  # (block, d)
-            if scales is None:
-                scores = (keys @ queries.T).T  # (b, block): key-major, faster than queries @ keys.T for many queries
+            if scales is None and keys.device.type == "cpu":
+                scores = (keys @ queries.T).T  # (b, block): key-major, faster on CPU than queries @ keys.T
+            elif scales is None:
+                scores = queries @ keys.T  # (b, block)
             elif int8_kernel is not None:
                 scores = int8_kernel(queries, keys, scales[start : start + block])  # (b, block)
             else:
@@ -500,15 +519,16 @@ class KnowledgeBase(nn.Module):
         dtype = scan_dtype(self.index_params["search_dtype"], self.keys.device.type, self.dim, num_queries)
         if dtype == self.keys.dtype:
             return self.keys, None
-        source = (self.keys.data_ptr(), self.keys._version, self.keys.device)
+        source = _identity(self.keys)
         if self._scan_keys_source != source:
             self._scan_keys, self._scan_keys_source = {}, source
-        if dtype not in self._scan_keys:
+        copies = self._scan_keys  # a local: another thread may replace the dict meanwhile
+        if dtype not in copies:
             if dtype == torch.int8:
-                self._scan_keys[dtype] = quantize_rows(self.keys, self.index_params["search_block_size"])
+                copies[dtype] = quantize_rows(self.keys, self.index_params["search_block_size"])
             else:
-                self._scan_keys[dtype] = (self.keys.to(dtype), None)
-        return self._scan_keys[dtype]
+                copies[dtype] = (self.keys.to(dtype), None)
+        return copies[dtype]
 
     def _get_faiss_index(self):
         """The FAISS index for the current buffers, made once and reused until the buffers change. Stored HNSW/IVF
@@ -525,7 +545,7 @@ class KnowledgeBase(nn.Module):
 
     def _index_source_id(self) -> tuple:
         source = self.index_bytes if self.index_type in TRAINED_INDEX_TYPES else self.keys
-        return (self.index_type, source.data_ptr(), source._version, source.numel())
+        return (self.index_type, *_identity(source))
 
     def _cache_index(self, index) -> None:
         self._faiss_index, self._faiss_index_source = index, self._index_source_id()
