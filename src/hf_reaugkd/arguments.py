@@ -123,8 +123,8 @@ class ModelArguments:
     search_dtype: str = field(
         default=DEFAULT_INDEX_PARAMS["search_dtype"],
         metadata={
-            "help": "Exact-scan precision, re-scored in fp32: 'auto' (fp16 on CUDA; on CPUs with bf16 matmul int8 "
-            "for up to 16 queries at once, bf16 for more; else fp32) or a dtype."
+            "help": "Exact-scan precision, re-scored in fp32: 'auto' (fp16 on CUDA, int8 or bf16 on CPUs with bf16 "
+            "matmul, else fp32) or a dtype."
         },
     )
     hnsw_m: int = field(

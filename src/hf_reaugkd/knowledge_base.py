@@ -478,10 +478,13 @@ class KnowledgeBase(nn.Module):
             scores, ids = torch.cat([s for s, _ in found]), torch.cat([i for _, i in found])  # (B, c)
         if not rescore:
             return scores, ids
+        # Candidates in id order and a stable sort: equal scores (duplicate keys) rank the lower id first, whichever
+        # scan (int8 for few queries, bf16 for many) found them, so results do not depend on the batch size.
+        ids = ids.sort(dim=1).values  # (B, c)
         candidates = self.keys.index_select(0, ids.flatten()).view(*ids.shape, -1)  # (B, c, d), fp32
         scores = (candidates * queries.unsqueeze(1)).sum(-1)  # (B, c): exact fp32 (bmm: 4× slower at B = 32)
-        scores, order = scores.topk(k, dim=1)  # (B, k)
-        return scores, ids.gather(1, order)
+        scores, order = scores.sort(dim=1, descending=True, stable=True)  # (B, c)
+        return scores[:, :k], ids.gather(1, order[:, :k])
 
     def _scan(
         self, queries: torch.Tensor, scan_keys: torch.Tensor, scales: torch.Tensor | None, k: int
