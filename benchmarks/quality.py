@@ -8,7 +8,8 @@ Each task directory holds train.csv, validation.csv and test.csv with `text,labe
 - `unlabeled` (the headline, `results/quality.json`): a few labelled rows and the rest of train.csv as unlabelled
   text, labels dropped (`--labeled_rows`; rotten_tomatoes 4,000 + ~6,300, bbc_news 400 + ~1,300). The labelled rows
   are the first N after the shuffle `--max_train_samples` uses, so rotten_tomatoes' 4,000 are those of the
-  all-labelled setting. The teacher is fine-tuned on the labelled rows only; its labels of the unlabelled rows join
+  all-labelled setting. The teacher is fine-tuned on the labelled rows only (for `TEACHER_EPOCHS` epochs where the
+  setting's budget under-trains it, chosen on validation by teacher_budget.py); its labels of the unlabelled rows join
   the knowledge base and the transfer set of every distilled student (vanilla KD included). The student without KD
   can only use the labelled rows and gets those.
 - `labeled` (`results/quality_labeled.json`): train.csv only, cut to the setting's `max_train_samples`.
@@ -109,6 +110,9 @@ METHODS = (
 )  # fmt: skip
 # the headline setting's labelled rows per task (the rest of train.csv is unlabelled text)
 LABELED_ROWS = {"rotten_tomatoes": 4000, "bbc_news": 400}
+# the headline setting's teacher epochs where the setting's budget under-trains the teacher on those few rows, chosen
+# on validation (seed 0) by teacher_budget.py (results/teacher_budget.json); --teacher or --teacher_epochs overrides
+TEACHER_EPOCHS = {"bbc_news": 20}
 
 
 @dataclasses.dataclass
@@ -524,8 +528,16 @@ def main() -> None:
         else:
             folder = unlabeled_setting_dir(task, data_dir, labeled_rows[task], args.work_dir)
             data[task] = (f"{task}+labeled{labeled_rows[task]}", folder, folder / "unlabeled.csv")
+    settings = {task: setting for task, _ in args.task}
+    if args.setting == "unlabeled" and args.teacher is None and args.teacher_epochs is None:
+        for task in settings.keys() & TEACHER_EPOCHS.keys():
+            settings[task] = dataclasses.replace(setting, teacher_epochs=TEACHER_EPOCHS[task])
     described = {
-        task: {"run_folder": key, "labeled_rows": labeled_rows[task] if unlabeled else None}
+        task: {
+            "run_folder": key,
+            "labeled_rows": labeled_rows[task] if unlabeled else None,
+            "teacher_epochs": settings[task].teacher_epochs,
+        }
         for task, (key, _, unlabeled) in data.items()
     }
     finished = []
@@ -538,7 +550,7 @@ def main() -> None:
                     data_dir,
                     seed,
                     name,
-                    setting,
+                    settings[task],
                     args.work_dir,
                     dict(args.overrides),
                     unlabeled_file=unlabeled_file if name != "no_kd" else None,  # CE only: it cannot use them

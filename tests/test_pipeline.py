@@ -1,12 +1,14 @@
 """The whole distillation pipeline on a tiny random teacher/student and a tiny synthetic task."""
 
 import json
+import logging
 import math
 
 import pytest
 from conftest import pipeline_args, run_fresh_python, tiny_encoder, write_task
 from transformers import BertForSequenceClassification
 
+from hf_reaugkd import teacher as teacher_module
 from hf_reaugkd.arguments import parse_args
 from hf_reaugkd.distill import main
 
@@ -145,9 +147,18 @@ def test_missing_file_and_bad_flags_are_reported():
         parse_args(["--index_type", "annoy"])
 
 
-def test_training_flags_reach_the_student_and_teacher_flags_the_teacher(task):
+def test_training_flags_reach_the_student_and_teacher_flags_the_teacher(task, caplog, monkeypatch):
     """--max_steps limits the student only, --eval_strategy steps evaluates on validation, activation checkpointing
-    runs; the teacher has its own --teacher_* budget, and a changed teacher budget retrains the teacher."""
+    runs; the teacher has its own --teacher_* budget, and a changed teacher budget retrains the teacher. A teacher
+    fine-tuned for fewer than TEACHER_MIN_STEPS steps is reported."""
+    monkeypatch.setattr(teacher_module, "TEACHER_MIN_STEPS", 3)
+    caplog.set_level(logging.WARNING, logger="hf_reaugkd")
+
+    def short_teacher_warnings() -> list[str]:
+        found = [r.getMessage() for r in caplog.records if "optimizer steps" in r.getMessage()]
+        caplog.clear()
+        return found
+
     output_dir = task / "out"
     flags = ["--max_steps", "3", "--eval_strategy", "steps", "--eval_steps", "2", "--activation_checkpointing"]
     main(
@@ -161,11 +172,15 @@ def test_training_flags_reach_the_student_and_teacher_flags_the_teacher(task):
     assert evaluations[0]["step"] == 2 and all(math.isfinite(row["eval_loss"]) for row in evaluations)
     teachers = _teachers(output_dir / "stages")
     assert len(teachers) == 1
+    assert [message.split(" (")[0] for message in short_teacher_warnings()] == [
+        "teacher: fine-tuned for only 2 optimizer steps"
+    ]
     # the student's --max_steps does not touch the teacher's fingerprint; the teacher's own budget does
     main(pipeline_args(task, output_dir, "--max_steps", "2", "--teacher_max_steps", "2"))
     assert _teachers(output_dir / "stages") == teachers
     main(pipeline_args(task, output_dir, "--max_steps", "2", "--teacher_max_steps", "3"))
     assert len(_teachers(output_dir / "stages")) == 2
+    assert short_teacher_warnings() == []  # 3 steps: not fewer than TEACHER_MIN_STEPS
 
 
 def test_bf16_training_keeps_the_saved_knowledge_base_fp32(task):
