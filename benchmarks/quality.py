@@ -112,7 +112,7 @@ METHODS = (
 LABELED_ROWS = {"rotten_tomatoes": 4000, "bbc_news": 400}
 # the headline setting's teacher epochs where the setting's budget under-trains the teacher on those few rows, chosen
 # on validation (seed 0) by teacher_budget.py (results/teacher_budget.json); --teacher or --teacher_epochs overrides
-TEACHER_EPOCHS = {"bbc_news": 20}
+TEACHER_EPOCHS = {"rotten_tomatoes": 10, "bbc_news": 20}
 
 
 @dataclasses.dataclass
@@ -532,6 +532,7 @@ def main() -> None:
     if args.setting == "unlabeled" and args.teacher is None and args.teacher_epochs is None:
         for task in settings.keys() & TEACHER_EPOCHS.keys():
             settings[task] = dataclasses.replace(setting, teacher_epochs=TEACHER_EPOCHS[task])
+    logger.info("Teacher epochs: %s", {task: task_setting.teacher_epochs for task, task_setting in settings.items()})
     described = {
         task: {
             "run_folder": key,

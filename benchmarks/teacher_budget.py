@@ -60,7 +60,7 @@ def main() -> None:
             path = finetune_teacher(teacher_args, data, run_args, setting.max_seq_length, args.work_dir)
             outputs = teacher_outputs(path, data, setting.max_seq_length, args.work_dir)
             accuracy = float((outputs["validation"].logits.argmax(-1) == labels).mean())
-            steps = -(-len(data.splits["train"]) // setting.batch_size) * epochs
+            steps = round(-(-len(data.splits["train"]) // setting.batch_size) * epochs)
             records.append(
                 {"task": task, "seed": args.seed, "labeled_rows": labeled_rows[task], "epochs": epochs,
                  "optimizer_steps": steps, "validation_accuracy": accuracy}
