@@ -8,8 +8,8 @@ Each task directory holds train.csv, validation.csv and test.csv with `text,labe
 - `unlabeled` (the headline, `results/quality.json`): a few labelled rows and the rest of train.csv as unlabelled
   text, labels dropped (`--labeled_rows`; rotten_tomatoes 4,000 + ~6,300, bbc_news 400 + ~1,300). The labelled rows
   are the first N after the shuffle `--max_train_samples` uses, so rotten_tomatoes' 4,000 are those of the
-  all-labelled setting. The teacher is fine-tuned on the labelled rows only (for `TEACHER_EPOCHS` epochs where the
-  setting's budget under-trains it, chosen on validation by teacher_budget.py); its labels of the unlabelled rows join
+  all-labelled setting. The teacher is fine-tuned on the labelled rows only, for `TEACHER_EPOCHS` epochs (chosen on
+  validation by teacher_budget.py); its labels of the unlabelled rows join
   the knowledge base and the transfer set of every distilled student (vanilla KD included). The student without KD
   can only use the labelled rows and gets those.
 - `labeled` (`results/quality_labeled.json`): train.csv only, cut to the setting's `max_train_samples`.
@@ -110,8 +110,8 @@ METHODS = (
 )  # fmt: skip
 # the headline setting's labelled rows per task (the rest of train.csv is unlabelled text)
 LABELED_ROWS = {"rotten_tomatoes": 4000, "bbc_news": 400}
-# the headline setting's teacher epochs where the setting's budget under-trains the teacher on those few rows, chosen
-# on validation (seed 0) by teacher_budget.py (results/teacher_budget.json); --teacher or --teacher_epochs overrides
+# the headline setting's teacher epochs per task: the setting's 2 under-train the teacher on those few rows; chosen on
+# validation (seed 0) by teacher_budget.py (results/teacher_budget.json); --teacher or --teacher_epochs overrides them
 TEACHER_EPOCHS = {"rotten_tomatoes": 10, "bbc_news": 20}
 
 
@@ -503,7 +503,9 @@ def main() -> None:
     parser.add_argument("--student_num_layers", type=int, help="Override the setting's student layers.")
     parser.add_argument("--max_train_samples", type=int, help="Override the setting's training subset (labeled).")
     parser.add_argument("--max_seq_length", type=int, help="Override the setting's sequence length.")
-    parser.add_argument("--teacher_epochs", type=float, help="Override the setting's teacher epochs.")
+    parser.add_argument(
+        "--teacher_epochs", type=float, help="Override the teacher epochs (the setting's and TEACHER_EPOCHS)."
+    )
     parser.add_argument("--student_epochs", type=float, help="Override the setting's student epochs.")
     parser.add_argument("--learning_rate", type=float, help="Override the setting's learning rate (all methods).")
     args = parser.parse_args()
