@@ -110,8 +110,8 @@ METHODS = (
 )  # fmt: skip
 # the headline setting's labelled rows per task (the rest of train.csv is unlabelled text)
 LABELED_ROWS = {"rotten_tomatoes": 4000, "bbc_news": 400}
-# the headline setting's teacher epochs per task: the setting's 2 under-train the teacher on those few rows; chosen on
-# validation (seed 0) by teacher_budget.py (results/teacher_budget.json); --teacher or --teacher_epochs overrides them
+# the headline setting's teacher epochs per task, chosen on validation (seed 0) by teacher_budget.py for the CPU
+# setting's teacher, length and LABELED_ROWS (results/teacher_budget.json): the setting's 2 epochs under-train it
 TEACHER_EPOCHS = {"rotten_tomatoes": 10, "bbc_news": 20}
 
 
@@ -370,7 +370,9 @@ def plot_retrieval_grid(details: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_results(finished: list[tuple[str, int, str, dict]], setting: Setting, data: dict, output: Path) -> None:
+def write_results(
+    finished: list[tuple[str, int, str, dict]], settings: dict[str, Setting], data: dict, output: Path
+) -> None:
     records, runs, teachers = [], [], set()
     for task, seed, name, metrics in finished:
         records += records_from(task, seed, name, metrics, with_teacher=(task, seed) not in teachers)
@@ -398,7 +400,7 @@ def write_results(finished: list[tuple[str, int, str, dict]], setting: Setting, 
     chosen = {task: choose_variant(records, task) for task in dict.fromkeys(r["task"] for r in records)}
     details = {
         "environment": environment(),
-        "setting": dataclasses.asdict(setting),
+        "settings": {task: dataclasses.asdict(task_setting) for task, task_setting in settings.items()},
         "data": data,
         "chosen": chosen,
         "runs": runs,
@@ -530,17 +532,20 @@ def main() -> None:
         else:
             folder = unlabeled_setting_dir(task, data_dir, labeled_rows[task], args.work_dir)
             data[task] = (f"{task}+labeled{labeled_rows[task]}", folder, folder / "unlabeled.csv")
+    # TEACHER_EPOCHS hold for the teacher, length and labelled rows they were chosen for; --teacher_epochs overrides
     settings = {task: setting for task, _ in args.task}
-    if args.setting == "unlabeled" and args.teacher is None and args.teacher_epochs is None:
+    budget_setting = default_setting("cpu")
+    if (
+        args.setting == "unlabeled"
+        and args.teacher_epochs is None
+        and (setting.teacher, setting.max_seq_length) == (budget_setting.teacher, budget_setting.max_seq_length)
+    ):
         for task in settings.keys() & TEACHER_EPOCHS.keys():
-            settings[task] = dataclasses.replace(setting, teacher_epochs=TEACHER_EPOCHS[task])
+            if labeled_rows[task] == LABELED_ROWS.get(task):
+                settings[task] = dataclasses.replace(setting, teacher_epochs=TEACHER_EPOCHS[task])
     logger.info("Teacher epochs: %s", {task: task_setting.teacher_epochs for task, task_setting in settings.items()})
     described = {
-        task: {
-            "run_folder": key,
-            "labeled_rows": labeled_rows[task] if unlabeled else None,
-            "teacher_epochs": settings[task].teacher_epochs,
-        }
+        task: {"run_folder": key, "labeled_rows": labeled_rows[task] if unlabeled else None}
         for task, (key, _, unlabeled) in data.items()
     }
     finished = []
@@ -560,7 +565,7 @@ def main() -> None:
                     student_keys=name in STUDENT_KEYED_RUNS,
                 )
                 finished.append((task, seed, name, metrics))
-                write_results(finished, setting, {"setting": args.setting, "tasks": described}, output)
+                write_results(finished, settings, {"setting": args.setting, "tasks": described}, output)
     print(summarize(json.loads(output.read_text())))
 
 

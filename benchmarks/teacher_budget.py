@@ -13,6 +13,7 @@ Results: `results/teacher_budget.json`.
 import argparse
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", type=parse_task, action="append", required=True, help="NAME=DIRECTORY (repeat)")
     parser.add_argument("--labeled_rows", type=parse_labeled_rows, action="append", default=[], help="NAME=ROWS")
-    parser.add_argument("--epochs", type=float, nargs="+", default=[2, 5, 10, 20])
+    parser.add_argument("--epochs", type=float, nargs="+", default=[2.0, 5.0, 10.0, 20.0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work_dir", type=Path, default=Path(__file__).parent / "runs" / "teacher_budget")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "teacher_budget.json")
@@ -40,16 +41,19 @@ def main() -> None:
 
     setting = default_setting("cpu")
     labeled_rows = {**LABELED_ROWS, **dict(args.labeled_rows)}
-    # earlier results (same seed) are kept, so the grid can grow task by task and an interrupted run resumes
+    run_args = TrainingArguments(output_dir=str(args.work_dir), seed=args.seed, report_to=[], logging_steps=50)
+    # earlier results are kept, so the grid can grow task by task and an interrupted run resumes; a grid point is the
+    # data folder (its name holds the task, a hash of train.csv and the labelled rows), the seed and the epochs
     records = json.loads(args.output.read_text())["records"] if args.output.exists() else []
-    records = [r for r in records if r["seed"] == args.seed]
+    done = {(r["data"], r["seed"], r["epochs"]) for r in records}
+    chosen = []
     for task, data_dir in args.task:
         folder = unlabeled_setting_dir(task, data_dir, labeled_rows[task], args.work_dir)
         data = load_task_data(data_files={split: str(folder / f"{split}.csv") for split in ("train", "validation")})
         labels = np.asarray(data.splits["validation"][LABEL_COLUMN])
-        run_args = TrainingArguments(output_dir=str(args.work_dir), seed=args.seed, report_to=[], logging_steps=50)
         for epochs in args.epochs:
-            if any(r["task"] == task and r["epochs"] == epochs for r in records):
+            chosen.append((folder.name, args.seed, epochs))
+            if chosen[-1] in done:
                 continue
             set_seed(args.seed)  # as the pipeline does before fine-tuning: the new head's initialisation
             teacher_args = TeacherArguments(
@@ -60,26 +64,24 @@ def main() -> None:
             path = finetune_teacher(teacher_args, data, run_args, setting.max_seq_length, args.work_dir)
             outputs = teacher_outputs(path, data, setting.max_seq_length, args.work_dir)
             accuracy = float((outputs["validation"].logits.argmax(-1) == labels).mean())
-            steps = round(-(-len(data.splits["train"]) // setting.batch_size) * epochs)
+            steps = math.ceil(math.ceil(len(data.splits["train"]) / setting.batch_size) * epochs)  # as Trainer counts
             records.append(
-                {"task": task, "seed": args.seed, "labeled_rows": labeled_rows[task], "epochs": epochs,
-                 "optimizer_steps": steps, "validation_accuracy": accuracy}
+                {"task": task, "data": folder.name, "seed": args.seed, "labeled_rows": labeled_rows[task],
+                 "epochs": epochs, "optimizer_steps": steps, "validation_accuracy": accuracy}
             )  # fmt: skip
             logger.info("%s, %g epochs: validation accuracy %.4f", task, epochs, accuracy)
-            records.sort(key=lambda r: (r["task"], r["epochs"]))
+            records.sort(key=lambda r: (r["task"], r["labeled_rows"], r["seed"], r["epochs"]))
             write_json(args.output, {"environment": environment(), "records": records})
 
-    print(f"{'task':18s} {'epochs':>6s} {'steps':>6s} {'validation':>10s}")
-    tasks = [task for task, _ in args.task]
-    records = [r for r in records if r["task"] in tasks]
-    for record in records:
+    rows = [r for r in records if (r["data"], r["seed"], r["epochs"]) in chosen]
+    print(f"{'task':18s} {'labelled':>8s} {'epochs':>6s} {'steps':>6s} {'validation':>10s}")
+    for row in rows:
         print(
-            f"{record['task']:18s} {record['epochs']:6g} {record['optimizer_steps']:6g} "
-            f"{100 * record['validation_accuracy']:10.2f}"
+            f"{row['task']:18s} {row['labeled_rows']:8d} {row['epochs']:6g} {row['optimizer_steps']:6d} "
+            f"{100 * row['validation_accuracy']:10.2f}"
         )
-    for task in tasks:
-        rows = [r for r in records if r["task"] == task]
-        best = max(rows, key=lambda r: (r["validation_accuracy"], -r["epochs"]))
+    for task, _ in args.task:
+        best = max((r for r in rows if r["task"] == task), key=lambda r: (r["validation_accuracy"], -r["epochs"]))
         print(f"{task}: best on validation {best['epochs']:g} epochs ({100 * best['validation_accuracy']:.2f})")
 
 

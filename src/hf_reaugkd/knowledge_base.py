@@ -48,8 +48,8 @@ TRAINED_INDEX_TYPES = ("hnsw", "ivf")  # stored serialized; exact indexes are re
 # What `build(index_type="auto")` makes: exact torch search up to this many entries, HNSW above (torch when FAISS is
 # missing). Measured with benchmarks/kb_scaling.py (d = 128, 2 CPU cores, search_dtype "auto"): for 32 queries exact
 # search took 1.4 ms at 10k entries and 2.5 ms at 30k, HNSW (efSearch 128) 1.7 and 2.6 ms; one query 0.18 / 0.31 ms
-# against 0.15 / 0.23 ms. The exact scan's cost grows with N and HNSW's barely does, so they cross near 30k; up to
-# 20k exact search costs no more than HNSW, finds every true neighbour and needs no index to build or store.
+# against 0.15 / 0.23 ms. Up to 20k exact search is cheaper for batches and at most ~0.1 ms slower for one query, finds
+# every true neighbour and needs no index to build or store; its cost grows with N faster than HNSW's.
 AUTO_EXACT_MAX_SIZE = 20_000
 # Below this many entries IVF at the default nprobe missed the 0.95 recall@16 mark in benchmarks/kb_scaling.py
 # (0.82-0.86 from 10k to 100k keys) while HNSW reached 0.98: `build` says so.
