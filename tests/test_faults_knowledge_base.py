@@ -65,7 +65,7 @@ def rewrite_index(path: Path, edit, sha: str = "checksum") -> None:
     """
     tensors = load_file(path / "model.safetensors")
     data = edit(bytearray(tensors[INDEX_KEY].numpy().tobytes()))
-    tensors[INDEX_KEY] = torch.frombuffer(bytes(data), dtype=torch.uint8).clone()
+    tensors[INDEX_KEY] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((path / "config.json").read_text())
     config["index_nbytes"] = len(data)
