@@ -13,14 +13,15 @@ Levers measured, each against the same plain student (β = 0) in the same timing
   the backend (torch exact, FAISS HNSW), each with the validation accuracy it gives the same student;
 - search alone, and FAISS int8 keys (scalar quantizer), for scale (as a share of the plain student's time).
 
-Timing KB: the whole training set (train.csv) keyed by each student's own queries, so neighbours are as close as
-a trained student's are. In each round, per student and batch, every retrieval forward runs right after a plain
+Timing KB: the whole training set (train.csv) keyed by each student's own queries, so neighbours are as close as a
+trained student's are. In each round, per student and batch, every retrieval forward runs right after a plain
 forward of the same student on the same batch (pairs, at batch 32, then at batch 1), so a ratio compares
 measurements taken under the same machine load; the overhead is the median over rounds of each round's
-t(retrieval) / t(plain) − 1, with its range. The `retrieve` step (search + neighbour vote) is also timed inside
-each retrieval forward: its share of the plain forward has none of the forward's own round-to-round noise, which at
-batch 32 (±1-3 points) exceeds a 1% goal. Search alone is timed apart (hot caches, no forward around it). Without `--student`, untrained students (MiniLM-L6's first
-3 layers with fresh heads) at each `--kb_dims` are timed (no accuracy). The teacher (MiniLM-L6) is timed for scale.
+t(retrieval) / t(plain) − 1, with its range. The `retrieve` step (search + neighbour vote) is also timed inside each retrieval
+forward: its share of the plain forward has none of the forward's own round-to-round noise, which at batch 32 (±1-3
+points) exceeds a 1% goal. Search alone is timed apart (hot caches, no forward around it). Without `--student`,
+untrained students (MiniLM-L6's first 3 layers with fresh heads) at each `--kb_dims` are timed (no accuracy). The
+teacher (MiniLM-L6) is timed for scale.
 Output: `results/inference.json`; `default` names the configuration the package's defaults give.
 """
 
@@ -206,7 +207,8 @@ def main() -> None:
     retrieve_seconds: dict[tuple[str, str], list[float]] = {key: [] for key in models}
     with torch.no_grad():
         for key, model in models.items():  # warm-up: FAISS indexes deserialized, bf16/int8 scan copies made
-            model(**inputs[1][0]), model(**inputs[32][0])
+            model(**inputs[1][0])  # one query: the int8 copy on CPU
+            model(**inputs[32][0])  # a batch: the bf16 copy
             record_retrieve_seconds(model, retrieve_seconds[key])
         for _ in tqdm(range(args.rounds), desc="Timing rounds"):
             for batch_size, batch_list in inputs.items():

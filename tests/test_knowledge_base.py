@@ -70,7 +70,8 @@ def test_scan_copy_follows_the_keys(search_dtype):
     # One query and 32 at once: on CPU, "auto" scans a different copy of the keys for each.
     kb = random_kb(500, search_dtype=search_dtype)
     queries = unit(32)
-    kb.search(queries[:1], 1), kb.search(queries, 1)
+    kb.search(queries[:1], 1)
+    kb.search(queries, 1)
     kb.keys[17] = queries[0]  # an in-place edit: every reduced-precision copy must be remade
     assert kb.search(queries[:1], 1)[1].item() == 17
     assert kb.search(queries, 1)[1][0].item() == 17

@@ -163,16 +163,16 @@ def finetune_teacher(
             processing_class=tokenizer,
         )
     trainer.train()
-    if trainer.is_world_process_zero() and trainer.state.global_step < TEACHER_MIN_STEPS:
-        logger.warning(
-            "teacher: fine-tuned for only %d optimizer steps (%d labelled rows). On 400 bbc_news rows MiniLM-L6 "
-            "reached 73%% validation accuracy after 26 steps and 95%% after 65: an under-trained teacher makes weak "
-            "targets and a weak knowledge base. Raise --teacher_num_train_epochs (or --teacher_max_steps) and compare "
-            "the teacher's validation accuracy in metrics.json.",
-            trainer.state.global_step,
-            len(train),
-        )
     if trainer.is_world_process_zero():
+        if trainer.state.global_step < TEACHER_MIN_STEPS:
+            logger.warning(
+                "teacher: fine-tuned for only %d optimizer steps (%d labelled rows). On 400 bbc_news rows MiniLM-L6 "
+                "reached 73%% validation accuracy after 26 steps and 95%% after 65: an under-trained teacher makes "
+                "weak targets and a weak knowledge base. Raise --teacher_num_train_epochs (or --teacher_max_steps) "
+                "and compare the teacher's validation accuracy in metrics.json.",
+                trainer.state.global_step,
+                len(train),
+            )
         with atomic_path(path, directory=True) as tmp:
             trainer.save_model(str(tmp))
         shutil.rmtree(checkpoints, ignore_errors=True)  # logs only: the teacher saves no checkpoints
