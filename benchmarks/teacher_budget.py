@@ -46,14 +46,14 @@ def main() -> None:
     # data folder (its name holds the task, a hash of train.csv and the labelled rows), the seed and the epochs
     records = json.loads(args.output.read_text())["records"] if args.output.exists() else []
     done = {(r["data"], r["seed"], r["epochs"]) for r in records}
-    chosen = []
+    grids = set()  # (data folder, seed) of the tasks asked for: their whole grid is reported
     for task, data_dir in args.task:
         folder = unlabeled_setting_dir(task, data_dir, labeled_rows[task], args.work_dir)
         data = load_task_data(data_files={split: str(folder / f"{split}.csv") for split in ("train", "validation")})
         labels = np.asarray(data.splits["validation"][LABEL_COLUMN])
+        grids.add((folder.name, args.seed))
         for epochs in args.epochs:
-            chosen.append((folder.name, args.seed, epochs))
-            if chosen[-1] in done:
+            if (folder.name, args.seed, epochs) in done:
                 continue
             set_seed(args.seed)  # as the pipeline does before fine-tuning: the new head's initialisation
             teacher_args = TeacherArguments(
@@ -73,7 +73,7 @@ def main() -> None:
             records.sort(key=lambda r: (r["task"], r["labeled_rows"], r["seed"], r["epochs"]))
             write_json(args.output, {"environment": environment(), "records": records})
 
-    rows = [r for r in records if (r["data"], r["seed"], r["epochs"]) in chosen]
+    rows = [r for r in records if (r["data"], r["seed"]) in grids]
     print(f"{'task':18s} {'labelled':>8s} {'epochs':>6s} {'steps':>6s} {'validation':>10s}")
     for row in rows:
         print(
