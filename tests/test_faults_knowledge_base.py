@@ -23,6 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from hf_reaugkd import KnowledgeBase, ReAugKDConfig, ReAugKDForSequenceClassification
 from hf_reaugkd import knowledge_base as kb_module
+from hf_reaugkd.arguments import parse_args
+from hf_reaugkd.errors import InputError
 
 INDEX_KEY = "reaugkd.knowledge_base.index_bytes"
 TESTS_DIR = Path(__file__).parent
@@ -309,6 +311,29 @@ def test_without_faiss_malformed_bytes_are_still_refused_and_search_is_exact(tmp
 def test_config_rejects_a_malformed_checksum():
     with pytest.raises(Exception, match="index_sha256 must be 64 lowercase hex digits"):
         ReAugKDConfig(index_sha256="abc")  # strict config validation wraps the ValueError
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("hnsw_m", 1), ("hnsw_m", 10**9), ("ivf_nprobe", 0), ("ivf_nprobe", -1), ("hnsw_ef_search", 0),
+     ("search_block_size", 0), ("index_nbytes", -1)],
+)  # fmt: skip
+def test_checkpoint_with_index_settings_out_of_range_is_refused_before_faiss_sees_them(tmp_path, setting, value):
+    """FAISS asserts or crashes the process on some settings (hnsw_m 1 segfaulted while the index was rebuilt after a
+    checksum mismatch); a checkpoint's config is untrusted, so loading refuses them with the setting's name."""
+    tiny_student(kb_size=300, index_type="hnsw").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update({setting: value, "index_sha256": "0" * 64})  # a mismatched checksum asks for a rebuild
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception, match=rf"{setting} must be"):
+        ReAugKDForSequenceClassification.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"{setting} must be"):
+        KnowledgeBase(10, 4, 2, "hnsw", **{"index_nbytes": value} if setting == "index_nbytes" else {setting: value})
+
+
+def test_index_settings_out_of_range_are_refused_on_the_command_line():
+    with pytest.raises(InputError, match=r"--hnsw_m must be an integer in \[2, 256\], got 1"):
+        parse_args(["--demo", "--hnsw_m", "1"])
 
 
 REMOTE_CODE_LOAD = """

@@ -153,6 +153,19 @@ def test_retrieval_weight_outside_0_1_is_rejected(batch, beta):
         tiny_student()(**batch, retrieval_weight=beta)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"knn_k": 0}, "knn_k must be an integer >= 1"), ({"knn_k": -1}, "knn_k must be an integer >= 1"),
+     ({"knn_k": 2.5}, "knn_k must be an integer >= 1"), ({"retrieval_temperature": 0.0}, "retrieval_temperature must be > 0"),
+     ({"retrieval_temperature": -1.0}, "retrieval_temperature must be > 0")],
+)  # fmt: skip
+def test_per_call_k_and_temperature_out_of_range_are_rejected(batch, overrides, message):
+    """The config refuses these values, so the per-call overrides must too: k = -1 used to return N - 1 neighbours and
+    τ_r = 0 the plain student's prediction, both silently."""
+    with pytest.raises(ValueError, match=message):
+        tiny_student()(**batch, retrieval_weight=1.0, **overrides)
+
+
 def test_batch_sizes_1_and_512_agree(tiny_tokenizer):
     model = tiny_student(kb_size=300, search_block_size=64)
     texts = [" ".join(SENTENCES[i % 5].split()[: 1 + i % 4]) for i in range(512)]

@@ -14,7 +14,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from .errors import InputError
-from .knowledge_base import AUTO_EXACT_MAX_SIZE, DEFAULT_INDEX_PARAMS, INDEX_TYPES, SEARCH_DTYPES
+from .knowledge_base import AUTO_EXACT_MAX_SIZE, DEFAULT_INDEX_PARAMS, INDEX_TYPES, SEARCH_DTYPES, check_index_params
 from .training_args import ReAugKDTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -195,6 +195,10 @@ class ModelArguments:
             raise InputError(f"--index_type must be 'auto' or one of {INDEX_TYPES}, got {self.index_type!r}")
         if self.search_dtype not in SEARCH_DTYPES:
             raise InputError(f"--search_dtype must be one of {SEARCH_DTYPES}, got {self.search_dtype!r}")
+        try:
+            check_index_params(self.index_params)
+        except ValueError as err:
+            raise InputError(f"--{err}") from None
         grids = [
             ",".join(map(str, g)) if isinstance(g, list) else str(g)
             for g in (self.knn_k_grid, self.retrieval_weight_grid)

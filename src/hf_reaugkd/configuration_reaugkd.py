@@ -12,7 +12,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
-from .knowledge_base import DEFAULT_INDEX_PARAMS
+from .knowledge_base import DEFAULT_INDEX_PARAMS, check_index_params
 
 # What the per-query mixing weight β(x) reads, in this order (`modeling_reaugkd.retrieval_gate_features`); the gate
 # holds one weight per feature, then a bias.
@@ -157,13 +157,9 @@ class ReAugKDConfig(PreTrainedConfig):
                 f"retrieval_gate must be {len(RETRIEVAL_GATE_FEATURES) + 1} finite numbers (a weight per feature, then a bias), got "
                 f"{self.retrieval_gate!r}"
             )
-        if self.ivf_nlist < 0:
-            raise ValueError(f"ivf_nlist must be >= 0 (0: about 4·√kb_size), got {self.ivf_nlist}")
-        if min(self.search_block_size, self.search_query_block_size) < 1:
-            raise ValueError(
-                "search_block_size and search_query_block_size must be >= 1, got "
-                f"{self.search_block_size} and {self.search_query_block_size}"
-            )
+        if self.index_nbytes < 0:
+            raise ValueError(f"index_nbytes must be >= 0, got {self.index_nbytes}")
+        check_index_params({name: getattr(self, name) for name in DEFAULT_INDEX_PARAMS})
 
 
 __all__ = ["ReAugKDConfig"]

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import json
 import math
+import numbers
 import os
 import struct
 import tempfile
@@ -69,6 +70,17 @@ DEFAULT_INDEX_PARAMS = {
     "ivf_nlist": 0,  # 0: about 4·√N clusters for N entries (set when the index is built)
     "ivf_nprobe": 32,
 }
+# The integer index settings' accepted ranges: FAISS needs M >= 2 and nprobe >= 1; the upper bounds are far above any
+# useful value and keep a crafted config from sizing the graph, the clusters or a search block out of memory.
+INDEX_PARAM_RANGES = {
+    "search_block_size": (1, 2**24),
+    "search_query_block_size": (1, 2**20),
+    "hnsw_m": (2, 256),
+    "hnsw_ef_construction": (1, 2**16),
+    "hnsw_ef_search": (1, 2**16),
+    "ivf_nlist": (0, 2**20),  # 0: about 4·√N
+    "ivf_nprobe": (1, 2**20),
+}
 # The reduced-precision scan keeps k + max(k, RESCORE_EXTRA) candidates per query for exact re-scoring: a true top-k
 # key is lost only if that many others outscore it by less than the scan's error (~4e-3 in bfloat16, up to ~3.5e-3 with
 # int8 keys at d = 128). A floor of 32 extra: with k = 1 two candidates were too few (on a 384-d KB, 4 of 1,275
@@ -110,6 +122,18 @@ def _check_index_type(index_type: str) -> None:
 def _check_search_dtype(search_dtype: str) -> None:
     if search_dtype not in SEARCH_DTYPES:
         raise ValueError(f"Unknown search_dtype {search_dtype!r}: expected one of {SEARCH_DTYPES}.")
+
+
+def check_index_params(params: dict[str, int | str]) -> None:
+    """Refuse index settings out of range before they reach FAISS, which asserts, aborts or crashes the process on
+    some (`hnsw_m` 1 segfaults, `ivf_nprobe` 0 fails at search): a checkpoint's config is untrusted input."""
+    _check_search_dtype(params.get("search_dtype", DEFAULT_INDEX_PARAMS["search_dtype"]))
+    for name, value in params.items():
+        if name == "search_dtype":
+            continue
+        low, high = INDEX_PARAM_RANGES[name]
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not low <= value <= high:
+            raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
 
 
 def resolve_index_type(index_type: str, size: int) -> str:
@@ -289,6 +313,11 @@ class KnowledgeBase(nn.Module):
     ):
         super().__init__()
         _check_index_type(index_type)
+        if size < 0 or dim < 1 or num_labels < 1 or index_nbytes < 0:
+            raise ValueError(
+                "size and index_nbytes must be >= 0, dim and num_labels >= 1, got "
+                f"size={size}, dim={dim}, num_labels={num_labels}, index_nbytes={index_nbytes}"
+            )
         unknown = set(index_params) - set(DEFAULT_INDEX_PARAMS)
         if unknown:
             raise TypeError(
@@ -296,7 +325,7 @@ class KnowledgeBase(nn.Module):
             )
         self.index_type = index_type
         self.index_params = {**DEFAULT_INDEX_PARAMS, **index_params}
-        _check_search_dtype(self.index_params["search_dtype"])  # refuse an unknown search_dtype now, not at search
+        check_index_params(self.index_params)  # refuse bad settings now, not at search (or in FAISS)
         self.register_buffer("keys", torch.zeros(size, dim))
         self.register_buffer("values", torch.zeros(size, num_labels))
         self.register_buffer("index_bytes", torch.zeros(index_nbytes, dtype=torch.uint8))
@@ -442,6 +471,8 @@ class KnowledgeBase(nn.Module):
             )
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"Queries must be [B, {self.dim}], got {tuple(queries.shape)}.")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
         k = min(k, self.size)
         if len(queries) == 0:
             return queries.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long, device=queries.device)

@@ -16,6 +16,7 @@ Class layout, the transformers way:
 """
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -338,6 +339,14 @@ class ReAugKDModel(ReAugKDPreTrainedModel):
         retrieval_temperature (`float`, *optional*): τ_r; defaults to `config.retrieval_temperature`.
         retrieve (`bool`, defaults to `True`): search the KB. `False` returns embeddings only (training).
         """
+        knn_k = self.config.knn_k if knn_k is None else knn_k
+        retrieval_temperature = (
+            self.config.retrieval_temperature if retrieval_temperature is None else retrieval_temperature
+        )
+        if retrieve and (isinstance(knn_k, bool) or not isinstance(knn_k, numbers.Integral) or knn_k < 1):
+            raise ValueError(f"knn_k must be an integer >= 1, got {knn_k!r}")
+        if retrieve and not retrieval_temperature > 0:  # also refuses NaN
+            raise ValueError(f"retrieval_temperature must be > 0, got {retrieval_temperature!r}")
         # Only pass what was given: not every encoder accepts e.g. token_type_ids (MPNet does not).
         encoder_inputs = {
             "input_ids": input_ids,
@@ -356,11 +365,7 @@ class ReAugKDModel(ReAugKDPreTrainedModel):
 
         retrieved = (None, None, None, None)
         if retrieve:
-            retrieved = self.retrieve(
-                query_embedding,
-                knn_k if knn_k is not None else self.config.knn_k,
-                retrieval_temperature if retrieval_temperature is not None else self.config.retrieval_temperature,
-            )
+            retrieved = self.retrieve(query_embedding, knn_k, retrieval_temperature)
         retrieved_probs, neighbor_ids, neighbor_scores, neighbor_weights = retrieved
         output = ReAugKDModelOutput(
             last_hidden_state=hidden_states,
