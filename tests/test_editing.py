@@ -58,6 +58,8 @@ def test_gold_rows_are_found_and_removing_them_restores_predictions_exactly(save
     root, model_dir = saved
     texts = ["great fun great", "awful boring awful", "the plot"]
     original = predictions(model_dir, texts)
+    (model_dir / ".git" / "refs").mkdir(parents=True)  # a cloned Hub repo: the edit must keep its history
+    (model_dir / ".git" / "refs" / "main").write_text("abc123\n")
     write_rows(root / "new.csv", [[text, "positive"] for text in texts])
     ids = editing.add_rows(model_dir, root / "new.csv")
     edited = predictions(model_dir, texts)
@@ -70,6 +72,7 @@ def test_gold_rows_are_found_and_removing_them_restores_predictions_exactly(save
     removed = editing.remove_rows(model_dir, ids=ids)
     assert removed == ids
     restored = predictions(model_dir, texts)
+    assert (model_dir / ".git" / "refs" / "main").read_text() == "abc123\n"
     assert torch.equal(restored.neighbor_ids, original.neighbor_ids)
     torch.testing.assert_close(restored.logits, original.logits, atol=0, rtol=0)
 

@@ -154,8 +154,10 @@ def _rewrite(model_dir: str | Path, model: ReAugKDForSequenceClassification, kno
     model.set_knowledge_base(knowledge_base)
     model_dir = Path(model_dir)
     with atomic_path(model_dir, directory=True) as tmp:
-        for entry in model_dir.iterdir():
-            if entry.is_file():
+        for entry in model_dir.iterdir():  # a Hub clone's .git, exported models, ...: everything but what is rewritten
+            if entry.is_dir():
+                shutil.copytree(entry, tmp / entry.name, symlinks=True)
+            else:
                 shutil.copy2(entry, tmp / entry.name)
         model.save_pretrained(tmp)
 
