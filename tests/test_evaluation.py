@@ -234,3 +234,12 @@ def test_retrieval_gate_is_dropped_when_it_cannot_change_a_prediction():
     selection = select_retrieval_settings(validation, [0.0, 0.5])
     gate = select_retrieval_gate(validation, selection)
     assert not gate["used"] and gate["validation_accuracy_crossfit"] == gate["validation_accuracy_fixed"]
+
+
+def test_retrieval_gate_on_a_one_row_validation_split_is_not_used_and_does_not_crash():
+    """`--max_eval_samples 1` is accepted; the cross-fitting must still have two halves (one empty) rather than fail
+    after the whole training run."""
+    validation = _predictions_where_only_close_neighbours_are_right(1, seed=0)
+    selection = select_retrieval_settings(validation, [0.0, 0.5])
+    gate = select_retrieval_gate(validation, selection)
+    assert not gate["used"] and gate["validation_accuracy_crossfit"] <= gate["validation_accuracy_fixed"]

@@ -447,6 +447,11 @@ def test_header_only_file(tmp_path):
         load(tmp_path, "text,label\n")
 
 
+def test_a_single_class_is_refused_naming_file_and_label(tmp_path):
+    with pytest.raises(InputError, match=r"train file \S*train.csv has a single label \['positive'\]"):
+        load(tmp_path, "text,label\ngood movie,positive\nfun plot,positive\n")
+
+
 def test_extra_comma_in_a_row(tmp_path):
     train = "text,label\ngood movie,positive\nbad movie,negative\nfun plot,positive\nthe film, I think,negative\n"
     with pytest.raises(InputError) as error:

@@ -3,6 +3,8 @@ import logging
 import pytest
 import torch
 from conftest import random_kb
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import hf_reaugkd.knowledge_base as kb_module
 from hf_reaugkd import KnowledgeBase
@@ -325,3 +327,24 @@ def test_build_normalises_keys_without_touching_the_callers_tensors():
     assert torch.equal(kb.values, values) and kb.values.data_ptr() != values.data_ptr()
     kb.keys.mul_(2)  # the KB's buffers are its own: the caller's tensor does not change either way
     assert torch.equal(keys, keys_before)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda tensors, metadata: metadata.pop("index_params"), r"missing \['index_params metadata'\]"),
+        (lambda tensors, metadata: metadata.update(index_params='{"hnsw_M": 32}'), "invalid index settings"),
+        (lambda tensors, metadata: metadata.update(index_params="{not json"), "invalid index settings"),
+        (lambda tensors, metadata: tensors.update(keys=tensors["keys"].flatten()), r"expected keys \(N, d\)"),
+    ],
+)
+def test_malformed_knowledge_base_file_is_refused_naming_the_file(tmp_path, edit, message):
+    random_kb(20).save(tmp_path / "kb.safetensors")
+    with safe_open(tmp_path / "kb.safetensors", "pt") as f:
+        metadata = dict(f.metadata())
+    tensors = load_file(tmp_path / "kb.safetensors")
+    edit(tensors, metadata)
+    save_file(tensors, tmp_path / "kb.safetensors", metadata=metadata)
+    with pytest.raises(ValueError, match=message) as error:
+        KnowledgeBase.load(tmp_path / "kb.safetensors")
+    assert str(tmp_path / "kb.safetensors") in str(error.value)

@@ -144,6 +144,11 @@ def load_task_data(
         )
         _check_label_kinds(splits["train"], label_column, describe["train"])
         to_name = label_name
+    if len(label_names) < 2:
+        raise InputError(
+            f"The {describe['train']} has a single label {label_names}: a classifier needs at least 2 classes "
+            f"in column {label_column!r}."
+        )
     label_ids = {name: i for i, name in enumerate(label_names)}
     for name, split in splits.items():
         seen = {to_name(label) for _, batch in _iter_column(split, label_column) for label in batch}

@@ -236,7 +236,8 @@ def select_retrieval_gate(validation: Predictions, selection: dict) -> dict:
     accuracy on the whole split (chosen there, so if anything flattered). Returns the gate fitted on all of
     validation, both accuracies and `used`."""
     knn_k, retrieval_weight = selection["knn_k"], selection["retrieval_weight"]
-    halves = torch.randperm(len(validation.labels), generator=torch.Generator().manual_seed(0)).chunk(2)
+    permutation = torch.randperm(len(validation.labels), generator=torch.Generator().manual_seed(0))
+    halves = permutation.tensor_split(2)  # two parts even for one row (`chunk` would give one)
     correct = 0
     for fit_rows, score_rows in ((halves[0], halves[1]), (halves[1], halves[0])):
         gate = fit_retrieval_gate(validation.subset(fit_rows), knn_k, retrieval_weight)

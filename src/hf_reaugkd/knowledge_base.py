@@ -733,20 +733,28 @@ class KnowledgeBase(nn.Module):
                 metadata = f.metadata() or {}
         except (SafetensorError, OSError) as err:
             raise ValueError(f"Could not read the knowledge base file {path}: {err}") from err
-        missing = {"keys", "values", "index_bytes"} - set(tensors)
-        if missing or "index_type" not in metadata:
-            raise ValueError(
-                f"{path} is not a knowledge-base file: missing {sorted(missing) or ['index_type metadata']}."
-            )
+        missing = sorted({"keys", "values", "index_bytes"} - set(tensors))
+        missing += [f"{name} metadata" for name in ("index_type", "index_params") if name not in metadata]
+        if missing:
+            raise ValueError(f"{path} is not a knowledge-base file: missing {missing}.")
         keys, values, index_bytes = tensors["keys"], tensors["values"], tensors["index_bytes"]
-        kb = cls(
-            *keys.shape,
-            values.shape[1],
-            metadata["index_type"],
-            len(index_bytes),
-            metadata.get("index_sha256"),
-            **json.loads(metadata["index_params"]),
-        )
+        if (keys.ndim, values.ndim, index_bytes.ndim) != (2, 2, 1):
+            raise ValueError(
+                f"{path}: expected keys (N, d), values (N, C) and index_bytes (n,), got shapes {tuple(keys.shape)}, "
+                f"{tuple(values.shape)} and {tuple(index_bytes.shape)}."
+            )
+        try:
+            params = json.loads(metadata["index_params"])
+            kb = cls(
+                *keys.shape,
+                values.shape[1],
+                metadata["index_type"],
+                len(index_bytes),
+                metadata.get("index_sha256"),
+                **params,
+            )
+        except (TypeError, ValueError) as err:  # not JSON, unknown or out-of-range settings
+            raise ValueError(f"{path} holds invalid index settings {metadata['index_params']!r}: {err}") from err
         kb.keys, kb.values, kb.index_bytes = keys, values, index_bytes
         kb.validate(repair_index=True)
         if set(tensors) >= TEXT_TENSORS:
