@@ -47,11 +47,12 @@ FAMILIES = {
 }
 
 
-def validation_split(data_dir: Path, model, tokenizer, max_seq_length: int):
-    split = read_data_file("validation", str(data_dir / "validation.csv"))
+def tokenized_split(data_dir: Path, name: str, model, tokenizer, max_seq_length: int):
+    """`data_dir/NAME.csv` (text, label) with the model's label ids, tokenized as quality.py's runs were."""
+    split = read_data_file(name, str(data_dir / f"{name}.csv"))
     label2id = model.config.label2id
     split = split.map(lambda rows: {LABEL_COLUMN: [label2id[str(label)] for label in rows["label"]]}, batched=True)
-    return tokenize(split, tokenizer, "text", None, max_seq_length, "Tokenizing validation")
+    return tokenize(split, tokenizer, "text", None, max_seq_length, f"Tokenizing {name}")
 
 
 def settings_predictions(model, validation: Predictions) -> dict[tuple[float, float], Predictions]:
@@ -103,7 +104,7 @@ def main() -> None:
             continue
         model = ReAugKDForSequenceClassification.from_pretrained(model_dir / "model").eval()
         tokenizer = AutoTokenizer.from_pretrained(model_dir / "model")
-        split = validation_split(args.data, model, tokenizer, args.max_seq_length)
+        split = tokenized_split(args.data, "validation", model, tokenizer, args.max_seq_length)
         validation = predict(model, split, tokenizer, KNN_KS, model.config.retrieval_temperature)
         by_setting = settings_predictions(model, validation)
         rows = len(validation.labels)
