@@ -252,6 +252,22 @@ def test_load_reports_kb_shapes_that_disagree_with_the_config(tmp_path):
         AutoModelForSequenceClassification.from_pretrained(tmp_path)
 
 
+def test_a_config_sizing_the_knowledge_base_beyond_its_weights_is_refused_before_allocating(tmp_path):
+    """An untrusted config's kb_size decides what loading allocates: 2**40 rows (64 TiB) with 50 stored must be
+    refused from the weights file's header, and missing tensors named, not allocated and filled with zeros."""
+    tiny_student(kb_size=50).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "kb_size": 2**40}))
+    with pytest.raises(
+        ValueError, match=r"knowledge_base.keys: config expects \[1099511627776, 16\], checkpoint has \[50"
+    ):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    _rewrite_checkpoint(tmp_path, lambda t: [t.pop(n) for n in list(t) if "knowledge_base" in n])
+    with pytest.raises(ValueError, match=r"knowledge_base.keys: config expects \[50, 16\], checkpoint has none"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [

@@ -173,29 +173,38 @@ def knowledge_base_from_config(config: ReAugKDConfig) -> KnowledgeBase:
     )
 
 
-def _describe_kb_shape_mismatch(source, load_kwargs: dict) -> str:
-    """Say which knowledge-base tensors of a checkpoint disagree with the shapes its config records."""
-    config = ReAugKDConfig.from_pretrained(source, **{k: v for k, v in load_kwargs.items() if k in _HUB_KWARGS})
+def _kb_shape_mismatches(source, load_kwargs: dict) -> tuple[ReAugKDConfig, list[str], bool]:
+    """The checkpoint's config, a line for each knowledge-base tensor of its weights file whose shape differs from
+    what the config records, and whether the file's header could be read (a single safetensors file)."""
+    hub_kwargs = {k: v for k, v in load_kwargs.items() if k in _HUB_KWARGS}
+    config = load_kwargs.get("config")
+    if not isinstance(config, ReAugKDConfig):
+        config = ReAugKDConfig.from_pretrained(source, **hub_kwargs)
     expected = {
         "knowledge_base.keys": [config.kb_size, config.kb_dim],
         "knowledge_base.values": [config.kb_size, config.num_labels],
         "knowledge_base.index_bytes": [config.index_nbytes],
     }
-    found = {}
+    found, read = {}, False
     try:
-        weights = cached_file(source, SAFE_WEIGHTS_NAME, **{k: v for k, v in load_kwargs.items() if k in _HUB_KWARGS})
-        with safe_open(weights, "pt") as f:
+        with safe_open(cached_file(source, SAFE_WEIGHTS_NAME, **hub_kwargs), "pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 suffix = name.split("reaugkd.")[-1]
                 if suffix in expected:
                     found[suffix] = list(f.get_slice(name).get_shape())
+        read = True
     except (OSError, SafetensorError):
-        pass  # a sharded or unreadable checkpoint: the load report above still lists the shapes
+        pass  # a sharded or unreadable checkpoint: the load report lists the shapes
     lines = [
-        f"{name}: config expects {shape}, checkpoint has {found.get(name, 'see the load report above')}"
+        f"{name}: config expects {shape}, checkpoint has {found.get(name, 'see the load report above' if not read else 'none')}"
         for name, shape in expected.items()
         if found.get(name) != shape
     ]
+    return config, lines, read
+
+
+def _describe_kb_shape_mismatch(config: ReAugKDConfig, source, lines: list[str]) -> str:
+    """Say which knowledge-base tensors of a checkpoint disagree with the shapes its config records."""
     return (
         f"The checkpoint {source} does not match its config (kb_size={config.kb_size}, kb_dim={config.kb_dim}, "
         f"num_labels={config.num_labels}, index_nbytes={config.index_nbytes}):\n  " + "\n  ".join(lines)
@@ -233,12 +242,17 @@ class ReAugKDPreTrainedModel(PreTrainedModel):
         consistency check fails) is rebuilt from the keys with a warning; see `knowledge_base.py`.
         """
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        # Before anything is allocated: the config sizes the knowledge base, and an untrusted one could ask for far
+        # more memory than the weights file holds.
+        config, mismatches, read = _kb_shape_mismatches(source, kwargs)
+        if read and mismatches:
+            raise ValueError(_describe_kb_shape_mismatch(config, source, mismatches))
         try:
             loaded = super().from_pretrained(*args, **kwargs)
         except RuntimeError as err:
             if "ignore_mismatched_sizes" not in str(err):
                 raise
-            raise ValueError(_describe_kb_shape_mismatch(source, kwargs)) from err
+            raise ValueError(_describe_kb_shape_mismatch(config, source, mismatches)) from err
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         if model.config.kb_size > 0:
             knowledge_base = model.knowledge_base
