@@ -15,6 +15,7 @@ from hf_reaugkd.modeling_reaugkd import (
     neighbor_label_distribution,
     retrieval_gate_features,
 )
+from hf_reaugkd.pipeline_reaugkd import ReAugKDTextClassificationPipeline
 
 
 @pytest.fixture
@@ -199,6 +200,16 @@ def test_pipeline_with_in_memory_instance(tiny_tokenizer):
     assert set(by_label) == set(ID2LABEL.values())
     for i, label in ID2LABEL.items():
         assert by_label[label] == pytest.approx(probs[i].item(), abs=1e-6)
+
+
+def test_custom_pipeline_scores_are_the_mixture_whatever_the_problem_type(tiny_tokenizer):
+    model = tiny_student(kb_size=20)
+    model.config.problem_type = "multi_label_classification"  # the stock pipeline would apply a sigmoid
+    classifier = ReAugKDTextClassificationPipeline(model=model, tokenizer=tiny_tokenizer, top_k=None)
+    by_label = {item["label"]: item["score"] for item in classifier([SENTENCES[0]])[0]}
+    with torch.no_grad():
+        probs = model(**tiny_tokenizer(SENTENCES[0], return_tensors="pt")).logits.softmax(-1)[0]
+    assert [by_label[ID2LABEL[i]] for i in range(len(probs))] == pytest.approx(probs.tolist(), abs=1e-6)
 
 
 @pytest.mark.parametrize("index_type", ["torch", "flat", "hnsw", "ivf"])

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from transformers import TextClassificationPipeline
+from transformers.pipelines.text_classification import ClassificationFunction
 
 
 def max_input_length(config, tokenizer) -> int:
@@ -33,6 +34,9 @@ class ReAugKDTextClassificationPipeline(TextClassificationPipeline):
         **kwargs,
     ):
         preprocess, _, postprocess = super()._sanitize_parameters(**kwargs)
+        # The logits are log-probabilities of the mixture: softmax gives it back, whatever the config's num_labels or
+        # problem_type would make the stock pipeline apply (a sigmoid for one label or multi-label).
+        postprocess.setdefault("function_to_apply", ClassificationFunction.SOFTMAX)
         if "truncation" not in preprocess:
             preprocess["truncation"] = True
             preprocess.setdefault("max_length", max_input_length(self.model.config, self.tokenizer))
