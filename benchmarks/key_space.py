@@ -26,10 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import RESULTS_DIR, environment, write_json
-from retrieval_settings import tokenized_split
-from transformers import AutoTokenizer
+from retrieval_settings import saved_students, tokenized_split
 
-from hf_reaugkd import ReAugKDForSequenceClassification
 from hf_reaugkd.evaluation import knn_accuracy, predict
 from hf_reaugkd.saving import TEACHER_PROJECTION
 from hf_reaugkd.teacher import load_projection, project
@@ -70,15 +68,10 @@ def main() -> None:
     output = args.output or RESULTS_DIR / f"key_space_{args.run_dir.name.split('+')[0]}.json"
 
     records = []
-    for seed_dir, variant in itertools.product(sorted(args.run_dir.glob("seed*")), args.variants):
-        model_dir = next((d for d in (seed_dir / f"{variant}+student_keys", seed_dir / variant) if d.exists()), None)
-        if model_dir is None:
-            continue
-        model = ReAugKDForSequenceClassification.from_pretrained(model_dir / "model").eval()
-        tokenizer = AutoTokenizer.from_pretrained(model_dir / "model")
+    for seed, variant, model_dir, model, tokenizer in saved_students(args.run_dir, args.variants):
         knowledge_base = model.knowledge_base
-        projection = load_projection(model_dir / "model" / TEACHER_PROJECTION)
-        outputs, embeddings = transfer_embeddings(seed_dir / "stages", projection, knowledge_base)
+        projection = load_projection(model_dir / TEACHER_PROJECTION)
+        outputs, embeddings = transfer_embeddings(args.run_dir / seed / "stages", projection, knowledge_base)
         temperature = model.config.retrieval_temperature
         per_split = {}
         for name in ("validation", "test"):
@@ -103,7 +96,7 @@ def main() -> None:
         embedding_within, embedding_between = class_cosines(torch.from_numpy(embeddings), teacher_classes)
         records.append(
             {
-                "seed": seed_dir.name,
+                "seed": seed,
                 "variant": variant,
                 "key_cosine_within_class": key_within,
                 "key_cosine_between_classes": key_between,

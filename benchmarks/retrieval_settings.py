@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import itertools
 import statistics
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -53,6 +54,16 @@ def tokenized_split(data_dir: Path, name: str, model, tokenizer, max_seq_length:
     label2id = model.config.label2id
     split = split.map(lambda rows: {LABEL_COLUMN: [label2id[str(label)] for label in rows["label"]]}, batched=True)
     return tokenize(split, tokenizer, "text", None, max_seq_length, f"Tokenizing {name}")
+
+
+def saved_students(run_dir: Path, variants: list[str]) -> Iterator[tuple[str, str, Path, object, object]]:
+    """`(seed folder name, variant, model folder, model, tokenizer)` of each saved student of `quality.py` under a
+    task's `run_dir`, seed by seed: the run without overrides (`+student_keys` when it measured that baseline)."""
+    for seed_dir, variant in itertools.product(sorted(run_dir.glob("seed*")), variants):
+        run = next((d for d in (seed_dir / f"{variant}+student_keys", seed_dir / variant) if d.exists()), None)
+        if run is not None:
+            model = ReAugKDForSequenceClassification.from_pretrained(run / "model").eval()
+            yield seed_dir.name, variant, run / "model", model, AutoTokenizer.from_pretrained(run / "model")
 
 
 def settings_predictions(model, validation: Predictions) -> dict[tuple[float, float], Predictions]:
@@ -97,13 +108,7 @@ def main() -> None:
     output = args.output or RESULTS_DIR / f"retrieval_settings_{args.run_dir.name.split('+')[0]}.json"
 
     records = []
-    for seed_dir, variant in itertools.product(sorted(args.run_dir.glob("seed*")), args.variants):
-        # quality.py's folder of the run without overrides (`+student_keys` when it measured that baseline)
-        model_dir = next((d for d in (seed_dir / f"{variant}+student_keys", seed_dir / variant) if d.exists()), None)
-        if model_dir is None:
-            continue
-        model = ReAugKDForSequenceClassification.from_pretrained(model_dir / "model").eval()
-        tokenizer = AutoTokenizer.from_pretrained(model_dir / "model")
+    for seed, variant, _, model, tokenizer in saved_students(args.run_dir, args.variants):
         split = tokenized_split(args.data, "validation", model, tokenizer, args.max_seq_length)
         validation = predict(model, split, tokenizer, KNN_KS, model.config.retrieval_temperature)
         by_setting = settings_predictions(model, validation)
@@ -118,12 +123,12 @@ def main() -> None:
                     _, chosen, k, b = choose(by_setting, fit_rows, allowed)
                     held_out.append(mixed_metrics(by_setting[chosen].subset(score_rows), k, b)["accuracy"])
             records.append(
-                {"seed": seed_dir.name, "variant": variant, "family": family, "validation_accuracy": accuracy,
+                {"seed": seed, "variant": variant, "family": family, "validation_accuracy": accuracy,
                  "crossfit_accuracy": statistics.mean(held_out), "label_temperature": setting[0],
                  "retrieval_temperature": setting[1], "knn_k": knn_k, "retrieval_weight": beta}
             )  # fmt: skip
             print(
-                f"{seed_dir.name} {variant:28s} {family:28s} {100 * accuracy:6.2f} {100 * records[-1]['crossfit_accuracy']:6.2f}"
+                f"{seed} {variant:28s} {family:28s} {100 * accuracy:6.2f} {100 * records[-1]['crossfit_accuracy']:6.2f}"
             )
         write_json(output, {"environment": environment(), "run_dir": str(args.run_dir), "records": records})
 
