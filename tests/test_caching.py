@@ -2,12 +2,13 @@
 
 import os
 import stat
+from pathlib import Path
 
 import datasets
 import pytest
 
 from hf_reaugkd.caching import atomic_path, fingerprint, model_fingerprint
-from hf_reaugkd.data import load_task_data
+from hf_reaugkd.data import load_task_data, read_data_file
 
 
 @pytest.fixture
@@ -144,6 +145,18 @@ def test_csv_edited_in_place_with_the_same_size_and_mtime_is_re_read(tmp_path, d
     write_csv(train, ["good movie,pos", "bad movie,neg", "fun plot,pos"])
     os.utime(train, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
     assert load_task_data(data_files=files).fingerprint == before.fingerprint  # content, not history
+
+
+def test_reading_an_unchanged_file_again_reuses_the_cache_and_keeps_other_processes_files(tmp_path, datasets_cache):
+    """Under torchrun each rank reads the files rank 0 has read and is mapping: that must not rebuild (delete) the
+    cache folder the first reader's `map` writes into."""
+    train = tmp_path / "train.csv"
+    write_csv(train, ["good movie,pos", "bad movie,neg", "fun plot,pos"])
+    first = read_data_file("train", str(train))
+    mapped = first.map(lambda rows: {"n": [len(t) for t in rows["text"]]}, batched=True)  # writes beside the data
+    second = read_data_file("train", str(train))
+    assert all(Path(f["filename"]).exists() for f in mapped.cache_files)
+    assert second.cache_files == first.cache_files and second["text"] == first["text"]
 
 
 def test_empty_label_cell_is_rejected_naming_file_and_row(tmp_path, datasets_cache):

@@ -7,7 +7,9 @@ import itertools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import datasets
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, concatenate_datasets, load_dataset
 from transformers import PreTrainedTokenizerBase
@@ -242,15 +244,18 @@ def read_data_file(split: str, path: str) -> Dataset:
     extension = {"jsonl": "json", "tsv": "csv"}.get(extension, extension)
     _check_utf8(path)
     # CSV cells are read as written: "N/A" or "None" in a text is text, and an empty label stays empty (and is
-    # rejected) instead of becoming the class "None". The file is re-read every run: datasets' own cache is keyed
-    # by path, size and mtime, so an edited file with the same size and mtime would load stale rows.
+    # rejected) instead of becoming the class "None".
     options = {"na_filter": False} if extension == "csv" else {}
+    # datasets keys its cache by path, size and mtime, so an edited file with the same size and mtime would load
+    # stale rows: the cache folder is named by the content instead, and reused, not rebuilt. Under torchrun every
+    # rank then reads what rank 0 cached (a forced rebuild per rank deleted files the other ranks were using).
+    cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "hf_reaugkd" / hash_files([path])[:32]
     with open(path, "rb") as f:  # datasets' own message for this is "Instruction 'train' corresponds to no data"
         filled = sum(1 for _ in itertools.islice((line for line in f if line.strip()), 2))
     if filled < (2 if extension == "csv" else 1):
         raise InputError(f"The {split} file {path} has no rows (a header only?).")
     try:
-        dataset = load_dataset(extension, data_files={split: path}, download_mode="force_redownload", **options)
+        dataset = load_dataset(extension, data_files={split: path}, cache_dir=str(cache_dir), **options)
     except Exception as err:
         cause = err
         while cause.__cause__ is not None or cause.__context__ is not None:  # the parser's own message
