@@ -50,3 +50,31 @@ def test_push_to_hub_then_load_over_http(hub_server, tmp_path, tiny_tokenizer):
         method == "GET" and "/user/student/resolve/" in path and "model.safetensors" in path
         for method, path in hub_server.log
     )
+
+
+PUSH_SAVED = """
+from hf_reaugkd.saving import push_saved
+push_saved({first!r}, "user/student")
+push_saved({second!r}, "user/student")
+push_saved({first!r}, "user/student", revision="dev")
+"""
+
+
+def test_push_saved_leaves_exactly_the_saved_files_and_pushes_to_the_branch_asked(hub_server, tmp_path):
+    """A run pushed again without `--store_kb_texts` must not leave the earlier push's texts public; `--hub_revision`
+    must leave main as it was."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, files in ((first, ["config.json", "knowledge_base_texts.safetensors"]), (second, ["config.json"])):
+        folder.mkdir()
+        for name in files:
+            (folder / name).write_text(f"{folder.name} {name}")
+    hub_server.run_python(PUSH_SAVED.format(first=str(first), second=str(second)), tmp_path / "home")
+    store = hub_server.store
+    main = store.files("model", "user/student", store.resolve("model", "user/student", "main"))
+    dev = store.files("model", "user/student", store.resolve("model", "user/student", "dev"))
+    assert "knowledge_base_texts.safetensors" not in main
+    assert store.blob("model", "user/student", main["config.json"]) == b"second config.json"
+    assert (
+        store.blob("model", "user/student", dev["knowledge_base_texts.safetensors"])
+        == b"first knowledge_base_texts.safetensors"
+    )

@@ -189,7 +189,10 @@ def run(
     # 7. Save (atomically) and push what was saved.
     dataset_name = demo.DATASET_DESCRIPTION if demo_data else data_args.dataset_name
     unlabeled_rows = 0 if data.unlabeled is None else len(data.unlabeled)
+    # the repository pushed to, which the card's usage snippets name
+    repo_id = (training_args.hub_model_id or output_dir.resolve().name) if training_args.push_to_hub else None
     card = _model_card(
+        repo_id,
         student,
         teacher_name,
         student_name,
@@ -219,9 +222,10 @@ def run(
         logger.info(
             "Removed the training checkpoints %s (the model is saved; --keep_checkpoints keeps them)", checkpoint_dir
         )
-    if training_args.push_to_hub:
-        repo_id = training_args.hub_model_id or output_dir.resolve().name
-        push_saved(model_dir, repo_id, training_args.hub_token, training_args.hub_private_repo)
+    if repo_id is not None:
+        push_saved(
+            model_dir, repo_id, training_args.hub_token, training_args.hub_private_repo, training_args.hub_revision
+        )
     return metrics
 
 
@@ -249,6 +253,7 @@ def _new_student(
 
 
 def _model_card(
+    repo_id,
     student,
     teacher_name,
     student_name,
@@ -262,7 +267,7 @@ def _model_card(
 ):
     kb = student.knowledge_base
     return create_model_card(
-        model_id=training_args.hub_model_id,
+        model_id=repo_id or training_args.hub_model_id,
         base_model=student_name,
         teacher_model=teacher_name,
         dataset_name=dataset_name,

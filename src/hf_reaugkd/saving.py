@@ -3,7 +3,7 @@
 import logging
 from pathlib import Path
 
-from huggingface_hub import ModelCard, create_repo, upload_folder
+from huggingface_hub import ModelCard, create_branch, create_repo, upload_folder
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -41,9 +41,20 @@ def save_student(
     return directory
 
 
-def push_saved(directory: str | Path, repo_id: str, token: str | None = None, private: bool | None = None) -> str:
-    """Upload a folder written by `save_student` as it is, so the Hub holds the files that were checked locally."""
+def push_saved(
+    directory: str | Path,
+    repo_id: str,
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+) -> str:
+    """Upload a folder written by `save_student` as it is, so the Hub holds the files that were checked locally:
+    files of an earlier push that this folder no longer has are deleted in the same commit (e.g. the knowledge
+    base's texts of a run with `--store_kb_texts`, pushed again without it). `revision` names a branch, created
+    from main if needed, so a push can leave main as it was."""
     create_repo(repo_id, token=token, private=private, exist_ok=True)
-    upload_folder(repo_id=repo_id, folder_path=directory, token=token)
-    logger.info("Pushed %s to %s", directory, repo_id)
+    if revision is not None:
+        create_branch(repo_id, branch=revision, token=token, exist_ok=True)
+    upload_folder(repo_id=repo_id, folder_path=directory, token=token, revision=revision, delete_patterns="*")
+    logger.info("Pushed %s to %s%s", directory, repo_id, f" (branch {revision})" if revision else "")
     return repo_id
