@@ -186,6 +186,8 @@ def test_card_of_a_run_with_local_checkpoints_leaks_no_path(task, monkeypatch):
     assert "huggingface.co//" not in text
     assert "huggingface.co/teacher" not in text and "huggingface.co/student" not in text
     assert str(task) not in text and str(task.resolve()) not in text
+    saved_config = json.loads((task / "out" / "model" / "config.json").read_text())
+    assert saved_config["encoder_config"].get("_name_or_path", "") == ""  # where the student's encoder came from
     assert "reaugkd" in metadata["tags"]
     assert ModelCard(text).data.base_model is None
 

@@ -97,3 +97,13 @@ def test_save_model_card(tmp_path):
     save_model_card(card, tmp_path / "out")
     assert (tmp_path / "out" / "README.md").read_text(encoding="utf-8") == str(card)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["README.md"]  # no temp file left behind
+
+
+def test_a_local_dataset_folder_is_named_not_pathed(tmp_path):
+    """`--dataset_name` may be a local folder (`load_dataset` reads one): the card says its name, never the path."""
+    folder = tmp_path / "home" / "alice" / "secret_corpus"
+    folder.mkdir(parents=True)
+    text = str(make_card(dataset_name=str(folder)))
+    assert str(tmp_path) not in text
+    assert "secret_corpus" in text
+    assert ModelCard(text).data.datasets is None

@@ -72,6 +72,8 @@ def _eval_results(
 ) -> list[EvalResult]:
     """One result per split × metric for the retrieval-augmented student: the model this checkpoint serves."""
     dataset = hub_id(dataset_name) or "custom"
+    if dataset_name and os.path.exists(dataset_name):  # a local folder: its name only, as in the card's text
+        dataset_name = os.path.basename(os.path.normpath(dataset_name))
     results = []
     for split, per_model in metrics.items():
         for key, metric_type, pretty_name, metric_args in METRICS:

@@ -438,8 +438,10 @@ class ReAugKDForSequenceClassification(ReAugKDPreTrainedModel):
             config_kwargs["kb_dim"] = knowledge_base.dim
         elif projection is not None:
             config_kwargs["kb_dim"] = projection.out_features
+        # not where the encoder was loaded from: a local path means nothing on the Hub and reveals the user's machine
+        encoder_config = {key: value for key, value in encoder.config.to_dict().items() if key != "_name_or_path"}
         config = ReAugKDConfig(
-            encoder_config=encoder.config.to_dict(),
+            encoder_config=encoder_config,
             id2label=dict(id2label),
             label2id={label: i for i, label in id2label.items()},
             **config_kwargs,
