@@ -18,6 +18,7 @@ from conftest import pipeline_args, tiny_encoder
 from transformers import BertForSequenceClassification
 
 from hf_reaugkd import caching
+from hf_reaugkd.arguments import parse_args
 from hf_reaugkd.data import load_task_data
 from hf_reaugkd.distill import main
 from hf_reaugkd.errors import InputError
@@ -450,6 +451,18 @@ def test_header_only_file(tmp_path):
 def test_a_single_class_is_refused_naming_file_and_label(tmp_path):
     with pytest.raises(InputError, match=r"train file \S*train.csv has a single label \['positive'\]"):
         load(tmp_path, "text,label\ngood movie,positive\nfun plot,positive\n")
+
+
+def test_a_text_column_of_numbers_is_refused_naming_column_and_file(tmp_path):
+    """A wrong --text_column_name pointing at ids: read as int64, it used to fail deep in the tokenizer."""
+    with pytest.raises(InputError, match=r"Column 'text' of the train file \S*train.csv holds int64 values, not text"):
+        load(tmp_path, "text,label\n17,positive\n42,negative\n")
+
+
+@pytest.mark.parametrize("length", [-1, 0, 1])
+def test_max_seq_length_below_2_is_refused_on_the_command_line(length):
+    with pytest.raises(InputError, match=rf"--max_seq_length must be >= 2 \(tokens per example\), got {length}"):
+        parse_args(["--demo", "--max_seq_length", str(length)])
 
 
 def test_extra_comma_in_a_row(tmp_path):

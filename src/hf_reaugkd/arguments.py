@@ -257,6 +257,8 @@ class DataTrainingArguments:
     )
 
     def __post_init__(self):
+        if self.max_seq_length < 2:  # a tokenizer given max_length 0 or 1 does not truncate at all
+            raise InputError(f"--max_seq_length must be >= 2 (tokens per example), got {self.max_seq_length}")
         if self.dataset_name and self.train_file:
             raise InputError("Give either --dataset_name or --train_file/--validation_file, not both.")
         if self.train_file and not self.validation_file:

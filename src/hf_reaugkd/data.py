@@ -174,8 +174,15 @@ def load_task_data(
 
 
 def _check_filled(split: Dataset, columns: list[str], description: str, label_column: str | None = None) -> None:
-    """Refuse a missing or blank text (or label) with the column and row, streaming `CHECK_BATCH_SIZE` rows at once."""
+    """Refuse a text column that is not text, and a missing or blank text (or label) with the column and row,
+    streaming `CHECK_BATCH_SIZE` rows at once."""
     for column in columns:
+        dtype = getattr(split.features[column], "dtype", None)
+        if column != label_column and dtype not in ("string", "large_string"):
+            raise InputError(
+                f"Column {column!r} of the {description} holds {dtype or type(split.features[column]).__name__} "
+                "values, not text: is the text column name right?"
+            )
         for start, batch in _iter_column(split, column):
             for offset, value in enumerate(batch):
                 if value is None or not str(value).strip():
