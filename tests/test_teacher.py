@@ -313,3 +313,19 @@ def test_knowledge_base_holds_unlabelled_rows_after_the_train_rows(tmp_path, mon
         {"train": outputs["train"]}, labels, model_args, 4, 2.0, 0, tmp_path / "stages"
     )
     assert train_only.size == 24 and len(list((tmp_path / "stages").glob("knowledge-base-*"))) == 2
+
+
+def test_cached_neighbour_column_follows_the_neighbours_not_only_the_stage_inputs(tmp_path):
+    """The same keys and stage inputs can give other neighbours (an HNSW/IVF search setting changed): a dataset with
+    a cache of its own (Hub or saved to disk) must not serve the earlier run's column."""
+    from datasets import Dataset, load_from_disk
+
+    Dataset.from_dict({"text": ["a", "b", "c"], "labels": [0, 1, 0]}).save_to_disk(tmp_path / "data")
+    dataset = load_from_disk(tmp_path / "data")  # has cache files, so `map` results are cached
+    outputs = teacher.TeacherOutputs(np.zeros((3, 2), np.float32), np.zeros((3, 4), np.float32), "teacher")
+    stage_inputs = ("train", "keys", 3, "hnsw", 1)
+    teacher.with_teacher_columns(dataset, outputs, torch.zeros(3, 2), torch.tensor([[1], [2], [0]]), stage_inputs)
+    second = teacher.with_teacher_columns(
+        dataset, outputs, torch.zeros(3, 2), torch.tensor([[2], [0], [1]]), stage_inputs
+    )
+    assert second[teacher.TEACHER_NEIGHBORS] == [[2], [0], [1]]

@@ -408,7 +408,8 @@ def with_teacher_columns(
 ) -> Dataset:
     """Add `teacher_logits` `(C,)`, `teacher_keys` `(d,)` and (for the relational loss's knowledge-base variant)
     `teacher_neighbor_ids` `(n,)`, written batch by batch by `datasets.map`. The result's cache fingerprint is
-    given (`fingerprint_inputs`), so `datasets` never hashes the captured arrays (it would pickle all of them)."""
+    given (`fingerprint_inputs`, and a hash of the neighbours), so `datasets` never hashes the captured arrays (it
+    would pickle all of them)."""
     logits = outputs.logits
 
     def attach(batch: dict, indices: list[int]) -> dict:
@@ -418,7 +419,9 @@ def with_teacher_columns(
             columns[TEACHER_NEIGHBORS] = neighbors[rows].numpy()  # (b, n)
         return columns
 
-    key = fingerprint(dataset._fingerprint, outputs.fingerprint, *fingerprint_inputs, neighbors is not None)
+    # the neighbours by content: they depend on the index and its search settings, not only on the keys
+    neighbors_id = None if neighbors is None else hashlib.sha256(neighbors.numpy().tobytes()).hexdigest()
+    key = fingerprint(dataset._fingerprint, outputs.fingerprint, *fingerprint_inputs, neighbors_id)
     return dataset.map(attach, with_indices=True, batched=True, new_fingerprint=key, desc="Attaching teacher outputs")
 
 
