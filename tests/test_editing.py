@@ -45,13 +45,9 @@ def test_teacher_keys_new_rows_exactly_as_in_training(saved):
     ids = editing.add_rows(model_dir, root / "again.csv", teacher=teacher)
     after, _ = editing.load_student(model_dir)
     assert ids == list(range(96, 101)) and after.knowledge_base.size == 101
-    # the same texts are already in the KB: each new key equals its original's
-    original = before.knowledge_base.keys  # (96, d)
-    matches = (after.knowledge_base.keys[96:] @ original.T).argmax(dim=1)
-    torch.testing.assert_close(after.knowledge_base.keys[96:], original[matches], atol=1e-5, rtol=0)
-    torch.testing.assert_close(
-        after.knowledge_base.values[96:], before.knowledge_base.values[matches], atol=1e-5, rtol=0
-    )
+    # the same texts are the KB's first 5 rows (train.csv's order): each new row equals its own original
+    torch.testing.assert_close(after.knowledge_base.keys[96:], before.knowledge_base.keys[:5], atol=1e-5, rtol=0)
+    torch.testing.assert_close(after.knowledge_base.values[96:], before.knowledge_base.values[:5], atol=1e-5, rtol=0)
 
 
 def test_gold_rows_are_found_and_removing_them_restores_predictions_exactly(saved):
@@ -185,8 +181,7 @@ def test_pair_task_rows_are_keyed_from_both_texts(task):
     before, _ = editing.load_student(model_dir)
     ids = editing.add_rows(model_dir, task / "again.csv", teacher=teacher, text_pair_column="second")
     after, _ = editing.load_student(model_dir)
-    original = before.knowledge_base.keys
-    matches = (after.knowledge_base.keys[ids] @ original.T).argmax(dim=1)
-    torch.testing.assert_close(after.knowledge_base.keys[ids], original[matches], atol=1e-5, rtol=0)
+    # keyed from both texts, as in training: each new row equals its own original (the KB's first 3 rows)
+    torch.testing.assert_close(after.knowledge_base.keys[ids], before.knowledge_base.keys[:3], atol=1e-5, rtol=0)
     assert [after.knowledge_base.texts[i] for i in ids] == [f"{r['text']}\n{r['second']}" for r in first]
     assert cli.explain(str(model_dir), "great fun", 2, text_pair="nuf taerg").startswith("prediction: ")

@@ -3,6 +3,7 @@ them, placed after the train rows in the knowledge base and the student's transf
 by content."""
 
 import json
+import math
 import random
 
 import pytest
@@ -120,8 +121,9 @@ def test_pipeline_with_unlabelled_texts_own_key_loss_neighbours_and_the_student_
     state = json.loads((task / "out" / "student-checkpoints" / "checkpoint-18" / "trainer_state.json").read_text())
     assert state["global_step"] == 18
     logged = [entry for entry in state["log_history"] if "loss" in entry]
+    assert len(logged) == 18  # --logging_steps 1
     for name in ("loss", "loss_distillation", "loss_relational", "loss_own_key", "loss_ce"):
-        assert all(entry[name] == entry[name] for entry in logged), name  # no NaN
+        assert all(math.isfinite(entry[name]) for entry in logged), name
     for split in ("validation", "test"):
         assert set(metrics["splits"][split]) == {
             "teacher", "student", "student_retrieval", "student_retrieval_gated", "student_retrieval_student_keys"
