@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from hf_reaugkd.losses import DistillationLoss, OwnKeyLoss, RelationalLoss, SupervisedContrastiveLoss, own_key_loss
+from hf_reaugkd.losses import (
+    DistillationLoss,
+    OwnKeyCosineLoss,
+    OwnKeyLoss,
+    RelationalLoss,
+    SupervisedContrastiveLoss,
+    own_key_cosine_loss,
+    own_key_loss,
+)
 
 
 def test_distillation_loss_hand_computed():
@@ -155,3 +163,26 @@ def test_own_key_loss_is_lowest_when_the_query_is_its_own_key():
         own_i = torch.tensor([i])
         best = own_key_loss(keys[[i]], keys, own_i, 0.1)
         assert all(best < own_key_loss(keys[[j]], keys, own_i, 0.1) for j in range(8) if j != i)
+
+
+def test_own_key_cosine_loss_hand_computed():
+    """Query 0 at 0.6 cosine from its own key, query 1 on it: (1 − 0.6 + 1 − 1) / 2 = 0.2."""
+    queries = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    own_keys = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    assert own_key_cosine_loss(queries, own_keys).item() == pytest.approx(0.2, abs=1e-7)
+    assert OwnKeyCosineLoss()(queries, -own_keys).item() == pytest.approx(1.8, abs=1e-7)  # (1.6 + 2) / 2
+
+
+def test_infonce_best_query_points_away_from_a_collapsed_key_and_the_cosine_loss_best_query_is_the_key():
+    """A collapsed class: the own key, a near-identical same-class key (cosine 0.98) and one of the other class.
+    Over every unit query, InfoNCE is lowest for a query that separates the own key from its twin, nearly
+    orthogonal to both (cosine 0.29 with the own key), so it does not ask the query to land on its key; the cosine
+    loss is lowest on the key itself."""
+    keys = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.2], [-1.0, 0.0]]), dim=-1)  # (3, d)
+    angles = torch.linspace(-math.pi, math.pi, 3601)
+    queries = torch.stack([angles.cos(), angles.sin()], dim=1)  # (3601, d): the unit circle, 0.1° apart
+    own = torch.tensor([0])
+    infonce = torch.stack([own_key_loss(q[None], keys, own, 0.1) for q in queries])  # (3601,)
+    cosine = torch.stack([own_key_cosine_loss(q[None], keys[[0]]) for q in queries])
+    assert (queries[infonce.argmin()] @ keys[0]).item() == pytest.approx(0.29, abs=0.01)
+    assert (queries[cosine.argmin()] @ keys[0]).item() == pytest.approx(1.0, abs=1e-5)

@@ -15,7 +15,7 @@ from ddp_worker import one_step
 
 from hf_reaugkd import KnowledgeBase
 from hf_reaugkd.data import UNLABELED
-from hf_reaugkd.losses import distillation_loss, own_key_loss, relational_loss
+from hf_reaugkd.losses import distillation_loss, own_key_cosine_loss, own_key_loss, relational_loss
 from hf_reaugkd.trainer import TEACHER_NEIGHBORS, ReAugKDTrainer
 from hf_reaugkd.training_args import ReAugKDTrainingArguments
 
@@ -201,9 +201,44 @@ def test_cross_entropy_skips_unlabelled_rows_and_is_zero_without_labelled_ones(t
     assert trainer._loss_part_sums["ce"].item() == pytest.approx(ce.item(), rel=1e-5)  # 0 from the second batch
 
 
+def test_own_key_cosine_loss_is_weighted_logged_and_reads_each_rows_own_key(tmp_path, tiny_tokenizer):
+    data = tiny_distillation_data(tiny_tokenizer, size=16)
+    args = ReAugKDTrainingArguments(
+        output_dir=str(tmp_path),
+        relational_weight=0.0,
+        own_key_cosine_weight=2.0,
+        per_device_train_batch_size=8,
+        max_steps=2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+    )
+    student = dropout_free_student()
+    trainer = ReAugKDTrainer(model=student, args=args, train_dataset=data, processing_class=tiny_tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    loss = trainer.compute_loss(student, dict(batch))
+    outputs = student(**inputs_of(batch), retrieval_weight=0.0)
+    expected = distillation_loss(outputs.student_logits, batch["teacher_logits"], 1.0) + 2.0 * (
+        own_key_cosine_loss(outputs.query_embedding, batch["teacher_keys"])
+    )
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    shuffled = own_key_cosine_loss(outputs.query_embedding, batch["teacher_keys"].roll(1, dims=0))
+    assert abs(shuffled.item() - own_key_cosine_loss(outputs.query_embedding, batch["teacher_keys"]).item()) > 1e-4
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2 and all(math.isfinite(entry["loss_own_key_cosine"]) for entry in logged)
+
+
 def test_own_key_flags_are_checked():
-    with pytest.raises(ValueError, match="own_key_weight must be >= 0"):
+    with pytest.raises(ValueError, match=r"must be >= 0 and not all 0, got \(1.0, 1.0, 0.0, -1.0, 0.0\)"):
         ReAugKDTrainingArguments(output_dir="x", own_key_weight=-1.0, report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match=r"must be >= 0 and not all 0, got \(1.0, 1.0, 0.0, 0.0, -1.0\)"):
+        ReAugKDTrainingArguments(output_dir="x", own_key_cosine_weight=-1.0, report_to="none", use_cpu=True)
+    only_cosine = ReAugKDTrainingArguments(
+        output_dir="x", distillation_weight=0.0, relational_weight=0.0, own_key_cosine_weight=1.0, report_to="none"
+    )
+    assert only_cosine.uses_teacher
     with pytest.raises(ValueError, match="own_key_temperature must be > 0"):
         ReAugKDTrainingArguments(output_dir="x", own_key_temperature=0.0, report_to="none", use_cpu=True)
     only_own_key = ReAugKDTrainingArguments(

@@ -321,7 +321,8 @@ def print_results(metrics: dict) -> None:
 def _hyperparameters(model_args, teacher_args, data_args, training_args, unlabeled_rows: int) -> dict:
     keys = (
         "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-        "seed", "distillation_weight", "relational_weight", "ce_weight", "own_key_weight", "distillation_temperature",
+        "seed", "distillation_weight", "relational_weight", "ce_weight", "own_key_weight", "own_key_cosine_weight",
+        "distillation_temperature",
         "relational_temperature", "own_key_temperature", "relational_neighbors",
     )  # fmt: skip
     values = {key: getattr(training_args, key) for key in keys}

@@ -7,7 +7,7 @@ from transformers import Trainer
 
 from .data import TEACHER_KEYS, TEACHER_LOGITS, TEACHER_NEIGHBORS, UNLABELED
 from .knowledge_base import KnowledgeBase
-from .losses import distillation_loss, own_key_loss, relational_loss
+from .losses import distillation_loss, own_key_cosine_loss, own_key_loss, relational_loss
 from .training_args import ReAugKDTrainingArguments
 
 
@@ -20,7 +20,8 @@ class ReAugKDTrainer(Trainer):
     `teacher_neighbor_ids` `(n,)`: the example's nearest other entries of `knowledge_base`. The knowledge base is
     held by the trainer, not by the student: under DDP it is never broadcast as a model buffer, and training
     checkpoints do not carry it; it is attached to the student after training.
-    Each loss part is logged (`loss_distillation`, `loss_relational`, `loss_ce`, `loss_own_key`).
+    Each loss part is logged (`loss_distillation`, `loss_relational`, `loss_ce`, `loss_own_key`,
+    `loss_own_key_cosine`).
 
     Under DDP the relational and own-key losses relate each local example to the teacher keys of *all* processes'
     batches (gathered; they are constants, so no gradient needs to flow through the gather), which makes them the
@@ -74,6 +75,8 @@ class ReAugKDTrainer(Trainer):
                 first = self.accelerator.process_index * len(teacher_keys)  # this rank's rows in the gathered keys
                 own = torch.arange(first, first + len(teacher_keys), device=teacher_keys.device)  # (B,)
                 parts["own_key"] = own_key_loss(outputs.query_embedding, keys, own, args.own_key_temperature)
+        if args.own_key_cosine_weight > 0:
+            parts["own_key_cosine"] = own_key_cosine_loss(outputs.query_embedding, teacher_keys)
         if args.ce_weight > 0:
             labelled = labels != UNLABELED  # (B,)
             total = torch.nn.functional.cross_entropy(
@@ -85,6 +88,7 @@ class ReAugKDTrainer(Trainer):
             "relational": args.relational_weight,
             "ce": args.ce_weight,
             "own_key": args.own_key_weight,
+            "own_key_cosine": args.own_key_cosine_weight,
         }
         loss = sum(weights[name] * value for name, value in parts.items())
 

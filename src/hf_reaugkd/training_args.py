@@ -12,6 +12,7 @@ class ReAugKDTrainingArguments(TrainingArguments):
     """`TrainingArguments` for the student, with the loss of docs/method.md §4:
 
         L = distillation_weight · L_kd + relational_weight · L_rel + ce_weight · CE + own_key_weight · L_own
+            + own_key_cosine_weight · L_own_cos
 
     The defaults (KD and relational terms at full weight, no gold-label CE, no own-key term) follow the reference run
     in which `L_kd + 1.0 · L_rel` beat both vanilla KD and `α · L_kd + (1 − α) · L_rel` with α = 0.5.
@@ -53,14 +54,24 @@ class ReAugKDTrainingArguments(TrainingArguments):
     own_key_temperature: float = field(
         default=0.1, metadata={"help": "Temperature of the own-key loss's softmax over the keys."}
     )
+    own_key_cosine_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the own-key cosine loss 1 − z_s · k_own, pulling each query onto its own teacher key "
+            "(the InfoNCE form stops at the class boundary when the teacher's classes have collapsed). 0: off."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
-        weights = (self.distillation_weight, self.relational_weight, self.ce_weight, self.own_key_weight)
+        weights = (
+            self.distillation_weight, self.relational_weight, self.ce_weight, self.own_key_weight,
+            self.own_key_cosine_weight,
+        )  # fmt: skip
         if min(weights) < 0 or max(weights) == 0:
             raise InputError(
-                "distillation_weight, relational_weight, ce_weight and own_key_weight must be >= 0 and not all 0, "
-                f"got {weights}."
+                "distillation_weight, relational_weight, ce_weight, own_key_weight and own_key_cosine_weight must be "
+                f">= 0 and not all 0, got {weights}."
             )
         if self.relational_neighbors < 0:
             raise InputError(f"relational_neighbors must be >= 0, got {self.relational_neighbors}.")
@@ -74,4 +85,6 @@ class ReAugKDTrainingArguments(TrainingArguments):
     @property
     def uses_teacher(self) -> bool:
         """Whether a loss reads the teacher's outputs (only those can learn from unlabelled rows)."""
-        return max(self.distillation_weight, self.relational_weight, self.own_key_weight) > 0
+        return (
+            max(self.distillation_weight, self.relational_weight, self.own_key_weight, self.own_key_cosine_weight) > 0
+        )

@@ -30,6 +30,24 @@ def own_key_loss(
     return nn.functional.cross_entropy(logits, own_key_ids)  # mean over the B queries
 
 
+def own_key_cosine_loss(student_queries: torch.Tensor, own_keys: torch.Tensor) -> torch.Tensor:
+    """Own-key cosine loss: each student query should *be* its own teacher key,
+
+        L = mean_i (1 − s_i · k_i)
+
+    The InfoNCE form above does not ask for that where the teacher's classes have collapsed: same-class keys are
+    then near-identical negatives (cosine ≈ 0.98 in benchmarks/key_space.py), and its best query is the direction
+    that separates the own key from them, nearly orthogonal to the key (cosine 0.29 in the two-key example of
+    tests/test_losses.py). Trained students show it: cosine 0.44 with their own key, almost none of its neighbours
+    shared. This loss is zero only on the key itself.
+
+    Args:
+        student_queries (`torch.Tensor` of shape `(B, d)`): L2-normalised student projections z^s.
+        own_keys (`torch.Tensor` of shape `(B, d)`): each example's own (normalised) teacher key.
+    """
+    return (1 - (student_queries.float() * own_keys.float()).sum(-1)).mean()
+
+
 class OwnKeyLoss(nn.Module):
     """`nn.Module` form of `own_key_loss`; without keys, the batch's own teacher keys (row i's key is key i)."""
 
@@ -49,3 +67,13 @@ class OwnKeyLoss(nn.Module):
 
     def get_config_dict(self) -> dict:
         return {"temperature": self.temperature}
+
+
+class OwnKeyCosineLoss(nn.Module):
+    """`nn.Module` form of `own_key_cosine_loss`."""
+
+    def forward(self, student_queries: torch.Tensor, own_keys: torch.Tensor) -> torch.Tensor:
+        return own_key_cosine_loss(student_queries, own_keys)
+
+    def get_config_dict(self) -> dict:
+        return {}
