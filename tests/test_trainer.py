@@ -134,22 +134,27 @@ def test_own_key_loss_alone_with_knowledge_base_neighbours_as_negatives(tmp_path
     assert abs(loss.item() - batch_only.item()) > 1e-4  # the neighbours are negatives too
 
 
-def test_own_key_loss_combined_is_logged_and_finds_this_ranks_keys_among_the_gathered(tmp_path, tiny_tokenizer):
-    """As rank 1 of 2: the gathered keys are rank 0's batch, then this one's, so example i's own key is B + i."""
-    data = tiny_distillation_data(tiny_tokenizer, size=16)
+def two_step_trainer(tmp_path, tokenizer, **loss_args):
+    """A dropout-free student, its trainer (16 rows, batch 8, 2 steps, a log every step) and the first batch."""
     args = ReAugKDTrainingArguments(
         output_dir=str(tmp_path),
-        own_key_weight=0.5,
         per_device_train_batch_size=8,
         max_steps=2,
         logging_steps=1,
         save_strategy="no",
         report_to="none",
         use_cpu=True,
+        **loss_args,
     )
     student = dropout_free_student()
-    trainer = ReAugKDTrainer(model=student, args=args, train_dataset=data, processing_class=tiny_tokenizer)
-    batch = next(iter(trainer.get_train_dataloader()))
+    data = tiny_distillation_data(tokenizer, size=16)
+    trainer = ReAugKDTrainer(model=student, args=args, train_dataset=data, processing_class=tokenizer)
+    return student, trainer, next(iter(trainer.get_train_dataloader()))
+
+
+def test_own_key_loss_combined_is_logged_and_finds_this_ranks_keys_among_the_gathered(tmp_path, tiny_tokenizer):
+    """As rank 1 of 2: the gathered keys are rank 0's batch, then this one's, so example i's own key is B + i."""
+    student, trainer, batch = two_step_trainer(tmp_path, tiny_tokenizer, own_key_weight=0.5)
     other_rank = torch.nn.functional.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(3)), dim=-1)
     accelerator = trainer.accelerator
 
@@ -202,21 +207,9 @@ def test_cross_entropy_skips_unlabelled_rows_and_is_zero_without_labelled_ones(t
 
 
 def test_own_key_cosine_loss_is_weighted_logged_and_reads_each_rows_own_key(tmp_path, tiny_tokenizer):
-    data = tiny_distillation_data(tiny_tokenizer, size=16)
-    args = ReAugKDTrainingArguments(
-        output_dir=str(tmp_path),
-        relational_weight=0.0,
-        own_key_cosine_weight=2.0,
-        per_device_train_batch_size=8,
-        max_steps=2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
+    student, trainer, batch = two_step_trainer(
+        tmp_path, tiny_tokenizer, relational_weight=0.0, own_key_cosine_weight=2.0
     )
-    student = dropout_free_student()
-    trainer = ReAugKDTrainer(model=student, args=args, train_dataset=data, processing_class=tiny_tokenizer)
-    batch = next(iter(trainer.get_train_dataloader()))
     loss = trainer.compute_loss(student, dict(batch))
     outputs = student(**inputs_of(batch), retrieval_weight=0.0)
     expected = distillation_loss(outputs.student_logits, batch["teacher_logits"], 1.0) + 2.0 * (
