@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ import torch
 from conftest import pipeline_args, tiny_encoder
 from transformers import BertForSequenceClassification
 
-from hf_reaugkd import caching
+from hf_reaugkd import caching, distill
 from hf_reaugkd.arguments import parse_args
 from hf_reaugkd.data import load_task_data
 from hf_reaugkd.distill import main
@@ -154,6 +155,19 @@ def test_resume_skips_incomplete_checkpoints(task, caplog, resumed_from):
     state = json.loads((checkpoints / "checkpoint-12" / "trainer_state.json").read_text())
     assert state["global_step"] == 12
     assert (output_dir / "model" / "model.safetensors").is_file()
+
+
+def test_resume_takes_this_runs_latest_checkpoint_not_an_earlier_runs_higher_step(tmp_path):
+    """An earlier run kept checkpoint-1000 (--keep_checkpoints, or it failed after saving); this run, started
+    afresh, wrote checkpoint-200 and was interrupted: `true` resumes checkpoint-200."""
+    for step, written in ((1000, 1_000_000_000), (200, 2_000_000_000)):
+        checkpoint = tmp_path / f"checkpoint-{step}"
+        checkpoint.mkdir()
+        (checkpoint / "model.safetensors").write_bytes(b"")
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        os.utime(checkpoint / "trainer_state.json", ns=(written, written))
+    args = SimpleNamespace(resume_from_checkpoint="true")
+    assert distill._resume_checkpoint(args, tmp_path) == str(tmp_path / "checkpoint-200")
 
 
 @pytest.mark.parametrize("leftovers", [["checkpoint-3"], []])

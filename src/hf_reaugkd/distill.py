@@ -340,7 +340,9 @@ def _hyperparameters(model_args, teacher_args, data_args, training_args, unlabel
 
 def _resume_checkpoint(training_args, checkpoint_dir: Path) -> str | None:
     """`--resume_from_checkpoint PATH` as given; `true`/`last` means the last *complete* checkpoint of this run's
-    student: one a kill interrupted while it was being written (no trainer state or weights yet) is skipped."""
+    student: one a kill interrupted while it was being written (no trainer state or weights yet) is skipped.
+    "Last" is the most recently written, not the highest step: a kept or failed earlier run's checkpoint-1000 must
+    not win over this run's checkpoint-200 (the step breaks ties)."""
     value = training_args.resume_from_checkpoint
     if value is None or str(value).lower() in ("false", ""):
         return None
@@ -348,7 +350,7 @@ def _resume_checkpoint(training_args, checkpoint_dir: Path) -> str | None:
         return value
     found = sorted(
         (path for path in checkpoint_dir.glob("checkpoint-*") if path.name.split("-")[-1].isdigit()),
-        key=lambda path: int(path.name.split("-")[-1]),
+        key=lambda path: (_written_at(path), int(path.name.split("-")[-1])),
         reverse=True,
     )
     for path in found:
@@ -356,6 +358,12 @@ def _resume_checkpoint(training_args, checkpoint_dir: Path) -> str | None:
             return str(path)
         logger.warning("Skipping the incomplete checkpoint %s (interrupted while it was written)", path)
     raise InputError(f"--resume_from_checkpoint {value}: no complete checkpoint found in {checkpoint_dir}")
+
+
+def _written_at(checkpoint: Path) -> int:
+    """When the Trainer finished writing a checkpoint: its trainer state's mtime (written last), else the folder's."""
+    state = checkpoint / "trainer_state.json"
+    return (state if state.exists() else checkpoint).stat().st_mtime_ns
 
 
 def _is_complete(checkpoint: Path) -> bool:
