@@ -88,10 +88,10 @@ def load_task_data(
     missing, a column is missing, a text or label is empty, or validation/test hold labels that train does not.
     """
     if data_files:
-        raw = DatasetDict({split: read_data_file(split, path) for split, path in data_files.items()})
+        content = {split: hash_files([path]) for split, path in sorted(data_files.items())}
+        raw = DatasetDict({split: read_data_file(split, path, content[split]) for split, path in data_files.items()})
         describe = {split: f"{split} file {path}" for split, path in data_files.items()}
         source = ", ".join(data_files.values())
-        content = {split: hash_files([path]) for split, path in sorted(data_files.items())}
     else:
         try:
             raw = load_dataset(dataset_name, dataset_config_name)
@@ -206,9 +206,9 @@ def load_unlabeled_texts(
     if not unlabeled_file and not dataset_name:
         return data
     if unlabeled_file:
-        raw = read_data_file("unlabeled", unlabeled_file)
-        description = f"unlabeled file {unlabeled_file}"
         content = hash_files([unlabeled_file])
+        raw = read_data_file("unlabeled", unlabeled_file, content)
+        description = f"unlabeled file {unlabeled_file}"
     else:
         try:
             raw = load_dataset(dataset_name, dataset_config_name, split=split)
@@ -245,8 +245,9 @@ def _iter_column(split: Dataset, column: str) -> Iterator[tuple[int, list]]:
         yield start, split[start : start + CHECK_BATCH_SIZE][column]
 
 
-def read_data_file(split: str, path: str) -> Dataset:
-    """One split from a CSV/JSON(L) file, with errors that name the file and, where known, the line."""
+def read_data_file(split: str, path: str, content: str | None = None) -> Dataset:
+    """One split from a CSV/JSON(L) file, with errors that name the file and, where known, the line. `content` is
+    the file's SHA-256 when the caller has it already (else it is computed)."""
     extension = path.rsplit(".", 1)[-1].lower()
     extension = {"jsonl": "json", "tsv": "csv"}.get(extension, extension)
     _check_utf8(path)
@@ -256,7 +257,7 @@ def read_data_file(split: str, path: str) -> Dataset:
     # datasets keys its cache by path, size and mtime, so an edited file with the same size and mtime would load
     # stale rows: the cache folder is named by the content instead, and reused, not rebuilt. Under torchrun every
     # rank then reads what rank 0 cached (a forced rebuild per rank deleted files the other ranks were using).
-    cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "hf_reaugkd" / hash_files([path])[:32]
+    cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "hf_reaugkd" / (content or hash_files([path]))[:32]
     with open(path, "rb") as f:  # datasets' own message for this is "Instruction 'train' corresponds to no data"
         filled = sum(1 for _ in itertools.islice((line for line in f if line.strip()), 2))
     if filled < (2 if extension == "csv" else 1):
