@@ -28,6 +28,7 @@ import torch
 from common import RESULTS_DIR, environment, write_json
 from retrieval_settings import saved_students, tokenized_split
 
+from hf_reaugkd.data import load_task_data
 from hf_reaugkd.evaluation import knn_accuracy, predict
 from hf_reaugkd.saving import TEACHER_PROJECTION
 from hf_reaugkd.teacher import load_projection, project
@@ -60,13 +61,17 @@ def transfer_embeddings(stages: Path, projection, knowledge_base) -> tuple[Path,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run_dir", type=Path, required=True, help="quality.py's folder of one task (seed* inside)")
-    parser.add_argument("--data", type=Path, required=True, help="The task's data folder (validation.csv)")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="The task's data folder (train, validation and test CSVs)"
+    )
     parser.add_argument("--variants", nargs="+", default=["reaugkd", "reaugkd_own_key", "reaugkd_relational_own_key"])
     parser.add_argument("--max_seq_length", type=int, default=64)
     parser.add_argument("--output", type=Path, help="Default: results/key_space_TASK.json")
     args = parser.parse_args()
     output = args.output or RESULTS_DIR / f"key_space_{args.run_dir.name.split('+')[0]}.json"
 
+    splits = ("train", "validation", "test")
+    data = load_task_data(data_files={name: str(args.data / f"{name}.csv") for name in splits})
     records = []
     for seed, variant, model_dir, model, tokenizer in saved_students(args.run_dir, args.variants):
         knowledge_base = model.knowledge_base
@@ -75,7 +80,7 @@ def main() -> None:
         temperature = model.config.retrieval_temperature
         per_split = {}
         for name in ("validation", "test"):
-            split = tokenized_split(args.data, name, model, tokenizer, args.max_seq_length)
+            split = tokenized_split(data, name, model, tokenizer, args.max_seq_length)
             predicted = predict(model, split, tokenizer, [NEIGHBORS], temperature)
             teacher_queries = project(projection, np.load(outputs / f"{name}-embeddings.npy"))  # (n, d)
             student_ids = knowledge_base.search(predicted.queries, NEIGHBORS)[1]  # (n, 8)

@@ -30,7 +30,7 @@ from common import RESULTS_DIR, environment, write_json
 from transformers import AutoTokenizer
 
 from hf_reaugkd import KnowledgeBase, ReAugKDForSequenceClassification
-from hf_reaugkd.data import LABEL_COLUMN, read_data_file, tokenize
+from hf_reaugkd.data import TaskData, load_task_data, tokenize
 from hf_reaugkd.evaluation import Predictions, mixed_metrics, predict, retrieved_in_chunks, select_retrieval_settings
 
 LABEL_TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
@@ -48,12 +48,12 @@ FAMILIES = {
 }
 
 
-def tokenized_split(data_dir: Path, name: str, model, tokenizer, max_seq_length: int):
-    """`data_dir/NAME.csv` (text, label) with the model's label ids, tokenized as quality.py's runs were."""
-    split = read_data_file(name, str(data_dir / f"{name}.csv"))
-    label2id = model.config.label2id
-    split = split.map(lambda rows: {LABEL_COLUMN: [label2id[str(label)] for label in rows["label"]]}, batched=True)
-    return tokenize(split, tokenizer, "text", None, max_seq_length, f"Tokenizing {name}")
+def tokenized_split(data: TaskData, name: str, model, tokenizer, max_seq_length: int):
+    """Split `name` of the task as the pipeline read it (`load_task_data`), tokenized for the student as
+    quality.py's runs were; the student must know the same labels in the same order."""
+    if [model.config.id2label[i] for i in range(model.config.num_labels)] != data.label_names:
+        raise SystemExit(f"The student's labels {model.config.id2label} are not the data's {data.label_names}.")
+    return tokenize(data.splits[name], tokenizer, data.text_column, None, max_seq_length, f"Tokenizing {name}")
 
 
 def saved_students(run_dir: Path, variants: list[str]) -> Iterator[tuple[str, str, Path, object, object]]:
@@ -97,7 +97,7 @@ def choose(by_setting: dict, rows: torch.Tensor, allowed) -> tuple:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run_dir", type=Path, required=True, help="quality.py's folder of one task (seed* inside)")
-    parser.add_argument("--data", type=Path, required=True, help="The task's data folder (validation.csv)")
+    parser.add_argument("--data", type=Path, required=True, help="The task's data folder (train.csv, validation.csv)")
     parser.add_argument(
         "--variants", nargs="+", default=["vanilla_kd", "reaugkd", "reaugkd_own_key", "reaugkd_relational_own_key"]
     )
@@ -107,9 +107,10 @@ def main() -> None:
     args = parser.parse_args()
     output = args.output or RESULTS_DIR / f"retrieval_settings_{args.run_dir.name.split('+')[0]}.json"
 
+    data = load_task_data(data_files={name: str(args.data / f"{name}.csv") for name in ("train", "validation")})
     records = []
     for seed, variant, _, model, tokenizer in saved_students(args.run_dir, args.variants):
-        split = tokenized_split(args.data, "validation", model, tokenizer, args.max_seq_length)
+        split = tokenized_split(data, "validation", model, tokenizer, args.max_seq_length)
         validation = predict(model, split, tokenizer, KNN_KS, model.config.retrieval_temperature)
         by_setting = settings_predictions(model, validation)
         rows = len(validation.labels)
