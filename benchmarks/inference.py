@@ -9,7 +9,7 @@ Levers measured, each against the same plain student (β = 0) in the same timing
 - the KB dimension (`--kb_dim`): one trained student per dimension (`--student NAME=DIR`, e.g. the ablation runs);
   its validation accuracy with retrieval (its own KB and validation-chosen k, β) sits beside its overhead;
 - the precision of the exact scan (`search_dtype` auto / float32 / bfloat16 / float16 / int8; candidates re-scored in
-  fp32; auto, the default, scans int8 keys for few queries and bfloat16 keys for many on a CPU with native bf16) and
+  fp32; auto, the default, scans int8 keys against int8 queries on a CPU with native bf16) and
   the backend (torch exact, FAISS HNSW), each with the validation accuracy it gives the same student;
 - search alone, and FAISS int8 keys (scalar quantizer), for scale (as a share of the plain student's time).
 
@@ -42,7 +42,7 @@ from hf_reaugkd.knowledge_base import resolve_index_type
 
 # name -> (index_type, index parameters) of the retrieval configurations timed for every student
 SEARCH_SETTINGS = {
-    "torch auto": ("torch", {"search_dtype": "auto"}),  # the default: int8 keys for few queries, bf16 for many (CPU)
+    "torch auto": ("torch", {"search_dtype": "auto"}),  # the default: int8 keys and queries on a CPU with native bf16
     "torch fp32": ("torch", {"search_dtype": "float32"}),
     "torch bf16": ("torch", {"search_dtype": "bfloat16"}),
     "torch fp16": ("torch", {"search_dtype": "float16"}),

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 import hf_reaugkd.knowledge_base as kb_module
 from hf_reaugkd import KnowledgeBase
 
-# The int8 kernel and the bf16 scan `auto` picks exist only on CPUs with native bf16 matmul.
+# The int8 scan `auto` picks is used only on CPUs with native bf16 matmul (which multiply int8 natively too).
 NEEDS_NATIVE_BF16 = pytest.mark.skipif(not kb_module.cpu_has_native_bf16(), reason="needs a CPU with native bf16")
 
 
@@ -30,7 +30,6 @@ def test_torch_search_matches_brute_force_across_blocks():
 
 @pytest.mark.parametrize(
     ("search_dtype", "dim"),
-    # int8 at dim 16 uses torch's int8 kernel; at dim 24 (a shape that kernel mishandles) the dequantizing fallback
     [("float32", 16), ("bfloat16", 16), ("float16", 16), ("int8", 16), ("int8", 24)],
 )
 def test_reduced_precision_scan_returns_the_exact_neighbours_and_similarities(search_dtype, dim):
@@ -79,14 +78,30 @@ def test_scan_copy_follows_the_keys(search_dtype):
     assert kb.search(queries, 1)[1][0].item() == 17
 
 
-def test_int8_keys_are_rounded_against_the_scales_the_scan_multiplies_by():
+def test_int8_keys_are_off_by_at_most_half_a_step_of_their_dimension():
     keys = unit(2000, 128)
-    quantized, scales = kb_module.quantize_rows(keys, block_size=300)
-    used = scales.to(torch.bfloat16).float().unsqueeze(1)  # (N, 1): the scan multiplies by bf16 scales
-    error = (quantized.float() * used - keys).abs()  # (N, d)
-    # half a step; rounding against the fp32 scales erred by up to a whole one
-    assert (error <= used / 2 * (1 + 1e-3)).all()
-    assert quantized.abs().amax(dim=1).ge(126).all()  # each row still spans the int8 range
+    keys[:, 5] = 0.0  # a dimension no key uses
+    quantized, scales = kb_module.quantize_columns(keys, block_size=300)
+    error = (quantized.float() * scales - keys).abs()  # (N, d)
+    assert (error <= scales / 2 * (1 + 1e-6)).all()
+    assert quantized[:, 5].eq(0).all() and torch.isfinite(scales).all()
+    spans = quantized.abs().amax(dim=0)  # (d,): each used dimension spans the int8 range
+    assert spans[5] == 0 and spans[torch.arange(128) != 5].eq(127).all()
+
+
+def test_int8_scan_scores_are_cosines_up_to_one_scale_per_query():
+    # Dimensions of very different spread, as in a trained head: the key scales must be folded into the queries.
+    spread = torch.linspace(0.05, 3.0, 128)
+    keys = torch.nn.functional.normalize(unit(2000, 128) * spread, dim=-1)
+    queries = torch.nn.functional.normalize(unit(50, 128, seed=2) * spread, dim=-1)
+    quantized, scales = kb_module.quantize_columns(keys, block_size=300)
+    query_ints = kb_module.quantize_queries(queries, scales)  # (50, d) int8
+    assert query_ints.dtype == torch.int8 and query_ints.abs().amax(dim=1).eq(127).all()
+    scores = query_ints.long() @ quantized.long().T  # (50, N): what the int8 kernel computes
+    cosines = queries @ keys.T  # (50, N)
+    best = cosines.argmax(dim=1, keepdim=True)  # (50, 1)
+    units_per_cosine = scores.gather(1, best) / cosines.gather(1, best)  # (50, 1)
+    assert (scores / units_per_cosine - cosines).abs().max() < 1e-2
 
 
 def test_scan_copy_follows_keys_replaced_by_a_shorter_view():
@@ -114,11 +129,14 @@ def fresh_int8_probe():
     kb_module._scan_dtype.cache_clear()
 
 
-@NEEDS_NATIVE_BF16
-def test_an_int8_kernel_that_disagrees_with_a_dequantized_matmul_is_not_used(monkeypatch, fresh_int8_probe):
-    assert kb_module.int8_matmul("cpu", 32) is not None  # torch 2.13's kernel on this CPU passes the check
+def broken_int8_matmul(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(len(queries), keys.shape[1], dtype=torch.int32)
+
+
+def test_an_int8_kernel_that_disagrees_with_an_integer_matmul_is_not_used(monkeypatch, fresh_int8_probe):
+    assert kb_module.int8_matmul("cpu", 32) is not None  # torch 2.13's kernel passes the check
     kb_module.int8_matmul.cache_clear()
-    monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", lambda q, k, s: torch.zeros(len(q), len(k)))
+    monkeypatch.setattr(torch, "_int_mm", broken_int8_matmul)
     assert kb_module.int8_matmul("cpu", 32) is None
     kb = random_kb(300, 32, search_dtype="int8")  # so an explicit int8 scan dequantizes, and stays exact
     queries = unit(4, 32)
@@ -126,23 +144,23 @@ def test_an_int8_kernel_that_disagrees_with_a_dequantized_matmul_is_not_used(mon
 
 
 @NEEDS_NATIVE_BF16
-def test_auto_scans_int8_keys_for_few_queries_and_bf16_keys_for_many():
-    assert kb_module.scan_dtype("auto", "cpu", 128, 1) == torch.int8
-    assert kb_module.scan_dtype("auto", "cpu", 128, kb_module.INT8_SCAN_MAX_QUERIES + 1) == torch.bfloat16
+def test_auto_scans_int8_keys_for_any_batch_and_bf16_keys_without_the_int8_kernel(monkeypatch, fresh_int8_probe):
     kb = random_kb(300, 32)
     queries = unit(32, 32)
-    kb.search(queries[:1], 5)
-    assert list(kb._scan_keys) == [torch.int8]  # one query: only the int8 copy is made
+    for batch in (queries[:1], queries):  # one copy of the keys, whatever the batch size
+        assert torch.equal(kb.search(batch, 5)[1], (batch @ kb.keys.T).topk(5, dim=1).indices)
+        assert kb._scan_keys[0].dtype == torch.int8
+    monkeypatch.setattr(torch, "_int_mm", broken_int8_matmul)
+    kb_module.int8_matmul.cache_clear()
+    kb_module._scan_dtype.cache_clear()
     assert torch.equal(kb.search(queries, 5)[1], (queries @ kb.keys.T).topk(5, dim=1).indices)
-    assert set(kb._scan_keys) == {torch.int8, torch.bfloat16}
+    assert kb._scan_keys[0].dtype == torch.bfloat16
 
 
 def test_search_dtype_auto_and_unknown():
     assert kb_module.scan_dtype("auto", "cuda", 128) == torch.float16
     assert kb_module.scan_dtype("float32", "cpu", 128) == torch.float32
-    # torch's int8 CPU kernel crashes or returns garbage unless the key dimension is a multiple of 16
-    assert kb_module.scan_dtype("auto", "cpu", 24) != torch.int8
-    assert kb_module.int8_matmul("cpu", 24) is None and kb_module.int8_matmul("cuda", 128) is None
+    assert kb_module.int8_matmul("cuda", 128) is None  # its CUDA kernel needs more than 16 query rows
     with pytest.raises(ValueError, match="Unknown search_dtype 'int4'"):
         random_kb(5, search_dtype="int4")
 

@@ -64,12 +64,13 @@ class ReAugKDConfig(PreTrainedConfig):
             KB rows and queries scored per block by the torch backend: search memory is at most
             `search_query_block_size × search_block_size` scores, whatever the number of queries and keys.
         search_dtype (`str`, defaults to `"auto"`):
-            Precision the torch backend scans the keys in: `"float32"`, `"bfloat16"`, `"float16"`, `"int8"` (per-row
-            scales), or `"auto"` (float16 on CUDA; on CPUs with native bf16 matmul int8 for up to 16 queries at once and
-            bfloat16 for more or when `kb_dim` is not a multiple of 16; else float32). The best candidates of a
+            Precision the torch backend scans the keys in: `"float32"`, `"bfloat16"`, `"float16"`, `"int8"` (keys
+            with one scale per dimension, scored against int8 queries), or `"auto"` (float16 on CUDA; int8 on CPUs with
+            native bf16 matmul, which also multiply int8 natively, or bfloat16 there with a torch that lacks the int8
+            matmul; else float32). The best candidates of a
             reduced-precision scan are re-scored from the fp32 keys, so similarities stay exact. An explicit `"int8"`
-            where torch's CPU int8 kernel does not apply (GPU, or that `kb_dim`) dequantizes each block and is slower
-            than `"bfloat16"`.
+            where torch's CPU int8 matmul does not apply (GPU) multiplies dequantized blocks and is slower than
+            `"float16"`.
         hnsw_m (`int`, defaults to 32), hnsw_ef_construction (`int`, defaults to 80),
         hnsw_ef_search (`int`, defaults to 128):
             HNSW graph degree and search breadths.

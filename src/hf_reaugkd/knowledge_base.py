@@ -82,16 +82,10 @@ INDEX_PARAM_RANGES = {
     "ivf_nprobe": (1, 2**20),
 }
 # The reduced-precision scan keeps k + max(k, RESCORE_EXTRA) candidates per query for exact re-scoring: a true top-k
-# key is lost only if that many others outscore it by less than the scan's error (~4e-3 in bfloat16, up to ~3.5e-3 with
-# int8 keys at d = 128). A floor of 32 extra: with k = 1 two candidates were too few (on a 384-d KB, 4 of 1,275
-# validation predictions changed).
+# key is lost only if that many others outscore it by less than the scan's error (unit vectors at d = 128, measured:
+# up to ~3e-3 in bfloat16, ~6e-3 with int8 keys and queries). A floor of 32 extra: with k = 1 two candidates were too
+# few (on a 384-d KB, 4 of 1,275 validation predictions changed).
 RESCORE_EXTRA = 32
-# `search_dtype="auto"` on CPU scans int8 keys for at most this many queries at once and bfloat16 keys for more. The
-# int8 kernel is made for few query rows (it reads a quarter of the fp32 bytes, which is what matters right after an
-# encoder forward has evicted the keys from cache); oneDNN's bf16 matmul wins once the queries fill its tiles. Inside
-# a 3-layer student's forward (10.2k × 128 keys, 2 cores), benchmarks/inference.py: one query 0.45 ms int8 against
-# 0.74 bf16, 32 queries 1.65 against 1.43; a probe at 16 queries still favoured int8 (1.07 against 1.17 ms).
-INT8_SCAN_MAX_QUERIES = 16
 # Soft labels must sum to 1 up to this tolerance; fp32 softmax outputs are far closer than that.
 DISTRIBUTION_ATOL = 1e-3
 # `nn.functional.normalize` divides by max(norm, eps): a key whose fp32 norm is below eps (or overflows) cannot become
@@ -145,28 +139,27 @@ def resolve_index_type(index_type: str, size: int) -> str:
     return index_type
 
 
-def scan_dtype(search_dtype: str, device_type: str, dim: int, num_queries: int = 1) -> torch.dtype:
-    """The dtype the exact torch search reads `dim`-dimensional keys in for `num_queries` queries at once. Scanning
-    the keys is memory-bound (and, right after an encoder forward has evicted them from cache, bound by memory
-    bandwidth), so fewer bytes is less time, where the hardware computes in the smaller type natively. `"auto"`:
-    float16 on CUDA (tensor cores; three more mantissa bits than bfloat16); on CPUs with native bf16 matmul
-    (AVX512-BF16 or AMX, through oneDNN) int8 keys with a per-row scale for up to `INT8_SCAN_MAX_QUERIES` queries,
-    read by torch's int8-weight matmul against bf16 queries where it takes the shape (a quarter of the fp32 bytes,
-    through a kernel made for few query rows), and bfloat16 keys for more queries or where that kernel does not
-    apply; float32 elsewhere (emulated half precision is slower than float32). A query's neighbours can therefore
-    differ between a small and a large batch, only in near-ties that the re-scoring window misses."""
-    return _scan_dtype(search_dtype, device_type, dim, num_queries <= INT8_SCAN_MAX_QUERIES)
+def scan_dtype(search_dtype: str, device_type: str, dim: int) -> torch.dtype:
+    """The dtype the exact torch search reads `dim`-dimensional keys in. Scanning the keys is memory-bound (and, right
+    after an encoder forward has evicted them from cache, bound by memory bandwidth), so fewer bytes is less time,
+    where the hardware computes in the smaller type natively. `"auto"`: float16 on CUDA (tensor cores; three more
+    mantissa bits than bfloat16); on CPUs with native bf16 matmul (AVX512-BF16 or AMX, which come with VNNI int8 dot
+    products) int8 keys and queries through torch's int8 matmul, bfloat16 where that kernel is missing; float32
+    elsewhere (emulated half precision is slower than float32). Inside a 3-layer student's forward (10.2k × 128
+    keys, 2 cores; search and neighbour vote) the int8 scan took 0.40 ms for one query and 1.13 ms for 32, against
+    0.46 and 1.58 ms for the int8-weight and bfloat16 kernels it replaced."""
+    return _scan_dtype(search_dtype, device_type, dim)
 
 
 @functools.cache
-def _scan_dtype(search_dtype: str, device_type: str, dim: int, few_queries: bool) -> torch.dtype:
+def _scan_dtype(search_dtype: str, device_type: str, dim: int) -> torch.dtype:
     _check_search_dtype(search_dtype)
     if search_dtype != "auto":
         return getattr(torch, search_dtype)
     if device_type == "cuda":
         return torch.float16
     if device_type == "cpu" and cpu_has_native_bf16():
-        return torch.int8 if few_queries and int8_matmul(device_type, dim) is not None else torch.bfloat16
+        return torch.int8 if int8_matmul(device_type, dim) is not None else torch.bfloat16
     return torch.float32
 
 
@@ -179,46 +172,52 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-Int8Matmul = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Int8Matmul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @functools.cache
 def int8_matmul(device_type: str, dim: int) -> Int8Matmul | None:
-    """torch's int8-weight matmul `(queries (b, d) bf16, keys (n, d) int8, scales (n,) bf16) -> (b, n)` where it
-    applies, else None (an int8 scan then dequantizes block by block). Only its CPU kernel is used, and only for
-    `d` a multiple of 16: its vector loads assume rows aligned to 16 elements, and for other `d` (torch 2.13) it
-    returns garbage or crashes the process. Since this file runs on whatever torch and CPU loads a checkpoint, the
-    kernel is also checked once per `d` against a dequantized matmul, and not used if it disagrees."""
-    if device_type != "cpu" or dim % 16:
+    """torch's int8 matmul `(queries (b, d) int8, keys.T (d, n) int8) -> (b, n) int32` where it applies, else None
+    (an int8 scan then multiplies dequantized blocks). Only its CPU kernel is used (the CUDA one needs more than 16
+    query rows). Since this file runs on whatever torch and CPU loads a checkpoint, the kernel is checked once per
+    `d` against an exact integer matmul, and not used if it disagrees."""
+    if device_type != "cpu":
         return None
     try:
-        kernel = torch.ops.aten._weight_int8pack_mm
+        kernel = torch._int_mm
         generator = torch.Generator().manual_seed(0)
         keys = torch.randint(-127, 128, (37, dim), generator=generator, dtype=torch.int8)  # (37, d): odd n on purpose
-        scales = torch.rand(37, generator=generator).add_(0.5).div_(127).to(torch.bfloat16)  # (37,)
-        queries = torch.randn(3, dim, generator=generator).to(torch.bfloat16)  # (3, d)
-        expected = (queries.float() @ keys.float().T) * scales.float()  # (3, 37)
-        error = (kernel(queries, keys, scales).float() - expected).abs().max() / expected.abs().max()
+        queries = torch.randint(-127, 128, (3, dim), generator=generator, dtype=torch.int8)  # (3, d)
+        found = kernel(queries, keys.T)  # (3, 37)
+        expected = queries.long() @ keys.long().T  # (3, 37)
     except (AttributeError, RuntimeError, NotImplementedError):  # a torch without it, or a build that refuses
         return None
-    return kernel if error < 0.02 else None  # bf16 output: ~0.4% relative error when it works
+    return kernel if torch.equal(found.long(), expected) else None
 
 
-def quantize_rows(keys: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8, `block_size` rows at a time (no full-size fp32 temporaries): `keys ≈ quantized *
-    scales[:, None]`, `(N, d)` int8 and `(N,)` bf16 scales, the dtype the scan multiplies by. The rows are rounded
-    against the bf16 scale itself (not the fp32 one it came from), so every coordinate is off by at most half a
-    step, about max|row| / 254; a row's largest component maps to ±127 (clamped where bf16 rounded its scale
-    down)."""
-    quantized = torch.empty(keys.shape, dtype=torch.int8, device=keys.device)  # (N, d)
-    scales = torch.empty(len(keys), dtype=torch.bfloat16, device=keys.device)  # (N,)
+def quantize_columns(keys: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per dimension, `block_size` rows at a time (no full-size fp32 temporaries):
+    `keys ≈ quantized * scales`, `(N, d)` int8 and `(d,)` fp32. Per dimension rather than per row so that the scales
+    fold into the query (`q · k ≈ (q * scales) · quantized`): the scan is then one int8 × int8 matmul whose int32
+    scores rank the keys with no multiply after it. Every coordinate is off by at most half a step,
+    `max_n |keys[n, i]| / 254`."""
+    scales = torch.zeros(keys.shape[1], dtype=keys.dtype, device=keys.device)  # (d,)
     for start in range(0, len(keys), block_size):
-        block = keys[start : start + block_size]  # (block, d)
-        block_scales = (block.abs().amax(dim=1) / 127).to(torch.bfloat16).clamp_min(torch.finfo(torch.bfloat16).tiny)
-        steps = block / block_scales.to(block.dtype).unsqueeze(1)  # (block, d): coordinates in scale steps
+        scales = torch.maximum(scales, keys[start : start + block_size].abs().amax(dim=0))
+    scales = (scales / 127).clamp_min(torch.finfo(keys.dtype).tiny)  # a dimension that is 0 in every key stays 0
+    quantized = torch.empty(keys.shape, dtype=torch.int8, device=keys.device)  # (N, d)
+    for start in range(0, len(keys), block_size):
+        steps = keys[start : start + block_size] / scales  # (block, d): coordinates in scale steps
         quantized[start : start + block_size] = torch.round(steps).clamp_(-127, 127)
-        scales[start : start + block_size] = block_scales
     return quantized, scales
+
+
+def quantize_queries(queries: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """`(b, d)` int8 queries for keys quantized by `quantize_columns`: the key scales folded in, then one symmetric
+    scale per query, which multiplies all of that query's scores alike and so leaves its ranking as it is."""
+    scaled = queries.float() * scales  # (b, d)
+    steps = scaled.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(scaled.dtype).tiny) / 127  # (b, 1)
+    return torch.round(scaled / steps).to(torch.int8)  # (b, d)
 
 
 def _identity(tensor: torch.Tensor) -> tuple:
@@ -332,7 +331,7 @@ class KnowledgeBase(nn.Module):
         self.index_sha256 = index_sha256
         self._faiss_index = None
         self._faiss_index_source = None
-        self._scan_keys: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._scan_keys: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._scan_keys_source = None
         self._texts: list[str] | None = None
         self._texts_loader: Callable[[], list[str]] | None = None
@@ -498,7 +497,7 @@ class KnowledgeBase(nn.Module):
         for any N and B), then, for a reduced-precision scan, its `k + max(k, RESCORE_EXTRA)` best candidates
         re-scored from the fp32 keys. Scores are exact fp32 cosines; the neighbours are the exact ones unless a true
         neighbour fell behind that many others by less than the scan's rounding error."""
-        scan_keys, scales = self._keys_for_scan(len(queries))  # (N, d) fp32 keys or a scan copy; int8: (N,)
+        scan_keys, scales = self._keys_for_scan()  # (N, d) fp32 keys or a scan copy; int8: scales (d,)
         rescore = scan_keys.dtype != self.keys.dtype
         candidates = min(k + max(k, RESCORE_EXTRA), self.size) if rescore else k
         query_block = self.index_params["search_query_block_size"]
@@ -509,8 +508,8 @@ class KnowledgeBase(nn.Module):
             scores, ids = torch.cat([s for s, _ in found]), torch.cat([i for _, i in found])  # (B, c)
         if not rescore:
             return scores, ids
-        # Candidates in id order and a stable sort: equal scores (duplicate keys) rank the lower id first, whichever
-        # scan (int8 for few queries, bf16 for many) found them, so results do not depend on the batch size.
+        # Candidates in id order and a stable sort: equal scores (duplicate keys) rank the lower id first, in whatever
+        # order the scan found them, so results do not depend on the batch size.
         ids = ids.sort(dim=1).values  # (B, c)
         candidates = self.keys.index_select(0, ids.flatten()).view(*ids.shape, -1)  # (B, c, d), fp32
         scores = (candidates * queries.unsqueeze(1)).sum(-1)  # (B, c): exact fp32 (bmm: 4× slower at B = 32)
@@ -520,22 +519,28 @@ class KnowledgeBase(nn.Module):
     def _scan(
         self, queries: torch.Tensor, scan_keys: torch.Tensor, scales: torch.Tensor | None, k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k of `queries @ keys.T` `(b, k)`, one block of `search_block_size` keys at a time; int8 keys are
-        scored as `(queries @ quantized.T) * scales` against bf16 queries."""
+        """Top-k `(scores, ids)` `(b, k)` of `queries @ keys.T`, one block of `search_block_size` keys at a time. int8
+        keys are scored against int8 queries with the key scales folded in (`quantize_queries`): int32 scores in
+        units of each query's own scale, which rank that query's keys."""
         block = self.index_params["search_block_size"]
         int8_kernel = int8_matmul(scan_keys.device.type, self.dim) if scales is not None else None
-        queries = queries.to(torch.bfloat16 if scales is not None else scan_keys.dtype).contiguous()  # (b, d)
+        if scales is not None:
+            queries = quantize_queries(queries, scales)  # (b, d) int8
+            if int8_kernel is None:  # dequantized blocks: slower, the same ranking
+                queries = queries.float()
+        else:
+            queries = queries.to(scan_keys.dtype).contiguous()  # (b, d)
         best_scores = best_ids = None
         for start in range(0, self.size, block):
             keys = scan_keys[start : start + block]  # (block, d)
-            if scales is None and keys.device.type == "cpu":
+            if int8_kernel is not None:
+                scores = int8_kernel(queries, keys.T)  # (b, block) int32
+            elif scales is not None:
+                scores = queries @ keys.T.float()  # (b, block)
+            elif keys.device.type == "cpu":
                 scores = (keys @ queries.T).T  # (b, block): key-major, faster on CPU than queries @ keys.T
-            elif scales is None:
-                scores = queries @ keys.T  # (b, block)
-            elif int8_kernel is not None:
-                scores = int8_kernel(queries, keys, scales[start : start + block])  # (b, block)
             else:
-                scores = (queries @ keys.T.to(queries.dtype)) * scales[start : start + block]  # (b, block)
+                scores = queries @ keys.T  # (b, block)
             top_scores, top_ids = scores.topk(min(k, scores.shape[1]), dim=1)  # (b, ≤k)
             if best_scores is not None:
                 top_scores = torch.cat([best_scores, top_scores], dim=1)  # (b, ≤2k)
@@ -545,24 +550,22 @@ class KnowledgeBase(nn.Module):
             best_scores, best_ids = top_scores, top_ids
         return best_scores, best_ids
 
-    def _keys_for_scan(self, num_queries: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The keys in the scan dtype for their device and `num_queries`, and for int8 their per-row scales (bf16, the
-        queries' dtype): the fp32 buffer itself, or a reduced-precision copy made on first use and remade when the
-        keys change (not a buffer: never saved, and the fp32 keys stay the reference). `"auto"` on CPU makes the int8
-        copy for small batches and the bf16 one for large batches only once such batches are searched."""
-        dtype = scan_dtype(self.index_params["search_dtype"], self.keys.device.type, self.dim, num_queries)
+    def _keys_for_scan(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The keys in the scan dtype for their device, and for int8 their per-dimension scales: the fp32 buffer
+        itself, or a reduced-precision copy made on first use and remade when the keys or `search_dtype` change (not
+        a buffer: never saved, and the fp32 keys stay the reference)."""
+        dtype = scan_dtype(self.index_params["search_dtype"], self.keys.device.type, self.dim)
         if dtype == self.keys.dtype:
             return self.keys, None
-        source = _identity(self.keys)
-        if self._scan_keys_source != source:
-            self._scan_keys, self._scan_keys_source = {}, source
-        copies = self._scan_keys  # a local: another thread may replace the dict meanwhile
-        if dtype not in copies:
+        source = (_identity(self.keys), dtype)
+        copy = self._scan_keys  # a local: another thread may replace it meanwhile
+        if self._scan_keys_source != source or copy is None:
             if dtype == torch.int8:
-                copies[dtype] = quantize_rows(self.keys, self.index_params["search_block_size"])
+                copy = quantize_columns(self.keys, self.index_params["search_block_size"])
             else:
-                copies[dtype] = (self.keys.to(dtype), None)
-        return copies[dtype]
+                copy = (self.keys.to(dtype), None)
+            self._scan_keys, self._scan_keys_source = copy, source
+        return copy
 
     def _get_faiss_index(self):
         """The FAISS index for the current buffers, made once and reused until the buffers change. Stored HNSW/IVF
