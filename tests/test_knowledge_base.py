@@ -80,16 +80,29 @@ def test_scan_copy_follows_the_keys(search_dtype):
 
 def test_int8_keys_are_off_by_at_most_half_a_step_of_their_dimension():
     keys = unit(2000, 128)
-    keys[:, 5] = 0.0  # a dimension no key uses
+    keys[:, 5] = 0.25  # a dimension equal in every key
     quantized, scales = kb_module.quantize_columns(keys, block_size=300)
-    error = (quantized.float() * scales - keys).abs()  # (N, d)
-    assert (error <= scales / 2 * (1 + 1e-6)).all()
+    # keys - center ≈ quantized * scales: so differences between keys are off by at most one step per dimension
+    steps = quantized.float()  # (N, d)
+    error = ((steps[1:] - steps[:1]) * scales - (keys[1:] - keys[:1])).abs()  # (N - 1, d)
+    assert (error <= scales * (1 + 1e-5)).all()
     assert quantized[:, 5].eq(0).all() and torch.isfinite(scales).all()
-    spans = quantized.abs().amax(dim=0)  # (d,): each used dimension spans the int8 range
-    assert spans[5] == 0 and spans[torch.arange(128) != 5].eq(127).all()
+    used = torch.arange(128) != 5  # each other dimension spans the int8 range, both ways
+    assert quantized.amax(dim=0)[used].eq(127).all() and quantized.amin(dim=0)[used].eq(-127).all()
 
 
-def test_int8_scan_scores_are_cosines_up_to_one_scale_per_query():
+def test_int8_scan_finds_the_exact_neighbours_of_keys_that_share_a_large_component():
+    # Raw embeddings often share an offset on a few dimensions. Quantized around zero, that dimension's steps would be
+    # wide, and through the query's own scale every other dimension's too: 164 of 800 true neighbours were missed.
+    offset = torch.zeros(128)
+    offset[0] = 0.95
+    keys = torch.nn.functional.normalize(offset + (1 - 0.95**2) ** 0.5 * unit(10_000, 128), dim=-1)
+    queries = torch.nn.functional.normalize(keys[:200] + 0.01 * unit(200, 128, seed=3), dim=-1)
+    kb = KnowledgeBase.build(keys, torch.full((10_000, 2), 0.5), search_dtype="int8")
+    assert torch.equal(kb.search(queries, 4)[1], (queries @ kb.keys.T).topk(4, dim=1).indices)
+
+
+def test_int8_scan_scores_are_cosines_up_to_one_scale_and_offset_per_query():
     # Dimensions of very different spread, as in a trained head: the key scales must be folded into the queries.
     spread = torch.linspace(0.05, 3.0, 128)
     keys = torch.nn.functional.normalize(unit(2000, 128) * spread, dim=-1)
@@ -97,11 +110,14 @@ def test_int8_scan_scores_are_cosines_up_to_one_scale_per_query():
     quantized, scales = kb_module.quantize_columns(keys, block_size=300)
     query_ints = kb_module.quantize_queries(queries, scales)  # (50, d) int8
     assert query_ints.dtype == torch.int8 and query_ints.abs().amax(dim=1).eq(127).all()
-    scores = query_ints.long() @ quantized.long().T  # (50, N): what the int8 kernel computes
-    cosines = queries @ keys.T  # (50, N)
-    best = cosines.argmax(dim=1, keepdim=True)  # (50, 1)
-    units_per_cosine = scores.gather(1, best) / cosines.gather(1, best)  # (50, 1)
-    assert (scores / units_per_cosine - cosines).abs().max() < 1e-2
+    scores = (query_ints.long() @ quantized.long().T).double()  # (50, N): what the int8 kernel computes
+    cosines = (queries @ keys.T).double()  # (50, N)
+    best, worst = cosines.argmax(dim=1, keepdim=True), cosines.argmin(dim=1, keepdim=True)  # (50, 1)
+    score_range = scores.gather(1, best) - scores.gather(1, worst)  # (50, 1)
+    cosine_range = cosines.gather(1, best) - cosines.gather(1, worst)  # (50, 1)
+    # what ranks keys: each key's distance below the best key, in cosine units
+    below_best = (scores.gather(1, best) - scores) * cosine_range / score_range  # (50, N)
+    assert (below_best - (cosines.gather(1, best) - cosines)).abs().max() < 1e-2
 
 
 def test_scan_copy_follows_keys_replaced_by_a_shorter_view():
@@ -149,18 +165,19 @@ def test_auto_scans_int8_keys_for_any_batch_and_bf16_keys_without_the_int8_kerne
     queries = unit(32, 32)
     for batch in (queries[:1], queries):  # one copy of the keys, whatever the batch size
         assert torch.equal(kb.search(batch, 5)[1], (batch @ kb.keys.T).topk(5, dim=1).indices)
-        assert kb._scan_keys[0].dtype == torch.int8
+        assert kb._scan_keys[1][0].dtype == torch.int8
     monkeypatch.setattr(torch, "_int_mm", broken_int8_matmul)
     kb_module.int8_matmul.cache_clear()
     kb_module._scan_dtype.cache_clear()
     assert torch.equal(kb.search(queries, 5)[1], (queries @ kb.keys.T).topk(5, dim=1).indices)
-    assert kb._scan_keys[0].dtype == torch.bfloat16
+    assert kb._scan_keys[1][0].dtype == torch.bfloat16
 
 
 def test_search_dtype_auto_and_unknown():
     assert kb_module.scan_dtype("auto", "cuda", 128) == torch.float16
     assert kb_module.scan_dtype("float32", "cpu", 128) == torch.float32
     assert kb_module.int8_matmul("cuda", 128) is None  # its CUDA kernel needs more than 16 query rows
+    assert kb_module.int8_matmul("cpu", 140_000) is None  # 140,000 × 127² overflows the int32 scores
     with pytest.raises(ValueError, match="Unknown search_dtype 'int4'"):
         random_kb(5, search_dtype="int4")
 

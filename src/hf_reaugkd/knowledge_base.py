@@ -181,7 +181,7 @@ def int8_matmul(device_type: str, dim: int) -> Int8Matmul | None:
     (an int8 scan then multiplies dequantized blocks). Only its CPU kernel is used (the CUDA one needs more than 16
     query rows). Since this file runs on whatever torch and CPU loads a checkpoint, the kernel is checked once per
     `d` against an exact integer matmul, and not used if it disagrees."""
-    if device_type != "cpu":
+    if device_type != "cpu" or dim * 127 * 127 > torch.iinfo(torch.int32).max:  # int32 scores would overflow
         return None
     try:
         kernel = torch._int_mm
@@ -196,18 +196,23 @@ def int8_matmul(device_type: str, dim: int) -> Int8Matmul | None:
 
 
 def quantize_columns(keys: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 with one scale per dimension, `block_size` rows at a time (no full-size fp32 temporaries):
-    `keys ≈ quantized * scales`, `(N, d)` int8 and `(d,)` fp32. Per dimension rather than per row so that the scales
-    fold into the query (`q · k ≈ (q * scales) · quantized`): the scan is then one int8 × int8 matmul whose int32
-    scores rank the keys with no multiply after it. Every coordinate is off by at most half a step,
-    `max_n |keys[n, i]| / 254`."""
-    scales = torch.zeros(keys.shape[1], dtype=keys.dtype, device=keys.device)  # (d,)
+    """Symmetric int8 with one scale per dimension around that dimension's midrange, `block_size` rows at a time (no
+    full-size fp32 temporaries): `keys ≈ quantized * scales + center`, `(N, d)` int8 and `(d,)` fp32. Per dimension
+    rather than per row so that the scales fold into the query (`q · k ≈ (q * scales) · quantized + q · center`): the
+    scan is then one int8 × int8 matmul whose int32 scores rank the keys with no multiply after it. `q · center` is the
+    same for every key, so it is dropped; subtracting it keeps a dimension that all keys share (an offset common in
+    raw embeddings) from widening that dimension's steps, and through the query's own scale every other dimension's.
+    Every coordinate is off by at most half a step, `(max_n keys[n, i] - min_n keys[n, i]) / 254`."""
+    high = torch.full((keys.shape[1],), -torch.inf, dtype=keys.dtype, device=keys.device)  # (d,)
+    low = torch.full((keys.shape[1],), torch.inf, dtype=keys.dtype, device=keys.device)  # (d,)
     for start in range(0, len(keys), block_size):
-        scales = torch.maximum(scales, keys[start : start + block_size].abs().amax(dim=0))
-    scales = (scales / 127).clamp_min(torch.finfo(keys.dtype).tiny)  # a dimension that is 0 in every key stays 0
+        block = keys[start : start + block_size]  # (block, d)
+        high, low = torch.maximum(high, block.amax(dim=0)), torch.minimum(low, block.amin(dim=0))
+    center = (high + low) / 2  # (d,)
+    scales = ((high - low) / 254).clamp_min(torch.finfo(keys.dtype).tiny)  # a dimension equal in every key stays 0
     quantized = torch.empty(keys.shape, dtype=torch.int8, device=keys.device)  # (N, d)
     for start in range(0, len(keys), block_size):
-        steps = keys[start : start + block_size] / scales  # (block, d): coordinates in scale steps
+        steps = (keys[start : start + block_size] - center) / scales  # (block, d): coordinates in scale steps
         quantized[start : start + block_size] = torch.round(steps).clamp_(-127, 127)
     return quantized, scales
 
@@ -331,8 +336,7 @@ class KnowledgeBase(nn.Module):
         self.index_sha256 = index_sha256
         self._faiss_index = None
         self._faiss_index_source = None
-        self._scan_keys: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        self._scan_keys_source = None
+        self._scan_keys: tuple[tuple, tuple[torch.Tensor, torch.Tensor | None]] | None = None  # (source, copy)
         self._texts: list[str] | None = None
         self._texts_loader: Callable[[], list[str]] | None = None
 
@@ -558,13 +562,14 @@ class KnowledgeBase(nn.Module):
         if dtype == self.keys.dtype:
             return self.keys, None
         source = (_identity(self.keys), dtype)
-        copy = self._scan_keys  # a local: another thread may replace it meanwhile
-        if self._scan_keys_source != source or copy is None:
-            if dtype == torch.int8:
-                copy = quantize_columns(self.keys, self.index_params["search_block_size"])
-            else:
-                copy = (self.keys.to(dtype), None)
-            self._scan_keys, self._scan_keys_source = copy, source
+        cached = self._scan_keys  # one read: another thread may replace it meanwhile, source and copy together
+        if cached is not None and cached[0] == source:
+            return cached[1]
+        if dtype == torch.int8:
+            copy = quantize_columns(self.keys, self.index_params["search_block_size"])
+        else:
+            copy = (self.keys.to(dtype), None)
+        self._scan_keys = (source, copy)
         return copy
 
     def _get_faiss_index(self):
