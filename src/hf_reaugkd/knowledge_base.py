@@ -47,10 +47,10 @@ logger = logging.get_logger(__name__)
 INDEX_TYPES = ("torch", "flat", "hnsw", "ivf")
 TRAINED_INDEX_TYPES = ("hnsw", "ivf")  # stored serialized; exact indexes are rebuilt from the keys
 # What `build(index_type="auto")` makes: exact torch search up to this many entries, HNSW above (torch when FAISS is
-# missing). Measured with benchmarks/kb_scaling.py (d = 128, 2 CPU cores, search_dtype "auto"): for 32 queries exact
-# search took 1.4 ms at 10k entries and 2.5 ms at 30k, HNSW (efSearch 128) 1.7 and 2.6 ms; one query 0.18 / 0.31 ms
-# against 0.15 / 0.23 ms. Up to 20k exact search is cheaper for batches and at most ~0.1 ms slower for one query, finds
-# every true neighbour and needs no index to build or store; its cost grows with N faster than HNSW's.
+# missing). Measured with benchmarks/kb_scaling.py (d = 128, 2 CPU cores, search_dtype "auto", int8 scan): for 32
+# queries exact search took 1.3 ms at 10k entries and 2.1 ms at 30k, HNSW (efSearch 128) 1.6 and 3.1 ms; one query
+# 0.17 / 0.24 ms against 0.14 / 0.22 ms. Up to 20k exact search is cheaper for batches and at most ~0.04 ms slower for
+# one query, finds every true neighbour and needs no index to build or store; its cost grows with N faster than HNSW's.
 AUTO_EXACT_MAX_SIZE = 20_000
 # Below this many entries IVF at the default nprobe missed the 0.95 recall@16 mark in benchmarks/kb_scaling.py
 # (0.82-0.86 from 10k to 100k keys) while HNSW reached 0.98: `build` says so.
