@@ -57,6 +57,13 @@ def batches(tokenizer, texts: list[str], batch_size: int, max_length: int) -> li
     ]
 
 
+def recall(found: torch.Tensor, exact: torch.Tensor) -> float:
+    """Share of the exact neighbour ids `exact` `(Q, k)` that a search also returned in `found` `(Q, k)`
+    (recall@k; order within a row does not count)."""
+    hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, exact, strict=True))
+    return hits / exact.numel()
+
+
 def time_per_example(run: Callable[[], object], num_examples: int, repeats: int = 3) -> float:
     """Median wall-clock milliseconds per example of `run()` (after one warm-up call). CUDA work is waited for,
     so asynchronous kernels are counted in the call that launched them."""

@@ -11,7 +11,9 @@ Levers measured, each against the same plain student (β = 0) in the same timing
 - the precision of the exact scan (`search_dtype` auto / float32 / bfloat16 / float16 / int8; candidates re-scored in
   fp32; auto, the default, scans int8 keys against int8 queries on a CPU with native bf16) and
   the backend (torch exact, FAISS HNSW), each with the validation accuracy it gives the same student;
-- search alone, and FAISS int8 keys (scalar quantizer), for scale (as a share of the plain student's time).
+- search alone, and FAISS int8 keys (scalar quantizer), for scale (as a share of the plain student's time);
+- per search setting, recall of the exact neighbours (fp32, every key scored) in the timing KB for the validation
+  queries, at the student's k and at 16: what a reduced-precision scan and its re-scoring window give up.
 
 Timing KB: the whole training set (train.csv) keyed by each student's own queries, so neighbours are as close as a
 trained student's are. In each round, per student and batch, every retrieval forward runs right after a plain
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import faiss
 import torch
-from common import RESULTS_DIR, batches, environment, read_csv, write_json
+from common import RESULTS_DIR, batches, environment, read_csv, recall, write_json
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -143,10 +145,14 @@ def main() -> None:
     teacher = AutoModelForSequenceClassification.from_pretrained(minilm, num_labels=len(set(train_labels))).eval()
     students = load_students(args, train_labels)
 
-    models, searches, validation, setting = {}, {}, {}, {}
+    models, searches, validation, neighbour_recall, setting = {}, {}, {}, {}, {}
     for name, student in students.items():
         cache = args.work_dir / f"{args.data.name}-{name}-{args.max_seq_length}-keys.pt"
         keys = student_queries(student, tokenizer, train_texts, args.max_seq_length, cache)
+        cache = args.work_dir / f"{args.data.name}-{name}-{args.max_seq_length}-validation-queries.pt"
+        validation_queries = student_queries(student, tokenizer, validation_texts, args.max_seq_length, cache)
+        recall_ks = sorted({student.config.knn_k, 16})
+        exact = {k: (validation_queries @ keys.T).topk(k, dim=1).indices for k in recall_ks}  # (Q, k): fp32 exact
         label_names = sorted(set(train_labels))
         values = torch.nn.functional.one_hot(torch.tensor([label_names.index(label) for label in train_labels]))
         timing_kb = KnowledgeBase.build(keys, values.float())
@@ -156,6 +162,10 @@ def main() -> None:
         for search, (index_type, params) in SEARCH_SETTINGS.items():
             models[name, search] = with_search_setting(with_timing_kb, index_type, params)
             searches[name][search] = models[name, search].knowledge_base
+            neighbour_recall[name, search] = {
+                f"recall_at_{k}": recall(searches[name][search].search(validation_queries, k)[1], exact[k])
+                for k in recall_ks
+            }
             if args.student:  # accuracy of the trained student with its own KB under this search setting
                 model = with_search_setting(student, index_type, params)
                 validation[f"{name} +retrieval[{search}]"] = accuracy(
@@ -279,6 +289,7 @@ def main() -> None:
                         "retrieve_ms_in_forward": ms_per_batch(in_forward, batch_size),
                         "retrieve_share_in_forward": statistics.median(shares),
                         "validation_accuracy": validation.get(f"{name} +retrieval[{search}]"),
+                        **neighbour_recall[name, search],
                     }
                 )
             plain_ms = ms_per_batch(plain_all, batch_size)
@@ -310,7 +321,7 @@ def main() -> None:
 
     print(f"\nTiming KB = {args.data.name} training set ({len(train_texts)} rows); default search: {default_search}")
     header = f"{'configuration':<34}{'batch':>6}{'ms/batch':>10}{'overhead (range over rounds)':>30}"
-    print(f"{header}{'retrieve() in forward':>24}{'val. acc.':>10}")
+    print(f"{header}{'retrieve() in forward':>24}{'val. acc.':>10}  recall vs fp32 exact (validation queries)")
     for r in results:
         overhead, in_forward = "", ""
         if "overhead_range" in r:
@@ -320,7 +331,13 @@ def main() -> None:
         elif "overhead" in r:
             overhead = f"{100 * r['overhead']:.1f}% of the student"
         acc = f"{100 * r['validation_accuracy']:.2f}" if r.get("validation_accuracy") is not None else ""
-        print(f"{r['model']:<34}{r['batch_size']:>6}{r['ms_per_batch']:>10.2f}{overhead:>30}{in_forward:>24}{acc:>10}")
+        recalls = "  ".join(
+            f"@{key[len('recall_at_') :]} {value:.4f}" for key, value in r.items() if "recall_at" in key
+        )
+        print(
+            f"{r['model']:<34}{r['batch_size']:>6}{r['ms_per_batch']:>10.2f}{overhead:>30}{in_forward:>24}{acc:>10}"
+            f"  {recalls}"
+        )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS_DIR, batches, environment, read_csv, time_per_example, write_json
+from common import RESULTS_DIR, batches, environment, read_csv, recall, time_per_example, write_json
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
@@ -171,7 +171,6 @@ def measure_size(size: int, base: torch.Tensor, student_runs: dict, rounds: int,
     rows = {}
     for name, (backend, params) in points.items():
         ids = torch.cat(found[name])
-        recall = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, exact, strict=True)) / exact.numel()
         rows[name] = {
             "backend": BACKENDS[backend][0],
             "search_params": {**BACKENDS[backend][1], **params},
@@ -179,7 +178,7 @@ def measure_size(size: int, base: torch.Tensor, student_runs: dict, rounds: int,
             "overhead_vs_student_batch32": median_ms[name, 32] / median_ms["student", 32],
             "search_ms_batch1": median_ms[name, 1],
             "overhead_vs_student_batch1": median_ms[name, 1] / median_ms["student", 1],
-            "recall_at_16": recall,
+            "recall_at_16": recall(ids, exact),
             **built[backend],
         }
     result = {
