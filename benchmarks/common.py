@@ -1,8 +1,9 @@
-"""What every benchmark shares: the environment record written next to its results, timing, peak memory, and
-the package's atomic JSON write."""
+"""What every benchmark shares: the environment record written next to its results, reading and batching the
+data, timing, a student's queries (cached by content), neighbour recall, and the package's atomic JSON write."""
 
 import csv
 import datetime
+import hashlib
 import os
 import platform
 import time
@@ -12,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from hf_reaugkd.caching import write_json  # noqa: F401 (re-exported: one atomic-write helper)
+from hf_reaugkd.caching import atomic_path, write_json  # noqa: F401 (write_json re-exported: one atomic-write helper)
 
 RESULTS_DIR = Path(__file__).parent / "results"
 LIBRARIES = ("hf-reaugkd", "torch", "transformers", "accelerate", "datasets", "faiss-cpu", "numpy")
@@ -55,6 +57,29 @@ def batches(tokenizer, texts: list[str], batch_size: int, max_length: int) -> li
         tokenizer(texts[i : i + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
         for i in range(0, len(texts), batch_size)
     ]
+
+
+@torch.no_grad()
+def student_queries(student, tokenizer, texts: list[str], max_length: int, cache_dir: Path) -> torch.Tensor:
+    """The student's normalised queries `(N, kb_dim)` for `texts`, cached under `cache_dir` by the content of the
+    student's weights and of the texts (a retrained student saved to the same folder gets new queries)."""
+    content = hashlib.sha256(f"{max_length}\n".encode())
+    for parameter in student.parameters():
+        content.update(parameter.detach().float().cpu().numpy().tobytes())
+    content.update("\n".join(texts).encode())
+    cache = Path(cache_dir) / f"queries-{content.hexdigest()[:16]}.pt"
+    if cache.exists():
+        return torch.load(cache)
+    queries = torch.cat(
+        [
+            student(**batch, retrieval_weight=0.0).query_embedding
+            for batch in tqdm(batches(tokenizer, texts, 64, max_length), desc=f"Embedding {len(texts):,} texts")
+        ]
+    )  # (N, kb_dim)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(cache) as temporary:
+        torch.save(queries, temporary)
+    return queries
 
 
 def recall(found: torch.Tensor, exact: torch.Tensor) -> float:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import faiss
 import torch
-from common import RESULTS_DIR, batches, environment, read_csv, recall, write_json
+from common import RESULTS_DIR, batches, environment, read_csv, recall, student_queries, write_json
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -51,21 +51,6 @@ SEARCH_SETTINGS = {
     "torch int8": ("torch", {"search_dtype": "int8"}),
     "hnsw": ("hnsw", {}),
 }
-
-
-@torch.no_grad()
-def student_queries(student, tokenizer, texts: list[str], max_length: int, cache: Path) -> torch.Tensor:
-    """The student's normalised queries `(N, kb_dim)` for `texts` (cached)."""
-    if cache.exists():
-        return torch.load(cache)
-    queries = [
-        student(**batch, retrieval_weight=0.0).query_embedding
-        for batch in tqdm(batches(tokenizer, texts, 64, max_length), desc="Embedding the training set")
-    ]
-    keys = torch.cat(queries)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(keys, cache)
-    return keys
 
 
 @torch.no_grad()
@@ -147,15 +132,13 @@ def main() -> None:
 
     models, searches, validation, neighbour_recall, setting = {}, {}, {}, {}, {}
     for name, student in students.items():
-        cache = args.work_dir / f"{args.data.name}-{name}-{args.max_seq_length}-keys.pt"
-        keys = student_queries(student, tokenizer, train_texts, args.max_seq_length, cache)
-        cache = args.work_dir / f"{args.data.name}-{name}-{args.max_seq_length}-validation-queries.pt"
-        validation_queries = student_queries(student, tokenizer, validation_texts, args.max_seq_length, cache)
-        recall_ks = sorted({student.config.knn_k, 16})
-        exact = {k: (validation_queries @ keys.T).topk(k, dim=1).indices for k in recall_ks}  # (Q, k): fp32 exact
+        keys = student_queries(student, tokenizer, train_texts, args.max_seq_length, args.work_dir)
+        validation_queries = student_queries(student, tokenizer, validation_texts, args.max_seq_length, args.work_dir)
         label_names = sorted(set(train_labels))
         values = torch.nn.functional.one_hot(torch.tensor([label_names.index(label) for label in train_labels]))
         timing_kb = KnowledgeBase.build(keys, values.float())
+        recall_ks = sorted({student.config.knn_k, 16})
+        exact = {k: (validation_queries @ timing_kb.keys.T).topk(k, dim=1).indices for k in recall_ks}  # (Q, k)
         with_timing_kb = copy.deepcopy(student)
         with_timing_kb.set_knowledge_base(timing_kb)
         searches[name] = {}

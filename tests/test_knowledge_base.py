@@ -57,19 +57,16 @@ def test_candidates_of_a_reduced_precision_scan_are_ranked_by_their_fp32_similar
     torch.testing.assert_close(scores[0], cosines[[3, 6, 1, 8]], atol=1e-6, rtol=0)
 
 
-def test_int8_neighbours_with_equal_similarities_do_not_depend_on_the_batch():
-    # 40 keys stored twice: each query's two nearest keys tie exactly, and the copy ranked first in a batch must be the
-    # one ranked first for that query alone (the scan's integer scores, and so its order, are the same either way).
-    keys = unit(200, 32)
-    keys = torch.cat([keys, keys[:40]])  # (240, 32): rows 200-239 repeat rows 0-39
-    queries = torch.nn.functional.normalize(keys[:40] + 0.05 * unit(40, 32, seed=2), dim=-1)
-    kb = KnowledgeBase.build(keys, torch.full((240, 2), 0.5), search_dtype="int8")
-    scores, ids = kb.search(queries, 6)
-    assert torch.equal(ids[:, :2].sort(dim=1).values, torch.stack([torch.arange(40), torch.arange(200, 240)], dim=1))
-    assert torch.equal(scores[:, 0], scores[:, 1])
-    for i in range(len(queries)):
-        alone_scores, alone_ids = kb.search(queries[i : i + 1], 6)
-        assert torch.equal(alone_ids[0], ids[i]) and torch.equal(alone_scores[0], scores[i])
+@pytest.mark.parametrize("stored", [torch.float16, torch.float64])
+def test_keys_stored_in_another_dtype_are_scanned_in_float32_and_re_scored(stored):
+    # A KB file may hold keys in another dtype (`load` keeps it): a float32 scan is then a copy to re-score from too.
+    kb = random_kb(300, 32, search_dtype="float32")
+    kb.keys = kb.keys.to(stored)
+    queries = unit(4, 32)
+    brute_scores, brute_ids = (queries.to(stored) @ kb.keys.T).topk(5, dim=1)
+    scores, ids = kb.search(queries, 5)
+    assert torch.equal(ids, brute_ids)
+    torch.testing.assert_close(scores, brute_scores, check_dtype=False)
 
 
 @pytest.mark.parametrize("search_dtype", ["float32", "bfloat16", "int8"])

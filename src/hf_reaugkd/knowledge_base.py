@@ -85,12 +85,15 @@ INDEX_PARAM_RANGES = {
 # top-k key is lost only if that many others outscore it by less than the scan's error (unit vectors at d = 128,
 # measured: up to ~3e-3 in bfloat16, ~6e-3 with int8 keys and queries). With k = 1 two candidates were too few (on a
 # 384-d KB, 4 of 1,275 validation predictions changed). Trained KBs are the hard case: their classes are tight
-# clusters, full of near-ties. On two of them (rotten_tomatoes, 128-d, 4,000 teacher keys and 10,200 student keys;
-# 1,275 validation queries, k = 1 to 16) the int8 scan's top k + 8 missed up to 4 of 20,400 exact neighbours, its top
-# k + 12 none, so 16 keeps a margin; bfloat16 (8 significant bits on both sides) missed 0.3% at k + 16 and 0.01% at
-# k + 32 (benchmarks/inference.py). Each 16 more candidates cost ~0.1 ms of a batch of 32 inside a forward (the top-k
-# and the gather of the candidates' fp32 keys, which the encoder has evicted from cache).
-RESCORE_EXTRA = {torch.int8: 16, torch.float16: 16, torch.bfloat16: 32}
+# clusters, full of near-ties. On two of them (benchmarks/rescore_window.py: the demo student's 4,000 teacher keys and
+# 10,200 student keys of rotten_tomatoes, 1,275 validation queries, k = 1 to 16) the int8 scan's top k + 8 missed up
+# to 4 of 20,400 exact neighbours and its top k + 12 none, so 16 keeps a margin; float16 (the CUDA default) missed
+# none from k + 12. bfloat16 (8 significant bits on both sides) is far coarser on such keys: at k = 16 its top k + 16
+# missed 2.2% of the teacher keys' neighbours, k + 32 still 0.35% (it is the scan `auto` picks only where the int8
+# kernel is missing). 16 candidates fewer saved ~0.1 ms of a batch of 32 inside a forward in a probe (the top-k and
+# the gather of the candidates' fp32 keys, which the encoder has evicted from cache).
+# float32 scans only keys stored in another dtype (the KB's own are fp32) and is as exact as re-scoring itself.
+RESCORE_EXTRA = {torch.int8: 16, torch.float16: 16, torch.bfloat16: 32, torch.float32: 16}
 # Soft labels must sum to 1 up to this tolerance; fp32 softmax outputs are far closer than that.
 DISTRIBUTION_ATOL = 1e-3
 # `nn.functional.normalize` divides by max(norm, eps): a key whose fp32 norm is below eps (or overflows) cannot become
