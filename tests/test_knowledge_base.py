@@ -202,6 +202,16 @@ def test_auto_index_type_is_exact_for_small_and_hnsw_for_large_knowledge_bases(m
     assert random_kb(101, index_type="auto").index_type == "torch"
 
 
+@pytest.mark.parametrize(
+    ("index_type", "exhaustive"), [("torch", True), ("flat", True), ("hnsw", False), ("ivf", False)]
+)
+def test_only_approximate_indexes_may_miss_hits(index_type, exhaustive, monkeypatch):
+    kb = random_kb(400, index_type=index_type, ivf_nlist=4)
+    assert kb.exhaustive is exhaustive
+    monkeypatch.setattr(kb_module, "faiss", None)  # HNSW and IVF then search exactly in torch
+    assert kb.exhaustive
+
+
 def test_building_ivf_below_its_useful_size_warns_that_it_misses_neighbours(caplog, monkeypatch):
     def ivf_warnings(size: int) -> list[str]:
         caplog.clear()

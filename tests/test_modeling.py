@@ -410,6 +410,7 @@ def test_missing_hits_fall_back_to_the_student_and_partial_hits_renormalise(tiny
         return scores.clone(), ids.clone()
 
     monkeypatch.setattr(model.knowledge_base, "search", search)
+    monkeypatch.setattr(model.knowledge_base, "index_type", "hnsw")  # an index that may miss: not exhaustive
     for beta in (0.3, 1.0):
         with torch.no_grad():
             out = model(**batch, labels=torch.tensor([0, 1, 2]), retrieval_weight=beta, output_neighbors=True)
@@ -442,12 +443,14 @@ def test_neighbor_label_distribution_by_hand():
     expected = torch.tensor([[0.8, 0.2], [0.5, 0.5], [0.2, 0.8], [0.0, 0.0]])
     torch.testing.assert_close(weights, expected_weights)
     torch.testing.assert_close(retrieved, expected)
-    # τ = 1: weights e^{s} / Σ: scores (ln 4, 0) → (0.8, 0.2); retrieved 0.8 (0.5, 0.5) + 0.2 (1, 0) = (0.6, 0.4)
-    retrieved, weights = neighbor_label_distribution(
-        torch.tensor([[math.log(4), 0.0]]), torch.tensor([[2, 0]]), soft_labels, 1.0
-    )
-    torch.testing.assert_close(weights, torch.tensor([[0.8, 0.2]]))
-    torch.testing.assert_close(retrieved, torch.tensor([[0.6, 0.4]]))
+    # τ = 1: weights e^{s} / Σ: scores (ln 4, 0) → (0.8, 0.2); retrieved 0.8 (0.5, 0.5) + 0.2 (1, 0) = (0.6, 0.4),
+    # also without the masking of missing hits (all_found: what an exhaustive search's forward takes)
+    for all_found in (False, True):
+        retrieved, weights = neighbor_label_distribution(
+            torch.tensor([[math.log(4), 0.0]]), torch.tensor([[2, 0]]), soft_labels, 1.0, all_found=all_found
+        )
+        torch.testing.assert_close(weights, torch.tensor([[0.8, 0.2]]))
+        torch.testing.assert_close(retrieved, torch.tensor([[0.6, 0.4]]))
 
 
 def test_mix_probabilities_by_hand():
@@ -462,6 +465,12 @@ def test_mix_probabilities_by_hand():
         mix_probabilities(student, retrieved, 1.0), torch.tensor([[1.0, 0.0], [0.1, 0.9], [0.2, 0.8]])
     )
     torch.testing.assert_close(mix_probabilities(student, retrieved, 0.0), student)
+    # every query found its neighbours (all_found): the plain interpolation, here rows 0 and 2 as above
+    found = [0, 2]
+    torch.testing.assert_close(
+        mix_probabilities(student[found], retrieved[found], 0.25, all_found=True),
+        torch.tensor([[0.625, 0.375], [0.275, 0.725]]),
+    )
 
 
 @pytest.mark.slow

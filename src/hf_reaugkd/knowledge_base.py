@@ -378,6 +378,13 @@ class KnowledgeBase(nn.Module):
         return self.keys.shape[0]
 
     @property
+    def exhaustive(self) -> bool:
+        """Whether `search` scores every key, so each query always gets its k hits (k clamped to the size): exact
+        torch and FAISS flat search do; HNSW and IVF may return fewer (id -1), and without FAISS they fall back to the
+        exact torch search."""
+        return self.index_type not in TRAINED_INDEX_TYPES or faiss is None
+
+    @property
     def dim(self) -> int:
         return self.keys.shape[1]
 
