@@ -30,11 +30,10 @@ EXTRAS = (0, 4, 8, 12, 16, 24, 32)
 
 
 @torch.no_grad()
-def window_recall(kb: KnowledgeBase, queries: torch.Tensor, k: int, extra: int) -> float:
-    """Share of the exact top-k `(Q, k)` found among the scan's top k + extra candidates of each query."""
-    exact = (queries @ kb.keys.T).topk(k, dim=1).indices  # (Q, k): every key scored in fp32
+def window_recall(kb: KnowledgeBase, queries: torch.Tensor, exact: torch.Tensor, extra: int) -> float:
+    """Share of the exact top-k ids `exact` `(Q, k)` found among the scan's top k + extra candidates of each query."""
     scan_keys, scales = kb._keys_for_scan()  # the copy `search` scans, in the KB's search_dtype
-    _, candidates = kb._scan(queries, scan_keys, scales, k + extra)  # (Q, k + extra)
+    _, candidates = kb._scan(queries, scan_keys, scales, exact.shape[1] + extra)  # (Q, k + extra)
     return (exact.unsqueeze(-1) == candidates.unsqueeze(1)).any(-1).float().mean().item()
 
 
@@ -65,7 +64,8 @@ def main() -> None:
         for dtype in SCAN_DTYPES:
             scanned = KnowledgeBase.build(kb.keys, kb.values, "torch", search_dtype=dtype)
             for k in KS:
-                found = {extra: window_recall(scanned, queries, k, extra) for extra in EXTRAS}
+                exact = (queries @ scanned.keys.T).topk(k, dim=1).indices  # (Q, k): every key scored in fp32
+                found = {extra: window_recall(scanned, queries, exact, extra) for extra in EXTRAS}
                 rows.append({"kb": kb_name, "kb_size": kb.size, "search_dtype": dtype, "k": k, "recall": found})
 
     write_json(
