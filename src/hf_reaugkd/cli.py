@@ -1,4 +1,4 @@
-"""`hf-reaugkd` console script: `distill`, `explain` and `kb info|add|remove`."""
+"""`hf-reaugkd` console script: `distill`, `explain`, `export` and `kb info|add|remove`."""
 
 import argparse
 import json
@@ -13,6 +13,8 @@ Commands:
             With no flags (or --demo) it runs the offline demo (MiniLM-L6 → 3-layer student on
             rotten_tomatoes critic snippets, fetched from PyPI). `hf-reaugkd distill --help` lists every flag.
   explain   MODEL "text" [--neighbors K]: the prediction and the knowledge-base entries behind it.
+  export    MODEL [--quantize int8] [--opset N] [--max_knn_k K]: write MODEL/onnx/model.onnx (and with int8
+            model_quantized.onnx), one graph with the knowledge base inside, for serving without PyTorch.
   kb        info MODEL | add MODEL --file rows.csv [--teacher PATH] | remove MODEL (--ids 3,17 | --where-label L):
             inspect or edit a saved student's knowledge base without retraining (the folder is rewritten atomically).
 """
@@ -51,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     explain_parser.add_argument("text")
     explain_parser.add_argument("--neighbors", type=int, default=5)
     explain_parser.add_argument("--text_pair", help="the second text, for a model trained on pairs")
+    export = commands.add_parser("export", help="export the student and its knowledge base to ONNX")
+    export.add_argument("model")
+    export.add_argument("--quantize", choices=("none", "int8"), default="none", help="also write an int8 graph")
+    export.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    export.add_argument("--max_knn_k", type=int, default=32, help="the largest knn_k the graph serves (default 32)")
     kb = commands.add_parser("kb", help="inspect or edit a saved student's knowledge base").add_subparsers(dest="kb")
     kb.add_parser("info").add_argument("model")
     add = kb.add_parser("add")
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         raise SystemExit(0 if argv else 2)
-    if argv[0] not in ("distill", "explain", "kb"):
+    if argv[0] not in ("distill", "explain", "export", "kb"):
         print(f"hf-reaugkd: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
     try:
@@ -90,7 +97,13 @@ def main(argv: list[str] | None = None) -> None:
             return
         from . import editing
 
-        if args.kb == "info":
+        if args.command == "export":
+            from .onnx_export import export_onnx
+
+            model, tokenizer = editing.load_student(args.model)
+            for path in export_onnx(model, tokenizer, args.model, args.quantize, args.opset, args.max_knn_k):
+                print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+        elif args.kb == "info":
             print(json.dumps(editing.knowledge_base_info(args.model), indent=2))
         elif args.kb == "add":
             ids = editing.add_rows(

@@ -10,9 +10,12 @@ Where the keys and soft labels of new rows come from:
   alone (a new sub-topic, corrected mistakes); the student's query lands near its own key, so these rows are found.
 
 Each edit rewrites the saved model folder atomically (config shapes, weights and index together), so it loads in a
-fresh process and can be pushed as it is; a failed edit leaves the folder as it was.
+fresh process and can be pushed as it is; a failed edit leaves the folder as it was. A folder with an exported ONNX
+graph (`hf-reaugkd export`) is exported again in the same rewrite, with the settings recorded in the graph: the
+graph holds the knowledge base, so the old one would serve the old rows.
 """
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -25,9 +28,12 @@ from .data import label_name, padded_batches, read_data_file, texts_of, tokenize
 from .errors import InputError
 from .knowledge_base import KnowledgeBase
 from .modeling_reaugkd import ReAugKDForSequenceClassification
+from .onnx_pipeline import ONNX_DIR
 from .pipeline_reaugkd import max_input_length
 from .saving import TEACHER_PROJECTION
 from .teacher import load_projection, needs_finetuning, project, teacher_batches
+
+logger = logging.getLogger(__name__)
 
 GOLD_LABEL_SMOOTHING = 0.1  # soft enough that one gold row does not outvote a teacher's confident neighbours
 
@@ -150,16 +156,47 @@ def _gold_rows(
 
 
 def _rewrite(model_dir: str | Path, model: ReAugKDForSequenceClassification, knowledge_base: KnowledgeBase) -> None:
-    """Save the model with its new knowledge base over `model_dir`, atomically, keeping the folder's other files."""
+    """Save the model with its new knowledge base over `model_dir`, atomically, keeping the folder's other files and
+    exporting its ONNX graph again, if it has one."""
     model.set_knowledge_base(knowledge_base)
     model_dir = Path(model_dir)
     with atomic_path(model_dir, directory=True) as tmp:
-        for entry in model_dir.iterdir():  # a Hub clone's .git, exported models, ...: everything but what is rewritten
+        for entry in model_dir.iterdir():  # a Hub clone's .git, ...: everything but what is rewritten
+            if entry.name == ONNX_DIR:
+                continue
             if entry.is_dir():
                 shutil.copytree(entry, tmp / entry.name, symlinks=True)
             else:
                 shutil.copy2(entry, tmp / entry.name)
         model.save_pretrained(tmp)
+        _export_again(model, model_dir, tmp)
+
+
+def _export_again(model: ReAugKDForSequenceClassification, model_dir: Path, tmp: Path) -> None:
+    """Export the edited model as `model_dir`'s graph was exported; without the exporter, leave no stale graph and
+    say so."""
+    if not (model_dir / ONNX_DIR).exists():
+        return
+    try:
+        from .onnx_export import DEFAULT_MAX_KNN_K, export_onnx, exported_settings
+
+        settings = exported_settings(model_dir) or {}
+    except InputError as err:
+        logger.warning(
+            "Removed %s/%s: it held the knowledge base before this edit, and it cannot be exported again here (%s). "
+            "Run `hf-reaugkd export %s` where hf-reaugkd[export] is installed.",
+            model_dir, ONNX_DIR, err, model_dir,
+        )  # fmt: skip
+        return
+    tokenizer = AutoTokenizer.from_pretrained(tmp)
+    export_onnx(
+        model,
+        tokenizer,
+        tmp,
+        settings.get("quantize", "none"),
+        settings.get("opset"),
+        settings.get("max_knn_k", DEFAULT_MAX_KNN_K),
+    )
 
 
 def _projection_metadata(path: Path) -> dict:

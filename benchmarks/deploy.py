@@ -1,0 +1,351 @@
+"""Deployment benchmark: the student with its knowledge base in ONNX Runtime against PyTorch and the teachers.
+
+    hf-reaugkd distill                                   # the demo's student: outputs/demo/model
+    python benchmarks/deploy.py --model outputs/demo/model --data $HF_REAUGKD_CACHE/data/rotten_tomatoes \
+        --parity bbc_news=RUN/bbc/model:$HF_REAUGKD_CACHE/data/bbc_news
+
+One run, side by side, `--threads` (2) threads for PyTorch and ONNX Runtime alike, `--rounds` (15) rounds; in each
+round every runtime runs the same pre-tokenized batches (padded to the max length: 64 and 128; batch 32 and batch 1)
+one after the other, so a ratio compares runs made under the same load. Tokenization is left out of every timing.
+Runtimes: the MiniLM-L6 and mpnet-base teachers (PyTorch, a classification head on the pretrained encoder: timing
+needs no fine-tuning); the student alone (β = 0) and with its knowledge base in PyTorch; the same in ONNX Runtime fp32
+and int8 (`hf-reaugkd export --quantize int8`). "Student alone" in ONNX is the same graph over a one-entry knowledge
+base, so `knowledge base share` (paired, per round: 1 − t(one entry) / t(knowledge base)) is what the scan, the vote
+and the mixing cost inside the graph. The same share is measured over 1M keys (the model's keys repeated with noise),
+with the int8 graph's recall@16 of the exact neighbours.
+
+Accuracy on the test split beside each student runtime, and per `--parity` task (the timed model's task first):
+fp32 ONNX against the PyTorch pipeline on every row (same label, max |Δp|, same neighbour ids), int8 against fp32
+(accuracy, neighbour overlap). Peak RSS: each runtime loaded and run alone in a fresh process.
+Output: `results/deploy.json` (written after each phase).
+"""
+
+import argparse
+import json
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import RESULTS_DIR, environment, read_csv, recall, write_json
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from hf_reaugkd import KnowledgeBase, assets, editing
+from hf_reaugkd.onnx_export import export_onnx
+from hf_reaugkd.onnx_pipeline import ONNXTextClassificationPipeline
+from hf_reaugkd.pipeline_reaugkd import ReAugKDTextClassificationPipeline
+
+BATCH_SIZES = (32, 1)
+MAX_LENGTHS = (64, 128)
+TEACHERS = ("teacher MiniLM-L6", "teacher mpnet-base")
+STUDENTS = (
+    "student PyTorch",
+    "student+KB PyTorch",
+    "student ONNX fp32",
+    "student+KB ONNX fp32",
+    "student ONNX int8",
+    "student+KB ONNX int8",
+    "student+1M KB ONNX fp32",
+    "student+1M KB ONNX int8",
+)
+
+
+def prepare_models(model_dir: Path, work_dir: Path, million: int) -> dict[str, Path]:
+    """Copies of the student exported over its own knowledge base, one entry of it, and `million` noisy copies of its
+    keys; the source folder is left as it is."""
+    folders = {"kb": work_dir / "kb", "one": work_dir / "one_entry", "million": work_dir / "million"}
+    if all((folder / "onnx" / "model_quantized.onnx").is_file() for folder in folders.values()):
+        return folders
+    model, tokenizer = editing.load_student(model_dir)
+    kb = model.knowledge_base
+    generator = torch.Generator().manual_seed(0)
+    repeats = torch.randint(0, kb.size, (million,), generator=generator)
+    noisy = kb.keys[repeats] + 0.05 * torch.randn(million, kb.dim, generator=generator)  # (M, d): near real keys
+    variants = {
+        "kb": None,
+        "one": KnowledgeBase.build(kb.keys[:1], kb.values[:1]),
+        "million": KnowledgeBase.build(noisy, kb.values[repeats], "torch"),
+    }
+    for name, folder in folders.items():
+        if (folder / "onnx" / "model_quantized.onnx").is_file():
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(model_dir, folder, ignore=shutil.ignore_patterns("onnx"))
+        if variants[name] is not None:
+            copy, _ = editing.load_student(folder)
+            copy.set_knowledge_base(variants[name])
+            (folder / "knowledge_base_texts.safetensors").unlink(missing_ok=True)
+            copy.config.kb_has_texts = False
+            copy.save_pretrained(folder)
+            model_for_export = copy
+        else:
+            model_for_export = model
+        print(f"Exporting {folder} ...", flush=True)
+        export_onnx(model_for_export, tokenizer, folder, quantize="int8")
+    return folders
+
+
+class Runtimes:
+    """Every runtime of the table, loaded once; `run(name, batch)` is one timed prediction."""
+
+    def __init__(self, names, folders: dict[str, Path], num_labels: int, threads: int):
+        self.torch, self.onnx = {}, {}
+        for name in names:
+            if name == "teacher MiniLM-L6":
+                self.torch[name] = self._teacher(assets.minilm_l6_path(), num_labels)
+            elif name == "teacher mpnet-base":
+                self.torch[name] = self._teacher(assets.mpnet_base_path(), num_labels)
+            elif name == "student PyTorch":
+                self.torch[name] = editing.load_student(folders["kb"])[0]
+            elif name == "student+KB PyTorch":
+                self.torch[name] = self.torch.get("student PyTorch") or editing.load_student(folders["kb"])[0]
+            else:
+                folder = {"student": "one", "student+KB": "kb", "student+1M KB": "million"}[name.split(" ONNX")[0]]
+                self.onnx[name] = ONNXTextClassificationPipeline(
+                    folders[folder], quantized=name.endswith("int8"), num_threads=threads
+                ).session
+
+    @staticmethod
+    def _teacher(path: Path, num_labels: int):
+        return AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=num_labels).eval()
+
+    @torch.no_grad()
+    def run(self, name: str, batch: dict[str, torch.Tensor]) -> None:
+        if name in self.onnx:
+            session = self.onnx[name]
+            wanted = {node.name for node in session.get_inputs()}
+            session.run(["probabilities"], {k: v.numpy() for k, v in batch.items() if k in wanted})
+        elif name == "student PyTorch":
+            self.torch[name](**batch, retrieval_weight=0.0)
+        elif name.startswith("teacher"):
+            model = self.torch[name]
+            model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")})
+        else:
+            self.torch[name](**batch)
+
+
+def timed_batches(texts: list[str], tokenizers: dict, runtime: str, batch_size: int, max_length: int, count: int):
+    tokenizer = tokenizers["mpnet" if "mpnet" in runtime else "student"]
+    return [
+        tokenizer(
+            texts[i * batch_size : (i + 1) * batch_size],
+            truncation=True,
+            padding="max_length",
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        for i in range(count)
+    ]
+
+
+def peak_rss_mib(runtime: str, args) -> float:
+    """Peak RSS of a fresh process that loads `runtime` alone and runs one batch at each setting."""
+    result = subprocess.run(
+        [sys.executable, __file__, "--rss_of", runtime, *sys.argv[1:]], capture_output=True, text=True, check=True
+    )
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def rss_probe(args, folders) -> None:
+    torch.set_num_threads(args.threads)
+    texts, labels = read_csv(args.data / "test.csv")
+    runtimes = Runtimes([args.rss_of], folders, len(set(labels)), args.threads)
+    tokenizers = tokenizers_for([args.rss_of], folders)
+    for batch_size in BATCH_SIZES:
+        for max_length in MAX_LENGTHS:
+            for batch in timed_batches(texts, tokenizers, args.rss_of, batch_size, max_length, 1):
+                runtimes.run(args.rss_of, batch)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def tokenizers_for(names, folders) -> dict:
+    found = {"student": AutoTokenizer.from_pretrained(folders["kb"])}
+    if any("mpnet" in name for name in names):
+        found["mpnet"] = AutoTokenizer.from_pretrained(str(assets.mpnet_base_path()))
+    return found
+
+
+def parity(model_dir: Path, data_dir: Path, work_dir: Path) -> dict:
+    """fp32 ONNX against the PyTorch pipeline on every test row, int8 against fp32, accuracy of every runtime."""
+    folder = work_dir / "kb"
+    if not (folder / "onnx" / "model_quantized.onnx").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(model_dir, folder, ignore=shutil.ignore_patterns("onnx"))
+        model, tokenizer = editing.load_student(folder)
+        export_onnx(model, tokenizer, folder, quantize="int8")
+    model, tokenizer = editing.load_student(folder)
+    texts, labels = read_csv(data_dir / "test.csv")
+    k = model.config.knn_k
+    torch_pipeline = ReAugKDTextClassificationPipeline(model=model, tokenizer=tokenizer)
+    fp32, int8 = (ONNXTextClassificationPipeline(folder, quantized=q) for q in (False, True))
+    results = {}
+    for beta_name, beta in (("student", 0.0), ("student+KB", None)):
+        call = {"top_k": None, "neighbors": k, "batch_size": 32}
+        if beta is not None:
+            call["retrieval_weight"] = beta
+        reference = torch_pipeline(texts, **call)
+        found = {"fp32": fp32(texts, **call), "int8": int8(texts, **call)}
+        by_label = [{s["label"]: s["score"] for s in row["scores"]} for row in reference]
+        entry = {
+            "PyTorch accuracy": float(
+                np.mean([r["scores"][0]["label"] == y for r, y in zip(reference, labels, strict=True)])
+            )
+        }
+        for precision, rows in found.items():
+            entry[f"ONNX {precision} accuracy"] = float(
+                np.mean([r["scores"][0]["label"] == y for r, y in zip(rows, labels, strict=True)])
+            )
+        ref_ids = [[n["id"] for n in r["neighbors"]] for r in reference]
+        for precision, rows in found.items():
+            ids = [[n["id"] for n in r["neighbors"]] for r in rows]
+            entry[f"ONNX {precision} vs PyTorch"] = {
+                "same_label_rows": int(
+                    sum(
+                        a["scores"][0]["label"] == b["scores"][0]["label"]
+                        for a, b in zip(rows, reference, strict=True)
+                    )
+                ),
+                "rows": len(texts),
+                "max_abs_probability_difference": max(
+                    abs(s["score"] - scores[s["label"]])
+                    for row, scores in zip(rows, by_label, strict=True)
+                    for s in row["scores"]
+                ),
+                "same_neighbour_ids_rows": int(sum(a == b for a, b in zip(ids, ref_ids, strict=True))),
+                "neighbour_overlap": recall(torch.tensor(ids), torch.tensor(ref_ids)),
+            }
+        results[beta_name] = entry
+    results["knn_k"] = k
+    results["retrieval_weight"] = model.config.retrieval_weight
+    results["retrieval_gate"] = model.config.retrieval_gate is not None
+    results["kb_size"] = model.config.kb_size
+    results["graph_mib"] = {p.name: p.stat().st_size / 2**20 for p in sorted((folder / "onnx").iterdir())}
+    return results
+
+
+def million_recall(folders: dict[str, Path], texts: list[str]) -> float:
+    """recall@16 of the int8 1M-key graph's neighbours against the exact fp32 neighbours of its own queries."""
+    model, tokenizer = editing.load_student(folders["million"])
+    int8 = ONNXTextClassificationPipeline(folders["million"], quantized=True)
+    found, exact = [], []
+    for start in range(0, 256, 32):
+        chunk = texts[start : start + 32]
+        found.append(torch.from_numpy(int8.run(chunk, knn_k=16)["neighbor_ids"]))
+        inputs = tokenizer(chunk, truncation=True, max_length=64, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            query = model(**inputs, retrieval_weight=0.0).query_embedding  # (b, d): the fp32 student's query
+        exact.append((query @ model.knowledge_base.keys.T).topk(16, dim=1).indices)
+    return recall(torch.cat(found), torch.cat(exact))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="A saved student (e.g. outputs/demo/model)")
+    parser.add_argument("--data", type=Path, required=True, help="Its task: a folder with test.csv")
+    parser.add_argument("--parity", action="append", default=[], help="NAME=MODEL_DIR:DATA_DIR, more tasks")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=4, help="Batches of 32 per round and setting")
+    parser.add_argument("--singles", type=int, default=16, help="Texts timed one at a time per round and setting")
+    parser.add_argument("--million", type=int, default=1_000_000, help="Keys of the large knowledge base")
+    parser.add_argument("--work_dir", type=Path, default=Path(__file__).parent / "runs" / "deploy")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "deploy.json")
+    parser.add_argument("--rss_of", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    folders = prepare_models(args.model, args.work_dir / args.data.name, args.million)
+    if args.rss_of:
+        return rss_probe(args, folders)
+
+    report = {"environment": environment(), "setting": vars(args) | {"model": str(args.model), "data": args.data.name}}
+    report["setting"] = {k: str(v) if isinstance(v, Path) else v for k, v in report["setting"].items()}
+    metrics_file = args.model / "metrics.json"
+    report["trained_model_metrics"] = (
+        json.loads(metrics_file.read_text()).get("test") if metrics_file.is_file() else None
+    )
+
+    # 1. Parity and accuracy, per task
+    tasks = [(args.data.name, args.model, args.data)]
+    for value in args.parity:
+        name, _, paths = value.partition("=")
+        model_dir, _, data_dir = paths.partition(":")
+        tasks.append((name, Path(model_dir), Path(data_dir)))
+    report["parity"] = {}
+    for name, model_dir, data_dir in tasks:
+        work = args.work_dir / args.data.name if name == args.data.name else args.work_dir / name
+        report["parity"][name] = parity(model_dir, data_dir, work)
+        write_json(args.output, report)
+    report["million_keys_int8_recall_at_16"] = million_recall(folders, read_csv(args.data / "test.csv")[0])
+    write_json(args.output, report)
+
+    # 2. Peak RSS, each runtime alone in a fresh process
+    report["peak_rss_mib"] = {name: peak_rss_mib(name, args) for name in tqdm((*TEACHERS, *STUDENTS), desc="Peak RSS")}
+    write_json(args.output, report)
+
+    # 3. Timing, all runtimes in one process, interleaved in every round
+    torch.set_num_threads(args.threads)
+    texts, labels = read_csv(args.data / "test.csv")
+    names = (*TEACHERS, *STUDENTS)
+    runtimes = Runtimes(names, folders, len(set(labels)), args.threads)
+    tokenizers = tokenizers_for(names, folders)
+    settings = [(b, t) for b in BATCH_SIZES for t in MAX_LENGTHS]
+    inputs = {
+        (name, b, t): timed_batches(texts, tokenizers, name, b, t, args.batches if b > 1 else args.singles)
+        for name in names
+        for b, t in settings
+    }
+    for key, batches in inputs.items():  # warm-up: sessions' first runs allocate, int8 scan copies are made
+        runtimes.run(key[0], batches[0])
+    seconds = {key: [] for key in inputs}
+    for _ in tqdm(range(args.rounds), desc="Timing rounds"):
+        for key, batches in inputs.items():
+            start = time.perf_counter()
+            for batch in batches:
+                runtimes.run(key[0], batch)
+            seconds[key].append(time.perf_counter() - start)
+
+    def examples(key) -> int:
+        return sum(len(batch["input_ids"]) for batch in inputs[key])
+
+    rows = []
+    for b, t in settings:
+        teacher_rates = {name: [examples((name, b, t)) / s for s in seconds[name, b, t]] for name in TEACHERS}
+        for name in names:
+            key = (name, b, t)
+            rates = [examples(key) / s for s in seconds[key]]
+            row = {
+                "runtime": name,
+                "batch_size": b,
+                "max_length": t,
+                "examples_per_second": statistics.median(rates),
+                "examples_per_second_range": [min(rates), max(rates)],
+                "ms_per_batch": 1000 * statistics.median(seconds[key]) / len(inputs[key]),
+            }
+            for teacher in TEACHERS:  # paired per round
+                ratios = [r / q for r, q in zip(rates, teacher_rates[teacher], strict=True)]
+                row[f"speedup_vs_{teacher.split()[1]}"] = statistics.median(ratios)
+                row[f"speedup_vs_{teacher.split()[1]}_range"] = [min(ratios), max(ratios)]
+            plain = {"student+KB PyTorch": "student PyTorch", "student+KB ONNX fp32": "student ONNX fp32"}
+            plain |= {"student+KB ONNX int8": "student ONNX int8", "student+1M KB ONNX fp32": "student ONNX fp32"}
+            plain |= {"student+1M KB ONNX int8": "student ONNX int8"}
+            if name in plain:
+                shares = [1 - p / s for s, p in zip(seconds[key], seconds[plain[name], b, t], strict=True)]
+                row["knowledge_base_share"] = statistics.median(shares)
+                row["knowledge_base_share_range"] = [min(shares), max(shares)]
+            if name == "student+KB ONNX fp32":
+                ratios = [p / s for s, p in zip(seconds[key], seconds["student+KB PyTorch", b, t], strict=True)]
+                row["speedup_vs_pytorch_student_kb"] = statistics.median(ratios)
+                row["speedup_vs_pytorch_student_kb_range"] = [min(ratios), max(ratios)]
+            rows.append(row)
+    report["timing"] = rows
+    write_json(args.output, report)
+    print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
