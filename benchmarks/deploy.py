@@ -229,19 +229,28 @@ def parity(model_dir: Path, data_dir: Path, work_dir: Path) -> dict:
     return results
 
 
-def million_recall(folders: dict[str, Path], texts: list[str]) -> float:
-    """recall@16 of the int8 1M-key graph's neighbours against the exact fp32 neighbours of its own queries."""
+def million_recall(folders: dict[str, Path], texts: list[str]) -> dict[str, float]:
+    """recall@16 of the int8 1M-key graph's neighbours: against the exact (fp32, every key) neighbours of the graph's
+    own int8 query (what the int8 scan and its re-scoring lose), and against the fp32 student's exact neighbours (that
+    and the int8 encoder's drift together)."""
     model, tokenizer = editing.load_student(folders["million"])
     int8 = ONNXTextClassificationPipeline(folders["million"], quantized=True)
-    found, exact = [], []
+    keys = model.knowledge_base.keys
+    found, exact_own, exact_fp32 = [], [], []
     for start in range(0, 256, 32):
         chunk = texts[start : start + 32]
-        found.append(torch.from_numpy(int8.run(chunk, knn_k=16)["neighbor_ids"]))
+        outputs = int8.run(chunk, knn_k=16)
+        found.append(torch.from_numpy(outputs["neighbor_ids"]))
+        exact_own.append((torch.from_numpy(outputs["query_embedding"]) @ keys.T).topk(16, dim=1).indices)
         inputs = tokenizer(chunk, truncation=True, max_length=64, padding=True, return_tensors="pt")
         with torch.no_grad():
             query = model(**inputs, retrieval_weight=0.0).query_embedding  # (b, d): the fp32 student's query
-        exact.append((query @ model.knowledge_base.keys.T).topk(16, dim=1).indices)
-    return recall(torch.cat(found), torch.cat(exact))
+        exact_fp32.append((query @ keys.T).topk(16, dim=1).indices)
+    found = torch.cat(found)
+    return {
+        "int8_scan_vs_exact_for_its_query": recall(found, torch.cat(exact_own)),
+        "int8_graph_vs_fp32_student_exact": recall(found, torch.cat(exact_fp32)),
+    }
 
 
 def main() -> None:
@@ -280,7 +289,7 @@ def main() -> None:
         work = args.work_dir / args.data.name if name == args.data.name else args.work_dir / name
         report["parity"][name] = parity(model_dir, data_dir, work)
         write_json(args.output, report)
-    report["million_keys_int8_recall_at_16"] = million_recall(folders, read_csv(args.data / "test.csv")[0])
+    report["million_keys_recall_at_16"] = million_recall(folders, read_csv(args.data / "test.csv")[0])
     write_json(args.output, report)
 
     # 2. Peak RSS, each runtime alone in a fresh process

@@ -39,6 +39,7 @@ OUTPUT_NAMES = (
     "neighbor_ids",
     "neighbor_similarities",
     "neighbor_weights",
+    "query_embedding",
 )
 
 
