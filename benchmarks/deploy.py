@@ -5,8 +5,9 @@
         --parity bbc_news=RUN/bbc/model:$HF_REAUGKD_CACHE/data/bbc_news
 
 One run, side by side, `--threads` (2) threads for PyTorch and ONNX Runtime alike, `--rounds` (15) rounds; in each
-round every runtime runs the same pre-tokenized batches (padded to the max length: 64 and 128; batch 32 and batch 1)
-one after the other, so a ratio compares runs made under the same load. Tokenization is left out of every timing.
+round every runtime runs the same pre-tokenized batches (padded to the max length: 64 and 128; batch 32 and batch 1),
+batch by batch in turn (each batch goes through every runtime before the next), so a ratio compares runs made under
+the same load; ratios are per round, median and range over rounds. Tokenization is left out of every timing.
 Runtimes: the MiniLM-L6 and mpnet-base teachers (PyTorch, a classification head on the pretrained encoder: timing
 needs no fine-tuning); the student alone (β = 0) and with its knowledge base in PyTorch; the same in ONNX Runtime fp32
 and int8 (`hf-reaugkd export --quantize int8`). "Student alone" in ONNX is the same graph over a one-entry knowledge
@@ -144,11 +145,37 @@ def timed_batches(texts: list[str], tokenizers: dict, runtime: str, batch_size: 
     ]
 
 
-def peak_rss_mib(runtime: str, args) -> float:
-    """Peak RSS of a fresh process that loads `runtime` alone and runs one batch at each setting."""
-    result = subprocess.run(
-        [sys.executable, __file__, "--rss_of", runtime, *sys.argv[1:]], capture_output=True, text=True, check=True
-    )
+ONNX_RSS_PROBE = """
+import sys
+from hf_reaugkd.onnx_pipeline import ONNXTextClassificationPipeline
+classifier = ONNXTextClassificationPipeline({folder!r}, quantized={quantized}, num_threads={threads})
+texts = {texts!r}
+for max_length in (64, 128):
+    classifier.tokenizer.enable_truncation(max_length)
+    classifier.run(texts[:32])
+    classifier.run(texts[:1])
+assert "torch" not in sys.modules
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(int(hwm.split()[1]) / 1024)
+"""
+
+
+def peak_rss_mib(runtime: str, args, folders: dict[str, Path]) -> float:
+    """Peak RSS of a fresh process that loads `runtime` alone and runs one batch at each setting. An ONNX runtime
+    runs as it is served, through `ONNXTextClassificationPipeline`, in a process that never imports torch."""
+    if " ONNX " in runtime:
+        texts = [" ".join([text] * 8) for text in read_csv(args.data / "test.csv")[0][:32]]  # past 128 tokens
+        folder = folders[{"student": "one", "student+KB": "kb", "student+1M KB": "million"}[runtime.split(" ONNX")[0]]]
+        code = ONNX_RSS_PROBE.format(
+            folder=str(folder),
+            quantized=runtime.endswith("int8"),
+            threads=args.threads,
+            texts=texts,
+        )
+        command = [sys.executable, "-c", code]
+    else:
+        command = [sys.executable, __file__, "--rss_of", runtime, *sys.argv[1:]]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
     return float(result.stdout.strip().splitlines()[-1])
 
 
@@ -161,7 +188,18 @@ def rss_probe(args, folders) -> None:
         for max_length in MAX_LENGTHS:
             for batch in timed_batches(texts, tokenizers, args.rss_of, batch_size, max_length, 1):
                 runtimes.run(args.rss_of, batch)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(peak_rss_of_this_process_mib())
+
+
+def peak_rss_of_this_process_mib() -> float:
+    """VmHWM: the peak of this process image. (`ru_maxrss` survives `exec`: a probe started by a parent that built the
+    1M-key knowledge base would report the parent's peak.)"""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def tokenizers_for(names, folders) -> dict:
@@ -266,12 +304,23 @@ def main() -> None:
     parser.add_argument("--work_dir", type=Path, default=Path(__file__).parent / "runs" / "deploy")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "deploy.json")
     parser.add_argument("--rss_of", help=argparse.SUPPRESS)
+    parser.add_argument("--table", action="store_true", help="Print the table of an existing --output and stop")
+    parser.add_argument(
+        "--phases", default="parity,rss,timing", help="Phases to run; the others are kept from an existing --output"
+    )
     args = parser.parse_args()
+    if args.table:
+        return print(markdown_table(json.loads(args.output.read_text())))
     folders = prepare_models(args.model, args.work_dir / args.data.name, args.million)
     if args.rss_of:
         return rss_probe(args, folders)
 
-    report = {"environment": environment(), "setting": vars(args) | {"model": str(args.model), "data": args.data.name}}
+    phases = set(args.phases.split(","))
+    report = (
+        json.loads(args.output.read_text()) if args.output.is_file() and phases != {"parity", "rss", "timing"} else {}
+    )
+    report["environment"] = environment()
+    report["setting"] = vars(args) | {"model": str(args.model), "data": args.data.name}
     report["setting"] = {k: str(v) if isinstance(v, Path) else v for k, v in report["setting"].items()}
     metrics_file = args.model / "metrics.json"
     report["trained_model_metrics"] = (
@@ -284,17 +333,22 @@ def main() -> None:
         name, _, paths = value.partition("=")
         model_dir, _, data_dir = paths.partition(":")
         tasks.append((name, Path(model_dir), Path(data_dir)))
-    report["parity"] = {}
-    for name, model_dir, data_dir in tasks:
-        work = args.work_dir / args.data.name if name == args.data.name else args.work_dir / name
-        report["parity"][name] = parity(model_dir, data_dir, work)
+    if "parity" in phases:
+        report["parity"] = {}
+        for name, model_dir, data_dir in tasks:
+            work = args.work_dir / args.data.name if name == args.data.name else args.work_dir / name
+            report["parity"][name] = parity(model_dir, data_dir, work)
+            write_json(args.output, report)
+        report["million_keys_recall_at_16"] = million_recall(folders, read_csv(args.data / "test.csv")[0])
         write_json(args.output, report)
-    report["million_keys_recall_at_16"] = million_recall(folders, read_csv(args.data / "test.csv")[0])
-    write_json(args.output, report)
 
     # 2. Peak RSS, each runtime alone in a fresh process
-    report["peak_rss_mib"] = {name: peak_rss_mib(name, args) for name in tqdm((*TEACHERS, *STUDENTS), desc="Peak RSS")}
-    write_json(args.output, report)
+    if "rss" in phases:
+        names = (*TEACHERS, *STUDENTS)
+        report["peak_rss_mib"] = {name: peak_rss_mib(name, args, folders) for name in tqdm(names, desc="Peak RSS")}
+        write_json(args.output, report)
+    if "timing" not in phases:
+        return print(markdown_table(report))
 
     # 3. Timing, all runtimes in one process, interleaved in every round
     torch.set_num_threads(args.threads)
@@ -312,11 +366,15 @@ def main() -> None:
         runtimes.run(key[0], batches[0])
     seconds = {key: [] for key in inputs}
     for _ in tqdm(range(args.rounds), desc="Timing rounds"):
-        for key, batches in inputs.items():
-            start = time.perf_counter()
-            for batch in batches:
-                runtimes.run(key[0], batch)
-            seconds[key].append(time.perf_counter() - start)
+        for b, t in settings:
+            totals = dict.fromkeys(names, 0.0)
+            for index in range(args.batches if b > 1 else args.singles):
+                for name in names:  # every runtime on this batch in turn: the same load for all of them
+                    start = time.perf_counter()
+                    runtimes.run(name, inputs[name, b, t][index])
+                    totals[name] += time.perf_counter() - start
+            for name, total in totals.items():
+                seconds[name, b, t].append(total)
 
     def examples(key) -> int:
         return sum(len(batch["input_ids"]) for batch in inputs[key])
@@ -353,7 +411,42 @@ def main() -> None:
             rows.append(row)
     report["timing"] = rows
     write_json(args.output, report)
-    print(json.dumps(rows, indent=1))
+    print(markdown_table(report))
+
+
+def markdown_table(report: dict) -> str:
+    """The benchmarks README's deploy table, from the record alone (`python benchmarks/deploy.py --table`)."""
+    task = report["setting"]["data"]
+    accuracy = {}
+    for beta_name in ("student", "student+KB"):
+        entry = report["parity"][task][beta_name]
+        accuracy[f"{beta_name} PyTorch"] = entry["PyTorch accuracy"]
+        for precision in ("fp32", "int8"):
+            accuracy[f"{beta_name} ONNX {precision}"] = entry[f"ONNX {precision} accuracy"]
+    lines = [
+        "| runtime | batch | length | examples/s | × MiniLM-L6 teacher | × mpnet-base teacher | knowledge-base share "
+        "| test accuracy | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["timing"]:
+        share = row.get("knowledge_base_share")
+        cells = [
+            row["runtime"],
+            str(row["batch_size"]),
+            str(row["max_length"]),
+            f"{row['examples_per_second']:.1f}",
+            f"{row['speedup_vs_MiniLM-L6']:.2f} ({row['speedup_vs_MiniLM-L6_range'][0]:.2f}–"
+            f"{row['speedup_vs_MiniLM-L6_range'][1]:.2f})",
+            f"{row['speedup_vs_mpnet-base']:.2f}",
+            ""
+            if share is None
+            else f"{100 * share:.1f}% ({100 * row['knowledge_base_share_range'][0]:.1f} to "
+            f"{100 * row['knowledge_base_share_range'][1]:.1f})",
+            "" if row["runtime"] not in accuracy else f"{100 * accuracy[row['runtime']]:.2f}",
+            f"{report['peak_rss_mib'][row['runtime']]:.0f} MiB",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from hf_reaugkd.distill import main
 
 def test_end_to_end_then_fresh_process_pipeline(task, capsys):
     output_dir = task / "out"
-    main(pipeline_args(task, output_dir, "--relational_neighbors", "4"))
+    main(pipeline_args(task, output_dir, "--relational_neighbors", "4", "--export_onnx", "fp32"))
     printed = capsys.readouterr().out
     assert "student + retrieval" in printed and "chosen on validation" in printed
 
@@ -58,6 +58,12 @@ def test_end_to_end_then_fresh_process_pipeline(task, capsys):
         task,
     )
     assert [row["label"] for row in got] and all(row["label"] in ("negative", "positive") for row in got)
+    # --export_onnx: the saved folder carries the graph of the knowledge base it was saved with
+    from hf_reaugkd.onnx_pipeline import ONNXTextClassificationPipeline
+
+    onnx_labels = ONNXTextClassificationPipeline(model_dir)(["the movie was great fun", "awful boring plot"])
+    assert [row["label"] for row in onnx_labels] == [row["label"] for row in got]
+    assert not (model_dir / "onnx" / "model_quantized.onnx").exists()
 
 
 def test_rerun_skips_finished_stages(task):

@@ -41,7 +41,13 @@ GOLD_LABEL_SMOOTHING = 0.1  # soft enough that one gold row does not outvote a t
 def load_student(model_dir: str | Path) -> tuple[ReAugKDForSequenceClassification, object]:
     """The saved student (with its knowledge base) and its tokenizer, in eval mode."""
     model = ReAugKDForSequenceClassification.from_pretrained(model_dir).eval()
-    return model, AutoTokenizer.from_pretrained(model_dir)
+    return model, load_tokenizer(model_dir)
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The saved tokenizer. It is no remote code, but without `trust_remote_code=False` `AutoTokenizer` would stop
+    to ask in a terminal whether to run the config's."""
+    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
 
 
 def knowledge_base_info(model_dir: str | Path) -> dict:
@@ -188,7 +194,7 @@ def _export_again(model: ReAugKDForSequenceClassification, model_dir: Path, tmp:
             model_dir, ONNX_DIR, err, model_dir,
         )  # fmt: skip
         return
-    tokenizer = AutoTokenizer.from_pretrained(tmp)
+    tokenizer = load_tokenizer(tmp)
     export_onnx(
         model,
         tokenizer,
