@@ -6,13 +6,15 @@
 
 One run, side by side, `--threads` (2) threads for PyTorch and ONNX Runtime alike, `--rounds` (15) rounds; in each
 round every runtime runs the same pre-tokenized batches (padded to the max length: 64 and 128; batch 32 and batch 1),
-batch by batch in turn (each batch goes through every runtime before the next), so a ratio compares runs made under
-the same load; ratios are per round, median and range over rounds. Tokenization is left out of every timing.
+one runtime after the other, each after an untimed run of its own (so another runtime's still-spinning threads do
+not slow its first batch); ratios are per round, median and range over rounds. Tokenization is left out of every timing.
 Runtimes: the MiniLM-L6 and mpnet-base teachers (PyTorch, a classification head on the pretrained encoder: timing
 needs no fine-tuning); the student alone (β = 0) and with its knowledge base in PyTorch; the same in ONNX Runtime fp32
 and int8 (`hf-reaugkd export --quantize int8`). "Student alone" in ONNX is the same graph over a one-entry knowledge
 base, so `knowledge base share` (paired, per round: 1 − t(one entry) / t(knowledge base)) is what the scan, the vote
-and the mixing cost inside the graph. The same share is measured over 1M keys (the model's keys repeated with noise),
+and the mixing cost end to end. It moves by several points between rounds, so the share is also read where it runs:
+ONNX Runtime's profiler, the kernel time of every node from the knowledge-base scan on (scan, top-k, re-scoring,
+vote, mixing), as a share of the graph's kernel time (`profiled_retrieval_share`). The same share is measured over 1M keys (the model's keys repeated with noise),
 with the int8 graph's recall@16 of the exact neighbours.
 
 Accuracy on the test split beside each student runtime, and per `--parity` task (the timed model's task first):
@@ -267,6 +269,45 @@ def parity(model_dir: Path, data_dir: Path, work_dir: Path) -> dict:
     return results
 
 
+def profiled_retrieval_share(
+    folder: Path, quantized: bool, batches: list[dict], threads: int, work_dir: Path
+) -> float:
+    """Share of the graph's kernel time spent from the knowledge-base scan on, over `batches`, by ONNX Runtime's
+    profiler. The scan is the node that reads the `(kb_dim, kb_size)` keys; what depends on its output is retrieval,
+    found in the graph as ONNX Runtime optimized it (the names its profiler reports)."""
+    import onnx
+    import onnxruntime
+
+    config = json.loads((folder / "config.json").read_text())
+    source = folder / "onnx" / ("model_quantized.onnx" if quantized else "model.onnx")
+    optimized = work_dir / f"{folder.name}-{source.stem}-optimized.onnx"
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.log_severity_level = threads, 3
+    options.enable_profiling, options.profile_file_prefix = (
+        True,
+        str(work_dir / f"profile-{folder.name}-{source.stem}"),
+    )
+    options.optimized_model_filepath = str(optimized)
+    session = onnxruntime.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    wanted = {node.name for node in session.get_inputs()}
+    for batch in batches * 3:
+        session.run(["probabilities"], {k: v.numpy() for k, v in batch.items() if k in wanted})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    graph = onnx.load(str(optimized), load_external_data=False).graph
+    keys = {i.name for i in graph.initializer if list(i.dims) == [config["kb_dim"], config["kb_size"]]}
+    frontier = [node for node in graph.node if keys & set(node.input)]
+    retrieval = set()
+    while frontier:
+        node = frontier.pop()
+        if node.name in retrieval:
+            continue
+        retrieval.add(node.name)
+        frontier += [n for n in graph.node if set(node.output) & set(n.input)]
+    kernel = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    total = sum(e["dur"] for e in kernel)
+    return sum(e["dur"] for e in kernel if e["name"].removesuffix("_kernel_time") in retrieval) / total
+
+
 def million_recall(folders: dict[str, Path], texts: list[str]) -> dict[str, float]:
     """recall@16 of the int8 1M-key graph's neighbours: against the exact (fp32, every key) neighbours of the graph's
     own int8 query (what the int8 scan and its re-scoring lose), and against the fp32 student's exact neighbours (that
@@ -367,14 +408,15 @@ def main() -> None:
     seconds = {key: [] for key in inputs}
     for _ in tqdm(range(args.rounds), desc="Timing rounds"):
         for b, t in settings:
-            totals = dict.fromkeys(names, 0.0)
-            for index in range(args.batches if b > 1 else args.singles):
-                for name in names:  # every runtime on this batch in turn: the same load for all of them
-                    start = time.perf_counter()
-                    runtimes.run(name, inputs[name, b, t][index])
-                    totals[name] += time.perf_counter() - start
-            for name, total in totals.items():
-                seconds[name, b, t].append(total)
+            for name in names:
+                batches = inputs[name, b, t]
+                # untimed: the previous runtime's threads, still spinning, would slow this one's first run (at
+                # batch 1 by up to 3x when runtimes alternate batch by batch, measured)
+                runtimes.run(name, batches[0])
+                start = time.perf_counter()
+                for batch in batches:
+                    runtimes.run(name, batch)
+                seconds[name, b, t].append(time.perf_counter() - start)
 
     def examples(key) -> int:
         return sum(len(batch["input_ids"]) for batch in inputs[key])
@@ -410,6 +452,16 @@ def main() -> None:
                 row["speedup_vs_pytorch_student_kb_range"] = [min(ratios), max(ratios)]
             rows.append(row)
     report["timing"] = rows
+    write_json(args.output, report)
+    profiled = {}
+    for folder_name, label in (("kb", "student+KB"), ("million", "student+1M KB")):
+        for quantized in (False, True):
+            for b, t in settings:
+                share = profiled_retrieval_share(
+                    folders[folder_name], quantized, inputs["student PyTorch", b, t], args.threads, args.work_dir
+                )
+                profiled[f"{label} ONNX {'int8' if quantized else 'fp32'} batch {b} length {t}"] = share
+    report["profiled_retrieval_share"] = profiled
     write_json(args.output, report)
     print(markdown_table(report))
 

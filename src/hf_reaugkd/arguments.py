@@ -170,13 +170,6 @@ class ModelArguments:
             "publish. Demo: on."
         },
     )
-    export_onnx: str = field(
-        default="none",
-        metadata={
-            "help": "Also export the saved student with its knowledge base to ONNX (onnx/model.onnx; 'int8' adds "
-            "onnx/model_quantized.onnx), before --push_to_hub: 'none', 'fp32' or 'int8'. Needs hf-reaugkd[export]."
-        },
-    )
     keep_checkpoints: bool = field(
         default=False,
         metadata={
@@ -196,8 +189,6 @@ class ModelArguments:
     def __post_init__(self):
         if self.kb_dim < 1:
             raise InputError(f"--kb_dim must be >= 1, got {self.kb_dim}")
-        if self.export_onnx not in ("none", "fp32", "int8"):
-            raise InputError(f"--export_onnx must be 'none', 'fp32' or 'int8', got {self.export_onnx!r}")
         if self.pooling not in ("mean", "cls"):
             raise InputError(f"--pooling must be 'mean' or 'cls', got {self.pooling!r}")
         if self.index_type not in ("auto", *INDEX_TYPES):

@@ -214,11 +214,11 @@ def run(
         "max_seq_length": str(data_args.max_seq_length),
     }
     model_dir = save_student(output_dir / "model", student, tokenizer, card, metrics, projection, projection_metadata)
-    if model_args.export_onnx != "none":  # into the saved folder, so a push carries it
+    if training_args.export_onnx != "none":  # into the saved folder, so a push carries it
         from .onnx_export import export_onnx
 
-        export_onnx(student, tokenizer, model_dir, quantize="int8" if model_args.export_onnx == "int8" else "none")
-        logger.info("Exported the student to %s/onnx (%s)", model_dir, model_args.export_onnx)
+        export_onnx(student, tokenizer, model_dir, quantize="int8" if training_args.export_onnx == "int8" else "none")
+        logger.info("Exported the student to %s/onnx (%s)", model_dir, training_args.export_onnx)
     write_json(output_dir / "metrics.json", metrics)
     print_results(metrics)
     logger.info("Saved the retrieval-augmented student to %s", model_dir)

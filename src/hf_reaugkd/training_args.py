@@ -62,8 +62,18 @@ class ReAugKDTrainingArguments(TrainingArguments):
         },
     )
 
+    export_onnx: str = field(
+        default="none",
+        metadata={
+            "help": "Also export the saved student with its knowledge base to ONNX (onnx/model.onnx; 'int8' adds "
+            "onnx/model_quantized.onnx), before --push_to_hub: 'none', 'fp32' or 'int8'. Needs hf-reaugkd[export]."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
+        if self.export_onnx not in ("none", "fp32", "int8"):
+            raise InputError(f"--export_onnx must be 'none', 'fp32' or 'int8', got {self.export_onnx!r}")
         weights = (
             self.distillation_weight, self.relational_weight, self.ce_weight, self.own_key_weight,
             self.own_key_cosine_weight,
