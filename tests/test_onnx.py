@@ -240,3 +240,10 @@ def test_kb_remove_without_the_exporter_drops_the_stale_graph_and_says_so(export
     assert not (directory / "onnx").exists()
     assert "Removed" in caplog.text and "hf-reaugkd export" in caplog.text
     assert json.loads((directory / "config.json").read_text())["kb_size"] == 59
+
+
+def test_sentence_pairs_are_encoded_as_the_pytorch_pipeline_encodes_them(exported, tiny_tokenizer):
+    model, directory = exported
+    pairs = [{"text": "the movie was good", "text_pair": "a boring long plot"}, {"text": "awful", "text_pair": "fun"}]
+    expected = torch_pipeline(model, tiny_tokenizer)(pairs, top_k=None, neighbors=2)
+    assert_same_results(ONNXTextClassificationPipeline(directory)(pairs, top_k=None, neighbors=2), expected, 1e-5)
