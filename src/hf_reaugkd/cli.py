@@ -5,6 +5,7 @@ import json
 import sys
 
 from .errors import InputError
+from .onnx_pipeline import DEFAULT_MAX_KNN_K
 
 USAGE = """usage: hf-reaugkd COMMAND ...
 
@@ -57,7 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("model")
     export.add_argument("--quantize", choices=("none", "int8"), default="none", help="also write an int8 graph")
     export.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
-    export.add_argument("--max_knn_k", type=int, default=32, help="the largest knn_k the graph serves (default 32)")
+    export.add_argument(
+        "--max_knn_k",
+        type=int,
+        default=DEFAULT_MAX_KNN_K,
+        help=f"the largest knn_k the graph serves ({DEFAULT_MAX_KNN_K})",
+    )
     kb = commands.add_parser("kb", help="inspect or edit a saved student's knowledge base").add_subparsers(dest="kb")
     kb.add_parser("info").add_argument("model")
     add = kb.add_parser("add")

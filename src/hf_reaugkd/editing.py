@@ -28,7 +28,7 @@ from .data import label_name, padded_batches, read_data_file, texts_of, tokenize
 from .errors import InputError
 from .knowledge_base import KnowledgeBase
 from .modeling_reaugkd import ReAugKDForSequenceClassification
-from .onnx_pipeline import ONNX_DIR
+from .onnx_pipeline import DEFAULT_MAX_KNN_K, ONNX_DIR
 from .pipeline_reaugkd import max_input_length
 from .saving import TEACHER_PROJECTION
 from .teacher import load_projection, needs_finetuning, project, teacher_batches
@@ -184,7 +184,7 @@ def _export_again(model: ReAugKDForSequenceClassification, model_dir: Path, tmp:
     if not (model_dir / ONNX_DIR).exists():
         return
     try:
-        from .onnx_export import DEFAULT_MAX_KNN_K, export_onnx, exported_settings
+        from .onnx_export import export_onnx, exported_settings
 
         settings = exported_settings(model_dir) or {}
     except InputError as err:

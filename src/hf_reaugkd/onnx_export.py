@@ -33,6 +33,7 @@ from torch import nn
 
 from .caching import atomic_path
 from .errors import InputError
+from .knowledge_base import RESCORE_EXTRA
 from .modeling_reaugkd import (
     ReAugKDForSequenceClassification,
     gated_retrieval_weight,
@@ -41,6 +42,7 @@ from .modeling_reaugkd import (
     retrieval_gate_features,
 )
 from .onnx_pipeline import (
+    DEFAULT_MAX_KNN_K,
     EXPORT_SETTINGS_KEY,
     GATE_SENTINEL,
     KB_SHA256_KEY,
@@ -55,8 +57,6 @@ logger = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("none", "int8")
 MAX_GRAPH_BYTES = 3 * 2**29  # 1.5 GiB of knowledge base, under protobuf's 2 GiB with the encoder beside it
-DEFAULT_MAX_KNN_K = 32  # the largest runtime k: k beyond the config's without a re-export, at a negligible top-k cost
-INT8_RESCORE_EXTRA = 16  # as knowledge_base.RESCORE_EXTRA[torch.int8], measured by benchmarks/rescore_window.py
 # The example batch traced: neither 0 nor 1 (which the exporter would specialize), unlike any other dimension.
 EXAMPLE_BATCH, EXAMPLE_LENGTH = 3, 7
 
@@ -165,7 +165,7 @@ def export_onnx(
         written = [out / ONNX_FILE]
         _export_graph(ServingGraph(model, max_knn_k), tokenizer, written[0], defaults, metadata, opset, onnx)
         if quantize == "int8":
-            candidates = max_knn_k + max(max_knn_k, INT8_RESCORE_EXTRA)
+            candidates = max_knn_k + max(max_knn_k, RESCORE_EXTRA[torch.int8])  # as the torch int8 scan
             fp32 = Path(scratch) / "rescoring.onnx"
             _export_graph(ServingGraph(model, max_knn_k, candidates), tokenizer, fp32, defaults, metadata, opset, onnx)
             written.append(out / QUANTIZED_ONNX_FILE)

@@ -31,6 +31,9 @@ KB_SHA256_KEY = "hf_reaugkd.knowledge_base_sha256"
 EXPORT_SETTINGS_KEY = "hf_reaugkd.export"  # JSON: quantize, opset, max_knn_k (what a re-export repeats)
 KB_TENSORS = ("reaugkd.knowledge_base.keys", "reaugkd.knowledge_base.values")
 TEXTS_FILE = "knowledge_base_texts.safetensors"  # as `knowledge_base.TEXTS_FILE` (that module imports torch)
+DEFAULT_MAX_KNN_K = (
+    32  # the largest runtime k of an export: k beyond the config's without a re-export, at a negligible cost
+)
 GATE_SENTINEL = -1.0  # `retrieval_weight` below 0 means: the config's per-query β(x) (the default when one is served)
 OUTPUT_NAMES = (
     "probabilities",
