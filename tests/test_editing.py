@@ -98,7 +98,7 @@ def test_kb_cli_info_remove_by_label_explain_and_errors(saved, capsys):
     cli.main(["kb", "info", str(model_dir)])
     info = json.loads(capsys.readouterr().out)
     assert info["size"] == 98 and sum(info["rows_per_label"].values()) == 98
-    assert info["teacher_projection"]["max_seq_length"] == "16"
+    assert info["teacher_projection"]["max_seq_length"] == 16
     positive = info["rows_per_label"]["positive"]
     assert positive >= 2
     cli.main(["kb", "remove", str(model_dir), "--where-label", "positive"])

@@ -408,18 +408,19 @@ def test_mixed_numeric_and_named_labels(tmp_path):
         load(tmp_path, train)
     message = str(error.value)
     assert str(tmp_path / "train.csv") in message
-    assert "row 2 is '1'" in message and "row 0 is 'positive'" in message
+    assert "line 4 is '1'" in message and "line 2 is 'positive'" in message  # the file's lines, header included
 
 
 @pytest.mark.parametrize(
-    ("train", "row"),
+    ("train", "line"),
     [
-        ("text,label\ngood movie,positive\nbad movie,\nfun plot,negative\n", 1),
-        ("text,label\ngood movie,0\nbad movie,1\nfun plot,\nthe film,1\n", 2),  # integer labels with a blank
+        ("text,label\ngood movie,positive\nbad movie,\nfun plot,negative\n", 3),
+        ("text,label\ngood movie,0\nbad movie,1\nfun plot,\nthe film,1\n", 4),  # integer labels with a blank
+        ('text,label\n"good\nmovie",0\n\nbad movie,1\nfun plot,\nthe film,1\n', 6),  # a quoted newline, a blank line
     ],
 )
-def test_blank_label_cell(tmp_path, train, row):
-    with pytest.raises(InputError, match=rf"Empty label in column 'label', row {row} of the train file \S*train.csv"):
+def test_blank_label_cell(tmp_path, train, line):
+    with pytest.raises(InputError, match=rf"Empty label in column 'label', line {line} of the train file \S*train.csv"):
         load(tmp_path, train)
 
 

@@ -148,21 +148,26 @@ def test_k1_beta1_with_own_embedding_returns_that_soft_label(batch):
     torch.testing.assert_close(out.logits.softmax(-1), soft_labels)
 
 
-@pytest.mark.parametrize("beta", [1.5, -0.1])
+@pytest.mark.parametrize("beta", [1.5, -0.1, float("nan"), "0.5", True])
 def test_retrieval_weight_outside_0_1_is_rejected(batch, beta):
-    with pytest.raises(ValueError, match=rf"retrieval_weight \(β\) must be in \[0, 1\], got {beta}"):
+    with pytest.raises(ValueError, match=r"retrieval_weight \(β\) must be a number in \[0, 1\], got"):
         tiny_student()(**batch, retrieval_weight=beta)
+
+
+TEMPERATURE = r"retrieval_temperature \(τ_r\) must be a finite number >= 1e-06"
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [({"knn_k": 0}, "knn_k must be an integer >= 1"), ({"knn_k": -1}, "knn_k must be an integer >= 1"),
-     ({"knn_k": 2.5}, "knn_k must be an integer >= 1"), ({"retrieval_temperature": 0.0}, "retrieval_temperature must be > 0"),
-     ({"retrieval_temperature": -1.0}, "retrieval_temperature must be > 0")],
+     ({"knn_k": 2.5}, "knn_k must be an integer >= 1"), ({"retrieval_temperature": 0.0}, TEMPERATURE),
+     ({"retrieval_temperature": -1.0}, TEMPERATURE), ({"retrieval_temperature": 1e-40}, TEMPERATURE),
+     ({"retrieval_temperature": float("inf")}, TEMPERATURE), ({"retrieval_temperature": float("nan")}, TEMPERATURE),
+     ({"retrieval_temperature": "0.1"}, TEMPERATURE)],
 )  # fmt: skip
 def test_per_call_k_and_temperature_out_of_range_are_rejected(batch, overrides, message):
-    """The config refuses these values, so the per-call overrides must too: k = -1 used to return N - 1 neighbours and
-    τ_r = 0 the plain student's prediction, both silently."""
+    """The config refuses these values, so the per-call overrides must too: k = -1 used to return N - 1 neighbours,
+    τ_r = 0 the plain student's prediction, both silently, and τ_r = 1e-40 NaN scores."""
     with pytest.raises(ValueError, match=message):
         tiny_student()(**batch, retrieval_weight=1.0, **overrides)
 
@@ -527,7 +532,8 @@ def test_forward_mixes_with_the_per_query_gate_unless_a_weight_is_given(tiny_tok
     torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
 
 
-@pytest.mark.parametrize("gate", [[1.0, 2.0], [0.0, 0.0, 0.0, float("nan"), 0.0]])
+@pytest.mark.parametrize("gate", [[1.0, 2.0], [0.0, 0.0, 0.0, float("nan"), 0.0], [1e300, 0.0, 0.0, 0.0, 0.0]])
 def test_malformed_retrieval_gate_is_rejected(gate):
-    with pytest.raises(Exception, match="retrieval_gate must be 5 finite numbers"):
+    """1e300 is finite, but inf in fp32, and inf · 0 (a query's zero feature) is NaN."""
+    with pytest.raises(Exception, match=r"retrieval_gate must be 5 numbers .* each within ±1e\+06"):
         tiny_student(kb_size=0, retrieval_gate=gate)

@@ -7,6 +7,7 @@ interrupted write never looks finished and never destroys the previous result.
 """
 
 import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -16,6 +17,8 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import InputError
 
 CHUNK_BYTES = 1 << 20  # files are hashed in 1 MiB reads: memory stays flat for multi-GB checkpoints
 
@@ -58,10 +61,12 @@ def atomic_path(path: str | os.PathLike, directory: bool = False) -> Iterator[Pa
     whatever was at `path` before is left as it was. A directory that already exists is swapped with the new one
     in one step (Linux `renameat2(RENAME_EXCHANGE)`), so there is no instant without either; elsewhere the old one is
     moved aside first. The temporary's name carries this process id, so `remove_stale_temporaries` can tell a
-    leftover of a killed run from one being written right now.
+    leftover of a killed run from one being written right now: those of `path` are removed first. A write that runs
+    out of disk space raises an `InputError` that names `path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent, path.name)
     prefix = f".{path.name}-{os.getpid()}-"
     if directory:
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix))
@@ -70,7 +75,15 @@ def atomic_path(path: str | os.PathLike, directory: bool = False) -> Iterator[Pa
         os.close(handle)
         tmp = Path(name)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as err:
+            if _out_of_space(err):
+                raise InputError(
+                    f"No space left on the device to write {path}; it was left as it was. Free some space and run "
+                    f"again ({err})."
+                ) from err
+            raise
         _set_default_permissions(tmp)
         if directory and path.exists():
             if not _exchange(tmp, path):  # tmp now holds the old directory, removed below
@@ -88,6 +101,18 @@ def atomic_path(path: str | os.PathLike, directory: bool = False) -> Iterator[Pa
             tmp.unlink()
 
 
+def _out_of_space(err: BaseException | None) -> bool:
+    """Whether `err`, or what caused it, is a full disk or quota: an OSError, or safetensors' SafetensorError, which
+    carries the OS error in its message only."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(err) or "(os error 28)" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (Linux `renameat2` with `RENAME_EXCHANGE`); False where that is not available."""
     try:
@@ -101,16 +126,18 @@ def _exchange(a: Path, b: Path) -> bool:
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)-(?P<pid>\d+)-[A-Za-z0-9_]{8}$")
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Remove what interrupted `atomic_path` writes left in `folder`: temporaries of processes that no longer run,
-    and `.NAME.old` backups whose NAME is in place. Returns what was removed."""
+def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove what interrupted `atomic_path` writes left in `folder` (of `name` only, if given): temporaries of
+    processes that no longer run, and `.NAME.old` backups whose NAME is in place. Returns what was removed."""
     folder = Path(folder)
     removed = []
     for entry in folder.iterdir() if folder.is_dir() else ():
         match = _TEMPORARY.match(entry.name)
-        stale_backup = (
-            entry.name.startswith(".") and entry.name.endswith(".old") and (folder / entry.name[1:-4]).exists()
-        )
+        backup_of = entry.name[1:-4] if entry.name.startswith(".") and entry.name.endswith(".old") else None
+        if name is not None:
+            match = match if match and match["name"] == name else None
+            backup_of = backup_of if backup_of == name else None
+        stale_backup = backup_of is not None and (folder / backup_of).exists()
         if (match and not _process_is_running(int(match["pid"]))) or stale_backup:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
             removed.append(entry)

@@ -5,6 +5,7 @@ index defaults).
 """
 
 import math
+import numbers
 import re
 from typing import Literal
 
@@ -17,6 +18,47 @@ from .knowledge_base import DEFAULT_INDEX_PARAMS, check_index_params
 # What the per-query mixing weight β(x) reads, in this order (`modeling_reaugkd.retrieval_gate_features`); the gate
 # holds one weight per feature, then a bias.
 RETRIEVAL_GATE_FEATURES = ("top_similarity", "retrieved_confidence", "retrieved_entropy", "student_entropy")
+# Cosine similarities carry ~1e-7 of fp32 rounding: below this τ_r the neighbour weights are an argmax decided by that
+# noise (and a τ_r that rounds to 0 in fp32 would divide by zero).
+MIN_RETRIEVAL_TEMPERATURE = 1e-6
+# The gate's |w| and |b|: σ saturates at |logit| ≈ 17 in fp32, so no fitted gate needs more, and within it w · features
+# (features in [-1, 1]) stays finite in fp32, where 1e300 becomes inf and inf · 0 is NaN.
+MAX_GATE_PARAMETER = 1e6
+
+
+def check_positive_integer(name: str, value) -> None:
+    """Refuse anything but an integer >= 1 (`True`, `1.5`, `"3"` included) with one message for every count setting."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def check_retrieval_temperature(value) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not MIN_RETRIEVAL_TEMPERATURE <= value < math.inf
+    ):
+        raise ValueError(
+            f"retrieval_temperature (τ_r) must be a finite number >= {MIN_RETRIEVAL_TEMPERATURE:g}, got {value!r}"
+        )
+
+
+def check_retrieval_weight(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:  # NaN fails too
+        raise ValueError(f"retrieval_weight (β) must be a number in [0, 1], got {value!r}")
+
+
+def check_retrieval_gate(gate) -> None:
+    size = len(RETRIEVAL_GATE_FEATURES) + 1
+    if (
+        not isinstance(gate, list | tuple)
+        or len(gate) != size
+        or not all(isinstance(v, numbers.Real) and abs(v) <= MAX_GATE_PARAMETER for v in gate)  # NaN fails too
+    ):
+        raise ValueError(
+            f"retrieval_gate must be {size} numbers (a weight per feature of {RETRIEVAL_GATE_FEATURES}, then a bias), "
+            f"each within ±{MAX_GATE_PARAMETER:g}, got {gate!r}"
+        )
 
 
 @strict
@@ -60,6 +102,9 @@ class ReAugKDConfig(PreTrainedConfig):
         kb_has_texts (`bool`, defaults to `False`):
             Whether the entries' texts are stored beside the weights (`knowledge_base_texts.safetensors`), to show
             with neighbour explanations. Set by `set_knowledge_base`.
+        kb_texts_sha256 (`str`, *optional*):
+            SHA-256 of those texts, recorded by `save_pretrained`. Loading reads the texts file with the weights and
+            compares it, so explanations never pair a row with the text of another save (a concurrent `kb add`).
         search_block_size (`int`, defaults to 65536), search_query_block_size (`int`, defaults to 1024):
             KB rows and queries scored per block by the torch backend: search memory is at most
             `search_query_block_size × search_block_size` scores, whatever the number of queries and keys.
@@ -106,6 +151,7 @@ class ReAugKDConfig(PreTrainedConfig):
     index_nbytes: int = 0
     index_sha256: str | None = None
     kb_has_texts: bool = False
+    kb_texts_sha256: str | None = None
     search_block_size: int = DEFAULT_INDEX_PARAMS["search_block_size"]
     search_query_block_size: int = DEFAULT_INDEX_PARAMS["search_query_block_size"]
     search_dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = DEFAULT_INDEX_PARAMS["search_dtype"]
@@ -118,6 +164,13 @@ class ReAugKDConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        num_labels = kwargs.get("num_labels")
+        if self.id2label is not None and num_labels is not None and len(self.id2label) != num_labels:
+            # transformers would warn and rename every class LABEL_i
+            raise ValueError(
+                f"The config gives num_labels={num_labels} but an id2label of {len(self.id2label)} labels "
+                f"({self.id2label}): give one name per class."
+            )
         super().__post_init__(**kwargs)
         # Saved configs name the remote-code class for every Auto class, not only the one of the saved model's
         # class (`register_for_auto_class` records one per class), so `AutoModel` works on a classifier checkpoint.
@@ -142,21 +195,18 @@ class ReAugKDConfig(PreTrainedConfig):
         """Part of `@strict` validation: catch settings that would only fail deep inside `forward`."""
         if self.kb_size < 0 or self.kb_dim < 1:
             raise ValueError(f"kb_size must be >= 0 and kb_dim >= 1, got kb_size={self.kb_size}, kb_dim={self.kb_dim}")
-        if self.index_sha256 is not None and re.fullmatch(r"[0-9a-f]{64}", self.index_sha256) is None:
-            raise ValueError(f"index_sha256 must be 64 lowercase hex digits (a SHA-256), got {self.index_sha256!r}")
-        if self.knn_k < 1:
-            raise ValueError(f"knn_k must be >= 1, got {self.knn_k}")
-        if self.retrieval_temperature <= 0:
-            raise ValueError(f"retrieval_temperature must be > 0, got {self.retrieval_temperature}")
-        if not 0.0 <= self.retrieval_weight <= 1.0:
-            raise ValueError(f"retrieval_weight (β) must be in [0, 1], got {self.retrieval_weight}")
-        if self.retrieval_gate is not None and (
-            len(self.retrieval_gate) != len(RETRIEVAL_GATE_FEATURES) + 1
-            or not all(math.isfinite(v) for v in self.retrieval_gate)
-        ):
+        for name in ("index_sha256", "kb_texts_sha256"):
+            value = getattr(self, name)
+            if value is not None and re.fullmatch(r"[0-9a-f]{64}", value) is None:
+                raise ValueError(f"{name} must be 64 lowercase hex digits (a SHA-256), got {value!r}")
+        check_positive_integer("knn_k", self.knn_k)
+        check_retrieval_temperature(self.retrieval_temperature)
+        check_retrieval_weight(self.retrieval_weight)
+        if self.retrieval_gate is not None:
+            check_retrieval_gate(self.retrieval_gate)
+        if self.id2label is not None and sorted(self.id2label) != list(range(len(self.id2label))):
             raise ValueError(
-                f"retrieval_gate must be {len(RETRIEVAL_GATE_FEATURES) + 1} finite numbers (a weight per feature, then a bias), got "
-                f"{self.retrieval_gate!r}"
+                f"id2label must name every class id 0..{len(self.id2label) - 1} once, got ids {sorted(self.id2label)}"
             )
         if self.index_nbytes < 0:
             raise ValueError(f"index_nbytes must be >= 0, got {self.index_nbytes}")

@@ -2,6 +2,7 @@
 shares, tokenization, and the one loop that turns a tokenized dataset into padded batches."""
 
 import codecs
+import csv
 import dataclasses
 import itertools
 import logging
@@ -91,6 +92,7 @@ def load_task_data(
         content = {split: hash_files([path]) for split, path in sorted(data_files.items())}
         raw = DatasetDict({split: read_data_file(split, path, content[split]) for split, path in data_files.items()})
         describe = {split: f"{split} file {path}" for split, path in data_files.items()}
+        paths = dict(data_files)
         source = ", ".join(data_files.values())
     else:
         try:
@@ -98,6 +100,7 @@ def load_task_data(
         except Exception as err:  # unknown name or config, no network, ...: the user's to fix
             raise InputError(f"Could not load --dataset_name {dataset_name!r} ({dataset_config_name}): {err}") from err
         describe = {split: f"split {split!r} of {dataset_name}" for split in raw}
+        paths = {}
         source = dataset_name
         content = {split: raw[split]._fingerprint for split in sorted(raw)}  # datasets hashes the Hub revision
     for required in ("train", "validation"):
@@ -107,13 +110,6 @@ def load_task_data(
                 f"found splits {sorted(raw)}."
             )
     splits = DatasetDict({name: raw[name] for name in ("train", "validation", "test") if name in raw})
-    if max_train_samples is not None:
-        splits["train"] = splits["train"].shuffle(seed=0).select(range(min(max_train_samples, len(splits["train"]))))
-    if max_eval_samples is not None:
-        for name in ("validation", "test"):
-            if name in splits:
-                splits[name] = splits[name].select(range(min(max_eval_samples, len(splits[name]))))
-
     text_columns = [text_column] + ([text_pair_column] if text_pair_column else [])
     for name, split in splits.items():
         for column in [*text_columns, label_column]:
@@ -122,7 +118,14 @@ def load_task_data(
                     f"Column {column!r} not found in the {describe[name]}; its columns are {split.column_names}. "
                     f"Set --text_column_name / --text_pair_column_name / --label_column_name."
                 )
-        _check_filled(split, [*text_columns, label_column], describe[name], label_column)
+        check_filled(split, [*text_columns, label_column], describe[name], label_column, paths.get(name))
+    # sampled after the checks, so that their errors name the file's lines
+    if max_train_samples is not None:
+        splits["train"] = splits["train"].shuffle(seed=0).select(range(min(max_train_samples, len(splits["train"]))))
+    if max_eval_samples is not None:
+        for name in ("validation", "test"):
+            if name in splits:
+                splits[name] = splits[name].select(range(min(max_eval_samples, len(splits[name]))))
 
     for name, split in splits.items():
         if len(split) == 0:
@@ -144,7 +147,7 @@ def load_task_data(
         label_names = sorted(
             {str(label).strip() for _, batch in _iter_column(splits["train"], label_column) for label in batch}
         )
-        _check_label_kinds(splits["train"], label_column, describe["train"])
+        _check_label_kinds(raw["train"], label_column, describe["train"], paths.get("train"))
         to_name = label_name
     if len(label_names) < 2:
         raise InputError(
@@ -173,9 +176,11 @@ def load_task_data(
     return TaskData(splits, label_names, text_column, text_pair_column, source, data_fingerprint)
 
 
-def _check_filled(split: Dataset, columns: list[str], description: str, label_column: str | None = None) -> None:
-    """Refuse a text column that is not text, and a missing or blank text (or label) with the column and row,
-    streaming `CHECK_BATCH_SIZE` rows at once."""
+def check_filled(
+    split: Dataset, columns: list[str], description: str, label_column: str | None = None, path: str | None = None
+) -> None:
+    """Refuse a text column that is not text, and a missing or blank text (or label) with the column and the file's
+    line (`path`) or the row, streaming `CHECK_BATCH_SIZE` rows at once."""
     for column in columns:
         dtype = getattr(split.features[column], "dtype", None)
         if column != label_column and dtype not in ("string", "large_string"):
@@ -187,7 +192,8 @@ def _check_filled(split: Dataset, columns: list[str], description: str, label_co
             for offset, value in enumerate(batch):
                 if value is None or not str(value).strip():
                     kind = "label" if column == label_column else "text"
-                    raise InputError(f"Empty {kind} in column {column!r}, row {start + offset} of the {description}.")
+                    where = row_location(path, start + offset)
+                    raise InputError(f"Empty {kind} in column {column!r}, {where} of the {description}.")
 
 
 def load_unlabeled_texts(
@@ -227,7 +233,7 @@ def load_unlabeled_texts(
                 f"Column {column!r} not found in the {description}; its columns are {raw.column_names}. Unlabelled "
                 "texts use the labelled data's --text_column_name / --text_pair_column_name."
             )
-    _check_filled(raw, data.text_columns, description)
+    check_filled(raw, data.text_columns, description, path=unlabeled_file)
     unlabeled = raw.select_columns(data.text_columns).map(
         lambda batch: {LABEL_COLUMN: [UNLABELED] * len(batch[data.text_column])},
         batched=True,
@@ -300,12 +306,43 @@ def _check_utf8(path: str) -> None:
         raise InputError(f"{path} is not UTF-8: it ends inside a multi-byte character (line {line}).") from None
 
 
+def row_location(path: str | None, row: int) -> str:
+    """Where row `row` (0-based, as `datasets` counts) is for the person who wrote the file: its line in a CSV or
+    JSON-lines `path` (counting the header, blank lines and the newlines inside quoted cells), else "row N"."""
+    line = _file_line(path, row) if path else None
+    return f"line {line}" if line is not None else f"row {row}"
+
+
+def _file_line(path: str, row: int) -> int | None:
+    extension = path.rsplit(".", 1)[-1].lower()
+    with open(path, newline="", encoding="utf-8") as f:
+        if extension in ("csv", "tsv"):  # read as `read_data_file` does: the header first, blank lines skipped
+            record, start = -1, 1
+            reader = csv.reader(f)
+            for fields in reader:
+                if fields:
+                    if record == row:
+                        return start
+                    record += 1
+                start = reader.line_num + 1
+            return None
+        record = 0
+        for number, line in enumerate(f, 1):
+            if number == 1 and not line.lstrip().startswith("{"):
+                return None  # a JSON array: rows are not lines
+            if line.strip():
+                if record == row:
+                    return number
+                record += 1
+    return None
+
+
 def label_name(label) -> str:
     """Labels are names: `" positive "` and `"positive"` are one class (whitespace around a label is stripped)."""
     return str(label).strip()
 
 
-def _check_label_kinds(split: Dataset, label_column: str, description: str) -> None:
+def _check_label_kinds(split: Dataset, label_column: str, description: str, path: str | None) -> None:
     """Refuse a label column that mixes numbers and names (`1` and `positive`): almost always a data error."""
     first = {}
     stripped = 0
@@ -317,8 +354,9 @@ def _check_label_kinds(split: Dataset, label_column: str, description: str) -> N
     if len(first) == 2:
         (number_row, number), (name_row, name) = first[True], first[False]
         raise InputError(
-            f"The {description} mixes numeric and named labels in column {label_column!r}: row {number_row} is "
-            f"{number!r}, row {name_row} is {name!r}. Use one kind of label."
+            f"The {description} mixes numeric and named labels in column {label_column!r}: "
+            f"{row_location(path, number_row)} is {number!r}, {row_location(path, name_row)} is {name!r}. Use one "
+            "kind of label."
         )
     if stripped:
         logger.warning("%d labels in the %s had whitespace around them; it was stripped.", stripped, description)

@@ -20,18 +20,17 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from .caching import atomic_path
-from .data import label_name, padded_batches, read_data_file, texts_of, tokenize
+from .data import check_filled, label_name, padded_batches, read_data_file, row_location, texts_of, tokenize
 from .errors import InputError
 from .knowledge_base import KnowledgeBase
 from .modeling_reaugkd import ReAugKDForSequenceClassification
 from .onnx_pipeline import DEFAULT_MAX_KNN_K, ONNX_DIR
 from .pipeline_reaugkd import max_input_length
 from .saving import TEACHER_PROJECTION
-from .teacher import load_projection, needs_finetuning, project, teacher_batches
+from .teacher import load_projection, needs_finetuning, project, projection_settings, teacher_batches
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +60,7 @@ def knowledge_base_info(model_dir: str | Path) -> dict:
         "dim": kb.dim,
         "index_type": kb.index_type,
         "rows_per_label": {model.config.id2label[i]: count for i, count in enumerate(counts)},
-        "teacher_projection": _projection_metadata(projection) if projection.is_file() else None,
+        "teacher_projection": projection_settings(projection) if projection.is_file() else None,
     }
 
 
@@ -79,10 +78,19 @@ def add_rows(
     For a pair task give `text_pair_column`, as in training."""
     model, tokenizer = load_student(model_dir)
     rows = read_data_file("rows", str(data_file))
-    for column in (text_column, text_pair_column):
-        if column and column not in rows.column_names:
-            raise InputError(f"Column {column!r} not found in {data_file}; its columns are {rows.column_names}.")
     columns = (text_column, text_pair_column)
+    checked = [column for column in columns if column]
+    if teacher is None:
+        if not label_column or label_column not in rows.column_names:
+            raise InputError(
+                f"Without --teacher, rows are labelled by their gold labels: column {label_column!r} not found in "
+                f"{data_file} (columns {rows.column_names})."
+            )
+        checked.append(label_column)
+    for column in checked:
+        if column not in rows.column_names:
+            raise InputError(f"Column {column!r} not found in {data_file}; its columns are {rows.column_names}.")
+    check_filled(rows, checked, f"rows file {data_file}", label_column if teacher is None else None, str(data_file))
     if teacher is not None:
         keys, values = _teacher_rows(model, Path(model_dir), teacher, rows, columns, batch_size)
     else:
@@ -116,8 +124,13 @@ def _teacher_rows(model, model_dir: Path, teacher: str | Path, rows, columns: tu
             f"{model_dir} has no {TEACHER_PROJECTION}: the teacher's projection head was not saved with this model, "
             "so the teacher cannot key new rows as in training. Add rows without --teacher (gold labels) instead."
         )
-    metadata = _projection_metadata(projection_file)
+    metadata = projection_settings(projection_file)
     projection = load_projection(projection_file)
+    if projection.out_features != model.knowledge_base.dim:
+        raise InputError(
+            f"The projection head {projection_file} maps to {projection.out_features} dimensions; the knowledge base's "
+            f"keys have {model.knowledge_base.dim}: it is not the head this knowledge base was made with."
+        )
     if needs_finetuning(str(teacher), [model.config.id2label[i] for i in range(model.config.num_labels)]):
         raise InputError(
             f"{teacher} is not a classifier for this model's labels; pass the fine-tuned teacher the knowledge base "
@@ -131,10 +144,10 @@ def _teacher_rows(model, model_dir: Path, teacher: str | Path, rows, columns: tu
             f"{teacher} has hidden size {teacher_model.config.hidden_size}; the saved projection head expects "
             f"{projection.in_features}: not the teacher this knowledge base was made with."
         )
-    encoded = tokenize(rows, teacher_tokenizer, *columns, int(metadata["max_seq_length"]), "Tokenizing")
+    encoded = tokenize(rows, teacher_tokenizer, *columns, metadata["max_seq_length"], "Tokenizing")
     logits, embeddings = zip(*teacher_batches(teacher_model, teacher_tokenizer, encoded, batch_size), strict=True)
     keys = project(projection, torch.cat(embeddings).numpy())  # (n, d)
-    values = torch.softmax(torch.cat(logits) / float(metadata["distillation_temperature"]), dim=-1)  # (n, C)
+    values = torch.softmax(torch.cat(logits) / metadata["distillation_temperature"], dim=-1)  # (n, C)
     return keys, values
 
 
@@ -142,16 +155,15 @@ def _gold_rows(
     model, tokenizer, rows, columns: tuple[str, str | None], label_column: str | None, data_file, batch_size: int
 ):
     """Keys from the student's own queries, soft labels from the gold labels, smoothed."""
-    if not label_column or label_column not in rows.column_names:
-        raise InputError(
-            f"Without --teacher, rows are labelled by their gold labels: column {label_column!r} not found in "
-            f"{data_file} (columns {rows.column_names})."
-        )
     label2id = {label: i for i, label in model.config.id2label.items()}
     labels = [label_name(label) for label in rows[label_column]]
     unknown = sorted(set(labels) - set(label2id))
     if unknown:
-        raise InputError(f"{data_file} has labels {unknown[:10]} that the model does not know: {sorted(label2id)}.")
+        first = next(row for row, label in enumerate(labels) if label not in label2id)
+        raise InputError(
+            f"{data_file} has labels {unknown[:10]} that the model does not know (first at "
+            f"{row_location(str(data_file), first)}); its labels are {sorted(label2id)}."
+        )
     encoded = tokenize(rows, tokenizer, *columns, max_input_length(model.config, tokenizer), "Tokenizing")
     batches = padded_batches(encoded, tokenizer, batch_size)
     queries = [model(**inputs, retrieval_weight=0.0).query_embedding for inputs in batches]  # (b, d) each
@@ -203,8 +215,3 @@ def _export_again(model: ReAugKDForSequenceClassification, model_dir: Path, tmp:
         settings.get("opset"),
         settings.get("max_knn_k", DEFAULT_MAX_KNN_K),
     )
-
-
-def _projection_metadata(path: Path) -> dict:
-    with safe_open(path, "pt") as f:
-        return dict(f.metadata() or {})

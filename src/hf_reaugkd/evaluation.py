@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .configuration_reaugkd import RETRIEVAL_GATE_FEATURES
+from .configuration_reaugkd import MAX_GATE_PARAMETER, RETRIEVAL_GATE_FEATURES
 from .data import LABEL_COLUMN, padded_batches
 from .knowledge_base import KnowledgeBase
 from .modeling_reaugkd import (
@@ -227,7 +227,8 @@ def fit_retrieval_gate(predictions: Predictions, knn_k: int, retrieval_weight: f
     optimizer.step(closure)
     weights, bias = parameters[:-1].detach() / std, parameters[-1].detach()  # back to raw features
     bias = bias - (weights * mean).sum()
-    return [round(value, 6) for value in [*weights.tolist(), bias.item()]]
+    parameters = torch.cat([weights, bias.view(1)]).clamp(-MAX_GATE_PARAMETER, MAX_GATE_PARAMETER)  # σ saturated
+    return [round(value, 6) for value in parameters.tolist()]
 
 
 def select_retrieval_gate(validation: Predictions, selection: dict) -> dict:

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import logging
@@ -808,14 +809,32 @@ def decode_texts(utf8: torch.Tensor, offsets: torch.Tensor, source: object = "th
         raise ValueError(f"The knowledge-base texts in {source} are not valid UTF-8: {err}") from err
 
 
-def read_texts_file(path: str | os.PathLike) -> list[str]:
+def texts_sha256(encoded: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of encoded texts (`encode_texts`): `save_pretrained` records it in the config, so loading can tell the
+    texts file saved with these weights from one that a later edit wrote."""
+    digest = hashlib.sha256()
+    for name in sorted(TEXT_TENSORS):
+        digest.update(encoded[name].numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_texts_file(path: str | os.PathLike, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The encoded texts of a texts file, read whole into memory (`decode_texts` makes them strings when they are
+    first shown): what was read with the weights stays theirs whatever an edit writes to the folder afterwards. With
+    `expected_sha256` (the config's), texts another save wrote are refused."""
     try:
-        tensors = load_file(path)
+        tensors = safetensors_load(Path(path).read_bytes())
     except (SafetensorError, OSError) as err:
         raise ValueError(f"Could not read the knowledge-base texts {path}: {err}") from err
     if not set(tensors) >= TEXT_TENSORS:
         raise ValueError(f"{path} holds no knowledge-base texts (expected {sorted(TEXT_TENSORS)}).")
-    return decode_texts(tensors["texts_utf8"], tensors["texts_offsets"], path)
+    if expected_sha256 is not None and texts_sha256(tensors) != expected_sha256:
+        raise ValueError(
+            f"The knowledge-base texts {path} are not the ones saved with these weights (their SHA-256 is not the "
+            "config's kb_texts_sha256): the folder was edited while it was loading, or the file was replaced. "
+            "Load the model again."
+        )
+    return tensors
 
 
 def _train_faiss_index(keys: torch.Tensor, index_type: str, params: dict):
@@ -1101,4 +1120,13 @@ def _probe_index(index, keys: np.ndarray) -> None:
         raise ValueError(f"searching it for {len(sample)} of its own keys missed {misses} of them")
 
 
-__all__ = ["KnowledgeBase", "validate_entries", "INDEX_TYPES", "TEXTS_FILE", "encode_texts", "read_texts_file"]
+__all__ = [
+    "KnowledgeBase",
+    "validate_entries",
+    "INDEX_TYPES",
+    "TEXTS_FILE",
+    "decode_texts",
+    "encode_texts",
+    "read_texts_file",
+    "texts_sha256",
+]

@@ -16,7 +16,6 @@ Class layout, the transformers way:
 """
 
 import math
-import numbers
 import os
 from dataclasses import dataclass
 
@@ -26,11 +25,27 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import SAFE_WEIGHTS_NAME, ModelOutput, cached_file
+from transformers.utils import SAFE_WEIGHTS_NAME, ModelOutput, cached_file, logging
 
-from .configuration_reaugkd import ReAugKDConfig
-from .knowledge_base import DEFAULT_INDEX_PARAMS, TEXTS_FILE, KnowledgeBase, encode_texts, read_texts_file
+from .configuration_reaugkd import (
+    ReAugKDConfig,
+    check_positive_integer,
+    check_retrieval_gate,
+    check_retrieval_temperature,
+    check_retrieval_weight,
+)
+from .knowledge_base import (
+    DEFAULT_INDEX_PARAMS,
+    TEXTS_FILE,
+    KnowledgeBase,
+    decode_texts,
+    encode_texts,
+    read_texts_file,
+    texts_sha256,
+)
 from .pipeline_reaugkd import ReAugKDTextClassificationPipeline  # noqa: F401 (travels with the checkpoint)
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -116,7 +131,9 @@ def neighbor_label_distribution(
     Returns:
         `(retrieved_probs (B, C), weights (B, k))`.
     """
-    logits = scores.float() / retrieval_temperature  # (B, k)
+    # shifted by each query's best score before dividing: the best neighbour's logit is 0, never inf, for any τ_r
+    scores = scores.float()
+    logits = (scores - scores.amax(dim=-1, keepdim=True)) / retrieval_temperature  # (B, k)
     if all_found:
         weights = torch.softmax(logits, dim=-1)  # (B, k)
     else:
@@ -192,42 +209,75 @@ def knowledge_base_from_config(config: ReAugKDConfig) -> KnowledgeBase:
     )
 
 
-def _kb_shape_mismatches(source, load_kwargs: dict) -> tuple[ReAugKDConfig, list[str], bool]:
-    """The checkpoint's config, a line for each knowledge-base tensor of its weights file whose shape differs from
-    what the config records, and whether the file's header could be read (a single safetensors file)."""
+def _checkpoint_shapes(source, load_kwargs: dict) -> tuple[ReAugKDConfig, dict[str, list[int]] | None]:
+    """The checkpoint's config, and the shape of every tensor of its weights file by name (without the `reaugkd.`
+    prefix), read from the header only; `None` when that cannot be read (a sharded or unreadable checkpoint)."""
     hub_kwargs = {k: v for k, v in load_kwargs.items() if k in _HUB_KWARGS}
     config = load_kwargs.get("config")
     if not isinstance(config, ReAugKDConfig):
         config = ReAugKDConfig.from_pretrained(source, **hub_kwargs)
+    try:
+        with safe_open(cached_file(source, SAFE_WEIGHTS_NAME, **hub_kwargs), "pt") as f:
+            names = f.keys()
+            return config, {name.split("reaugkd.")[-1]: list(f.get_slice(name).get_shape()) for name in names}
+    except (OSError, SafetensorError):
+        return config, None  # the load report lists the shapes
+
+
+def _kb_shape_mismatches(config: ReAugKDConfig, shapes: dict[str, list[int]] | None) -> list[str]:
+    """A line for each knowledge-base tensor of the checkpoint whose shape differs from what the config records."""
     expected = {
         "knowledge_base.keys": [config.kb_size, config.kb_dim],
         "knowledge_base.values": [config.kb_size, config.num_labels],
         "knowledge_base.index_bytes": [config.index_nbytes],
     }
-    found, read = {}, False
-    try:
-        with safe_open(cached_file(source, SAFE_WEIGHTS_NAME, **hub_kwargs), "pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                suffix = name.split("reaugkd.")[-1]
-                if suffix in expected:
-                    found[suffix] = list(f.get_slice(name).get_shape())
-        read = True
-    except (OSError, SafetensorError):
-        pass  # a sharded or unreadable checkpoint: the load report lists the shapes
-    lines = [
-        f"{name}: config expects {shape}, checkpoint has {found.get(name, 'see the load report above' if not read else 'none')}"
+    found = shapes or {}
+    return [
+        f"{name}: config expects {shape}, checkpoint has {found.get(name, 'none' if shapes is not None else 'see the load report above')}"
         for name, shape in expected.items()
         if found.get(name) != shape
     ]
-    return config, lines, read
 
 
-def _describe_kb_shape_mismatch(config: ReAugKDConfig, source, lines: list[str]) -> str:
-    """Say which knowledge-base tensors of a checkpoint disagree with the shapes its config records."""
+def _shape_mismatches(model_class, config: ReAugKDConfig, shapes: dict[str, list[int]] | None) -> list[str]:
+    """A line for each tensor of the checkpoint whose shape differs from the one the config builds (an edited
+    `encoder_config`, ...), from a model made on the meta device: no memory is allocated."""
+    with torch.device("meta"):
+        expected = {
+            name.split("reaugkd.")[-1]: list(tensor.shape) for name, tensor in model_class(config).state_dict().items()
+        }
+    return [
+        f"{name}: config expects {expected[name]}, checkpoint has {shape}"
+        for name, shape in (shapes or {}).items()
+        if name in expected and expected[name] != shape
+    ]
+
+
+def _describe_shape_mismatch(config: ReAugKDConfig, source, lines: list[str]) -> str:
+    """Say which tensors of a checkpoint disagree with the shapes its config records."""
     return (
         f"The checkpoint {source} does not match its config (kb_size={config.kb_size}, kb_dim={config.kb_dim}, "
         f"num_labels={config.num_labels}, index_nbytes={config.index_nbytes}):\n  " + "\n  ".join(lines)
     )
+
+
+def _texts_loader(source, config: ReAugKDConfig, load_kwargs: dict):
+    """Read the knowledge base's texts file now, with the weights, and return what decodes it when an explanation
+    first needs it. Read later, it could be the file of an edit made since (another row's text for every id). A file
+    that cannot be read, or was not saved with these weights, fails the explanations, not the predictions."""
+    hub_kwargs = {k: v for k, v in load_kwargs.items() if k in _HUB_KWARGS}
+    try:
+        path = cached_file(source, TEXTS_FILE, **hub_kwargs)
+        encoded = read_texts_file(path, config.kb_texts_sha256)
+    except (OSError, ValueError) as err:
+        logger.warning(str(err))
+        failure = ValueError(str(err))
+
+        def fail() -> list[str]:
+            raise failure
+
+        return fail
+    return lambda: decode_texts(encoded["texts_utf8"], encoded["texts_offsets"], path)
 
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
@@ -263,15 +313,17 @@ class ReAugKDPreTrainedModel(PreTrainedModel):
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         # Before anything is allocated: the config sizes the knowledge base, and an untrusted one could ask for far
         # more memory than the weights file holds.
-        config, mismatches, read = _kb_shape_mismatches(source, kwargs)
-        if read and mismatches:
-            raise ValueError(_describe_kb_shape_mismatch(config, source, mismatches))
+        config, shapes = _checkpoint_shapes(source, kwargs)
+        mismatches = _kb_shape_mismatches(config, shapes)
+        if shapes is not None and mismatches:
+            raise ValueError(_describe_shape_mismatch(config, source, mismatches))
         try:
             loaded = super().from_pretrained(*args, **kwargs)
         except RuntimeError as err:
             if "ignore_mismatched_sizes" not in str(err):
                 raise
-            raise ValueError(_describe_kb_shape_mismatch(config, source, mismatches)) from err
+            mismatches = mismatches or _shape_mismatches(cls, config, shapes) or ["see the load report above"]
+            raise ValueError(_describe_shape_mismatch(config, source, mismatches)) from err
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         if model.config.kb_size > 0:
             knowledge_base = model.knowledge_base
@@ -282,19 +334,19 @@ class ReAugKDPreTrainedModel(PreTrainedModel):
             # A rebuilt index (or the checksum of a verified older one) is what saving the model must record.
             model.config.index_nbytes = knowledge_base.index_bytes.numel()
             model.config.index_sha256 = knowledge_base.index_sha256
-            if model.config.kb_has_texts:  # read when first needed (explanations), not with the weights
-                hub_kwargs = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
-                knowledge_base.set_texts(
-                    None, loader=lambda: read_texts_file(cached_file(source, TEXTS_FILE, **hub_kwargs))
-                )
+            if model.config.kb_has_texts:
+                knowledge_base.set_texts(None, loader=_texts_loader(source, model.config, kwargs))
         return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        """`PreTrainedModel.save_pretrained`, plus the knowledge base's texts (when stored) in their own file."""
-        super().save_pretrained(save_directory, *args, **kwargs)
+        """`PreTrainedModel.save_pretrained`, plus the knowledge base's texts (when stored) in their own file, their
+        SHA-256 in the config."""
         knowledge_base = getattr(self, self.base_model_prefix, self).knowledge_base
-        if knowledge_base.has_texts and kwargs.get("is_main_process", True):
-            save_file(encode_texts(knowledge_base.texts), os.path.join(save_directory, TEXTS_FILE))
+        encoded = encode_texts(knowledge_base.texts) if knowledge_base.has_texts else None
+        self.config.kb_texts_sha256 = texts_sha256(encoded) if encoded is not None else None
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if encoded is not None and kwargs.get("is_main_process", True):
+            save_file(encoded, os.path.join(save_directory, TEXTS_FILE))
 
     def set_knowledge_base(self, knowledge_base: KnowledgeBase) -> None:
         """Attach `knowledge_base` and record its shape and index settings in the config (so saving works)."""
@@ -376,10 +428,9 @@ class ReAugKDModel(ReAugKDPreTrainedModel):
         retrieval_temperature = (
             self.config.retrieval_temperature if retrieval_temperature is None else retrieval_temperature
         )
-        if retrieve and (isinstance(knn_k, bool) or not isinstance(knn_k, numbers.Integral) or knn_k < 1):
-            raise ValueError(f"knn_k must be an integer >= 1, got {knn_k!r}")
-        if retrieve and not retrieval_temperature > 0:  # also refuses NaN
-            raise ValueError(f"retrieval_temperature must be > 0, got {retrieval_temperature!r}")
+        if retrieve:
+            check_positive_integer("knn_k", knn_k)
+            check_retrieval_temperature(retrieval_temperature)
         # Only pass what was given: not every encoder accepts e.g. token_type_ids (MPNet does not).
         encoder_inputs = {
             "input_ids": input_ids,
@@ -500,9 +551,10 @@ class ReAugKDForSequenceClassification(ReAugKDPreTrainedModel):
             at `retrieval_weight=0`, where they explain but do not change the plain student's prediction).
         """
         beta = self.config.retrieval_weight if retrieval_weight is None else retrieval_weight
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"retrieval_weight (β) must be in [0, 1], got {beta}")
+        check_retrieval_weight(beta)
         gate = self.config.retrieval_gate if retrieval_weight is None else None
+        if gate is not None:  # set on the config after it was validated, perhaps
+            check_retrieval_gate(gate)
         outputs = self.reaugkd(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -74,10 +74,14 @@ def knowledge_base_sha256(model_dir: str | Path) -> str:
     """SHA-256 of what a served prediction depends on in the knowledge base: the stored keys and soft labels (their
     bytes as saved) and, when stored, the entries' texts file. Read from the folder, never from a config that could
     disagree with it; with numpy and safetensors only, so the runtime and the exporter compute it alike."""
+    return _digest(*_read_knowledge_base(Path(model_dir)))
+
+
+def _read_knowledge_base(model_dir: Path) -> tuple[dict[str, np.ndarray], bytes | None]:
+    """The knowledge base's keys and soft labels, and the texts file's bytes (`None` when it stores no texts)."""
     from safetensors import safe_open
 
-    model_dir = Path(model_dir)
-    digest = hashlib.sha256()
+    tensors = {}
     for name, path in _weight_files(model_dir).items():
         if not path.is_file():
             raise FileNotFoundError(
@@ -86,21 +90,35 @@ def knowledge_base_sha256(model_dir: str | Path) -> str:
         with safe_open(path, framework="numpy") as f:
             if name not in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 raise ValueError(f"{path} holds no {name}: not a ReAugKD student with a knowledge base.")
-            tensor = f.get_tensor(name)
+            tensors[name] = f.get_tensor(name)
+    texts = model_dir / TEXTS_FILE
+    return tensors, texts.read_bytes() if texts.is_file() else None
+
+
+def _digest(tensors: dict[str, np.ndarray], texts_file: bytes | None) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in tensors.items():
         digest.update(f"{name}:{tensor.dtype}:{tensor.shape}".encode())
         digest.update(np.ascontiguousarray(tensor).tobytes())
-    texts = model_dir / TEXTS_FILE
-    if texts.is_file():
-        digest.update(texts.read_bytes())
+    if texts_file is not None:
+        digest.update(texts_file)
     return digest.hexdigest()
 
 
-def _read_texts(path: Path) -> list[str]:
-    from safetensors.numpy import load_file
+def _decode_texts(texts_file: bytes, source: Path) -> list[str]:
+    """The texts of a texts file's bytes, checked as `knowledge_base.decode_texts` checks them (that module needs
+    torch): offsets in order and in bounds, valid UTF-8."""
+    from safetensors.numpy import load
 
-    tensors = load_file(path)
+    tensors = load(texts_file)
     utf8, offsets = tensors["texts_utf8"].tobytes(), tensors["texts_offsets"].tolist()
-    return [utf8[start:end].decode("utf-8") for start, end in zip(offsets[:-1], offsets[1:], strict=True)]
+    spans = list(zip(offsets[:-1], offsets[1:], strict=True))  # (start, end) of each text
+    if offsets[:1] != [0] or offsets[-1] != len(utf8) or any(end < start for start, end in spans):
+        raise ValueError(f"The knowledge-base texts in {source} are corrupt: their offsets do not cover the bytes.")
+    try:
+        return [utf8[start:end].decode("utf-8") for start, end in spans]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"The knowledge-base texts in {source} are not valid UTF-8: {err}") from err
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -141,7 +159,9 @@ class ONNXTextClassificationPipeline:
             options.intra_op_num_threads = num_threads
         self.session = ort.InferenceSession(str(graph), options, providers=providers or ["CPUExecutionProvider"])
         metadata = self.session.get_modelmeta().custom_metadata_map
-        found = knowledge_base_sha256(model_dir)
+        # read once, with the graph: an edit of the folder after loading cannot pair these ids with other rows
+        tensors, texts_file = _read_knowledge_base(model_dir)
+        found = _digest(tensors, texts_file)
         if metadata.get(KB_SHA256_KEY) != found:
             raise StaleGraphError(
                 f"{graph} was exported from another knowledge base than the one in {model_dir} (graph: "
@@ -154,7 +174,7 @@ class ONNXTextClassificationPipeline:
         self.max_knn_k = int(json.loads(metadata[EXPORT_SETTINGS_KEY])["max_knn_k"])
         self.input_names = [node.name for node in self.session.get_inputs()]
         self.tokenizer = self._load_tokenizer(Tokenizer, model_dir)
-        self._soft_labels = self._texts = None  # read on the first `neighbors` call
+        self._soft_labels, self._texts_file, self._texts = tensors[KB_TENSORS[1]], texts_file, None
 
     def _load_tokenizer(self, tokenizer_class, model_dir: Path):
         """The saved fast tokenizer, truncating as the PyTorch pipeline does (to the encoder's positions or the
@@ -300,23 +320,11 @@ class ONNXTextClassificationPipeline:
         return {self.id2label[i]: float(p) for i, p in enumerate(probabilities.tolist())}
 
     def _knowledge_base_rows(self) -> tuple[np.ndarray, list[str] | None]:
-        """The soft labels and texts the neighbour explanations show, read once, checked against the graph's hash
-        again so that an edit of the folder after loading cannot pair these ids with another row's text."""
-        if self._soft_labels is None:
-            from safetensors import safe_open
-
-            expected = self.session.get_modelmeta().custom_metadata_map[KB_SHA256_KEY]
-            path = _weight_files(self.model_dir)[KB_TENSORS[1]]
-            with safe_open(path, framework="numpy") as f:
-                soft_labels = f.get_tensor(KB_TENSORS[1])
-            texts_file = self.model_dir / TEXTS_FILE
-            texts = _read_texts(texts_file) if texts_file.is_file() else None
-            if knowledge_base_sha256(self.model_dir) != expected:
-                raise StaleGraphError(
-                    f"The knowledge base in {self.model_dir} changed after this pipeline was loaded: load it again "
-                    f"(and re-export with `hf-reaugkd export {self.model_dir}` if the graph is stale)."
-                )
-            self._soft_labels, self._texts = soft_labels, texts
+        """The soft labels and texts the neighbour explanations show, as read with the graph; the texts are decoded
+        on the first `neighbors` call."""
+        if self._texts is None and self._texts_file is not None:
+            self._texts = _decode_texts(self._texts_file, self.model_dir / TEXTS_FILE)
+            self._texts_file = None
         return self._soft_labels, self._texts
 
 

@@ -15,6 +15,8 @@ import torch
 from transformers import TextClassificationPipeline
 from transformers.pipelines.text_classification import ClassificationFunction
 
+from .configuration_reaugkd import check_positive_integer
+
 
 def max_input_length(config, tokenizer) -> int:
     """The most tokens the student's encoder takes: its position embeddings, or the tokenizer's limit if smaller."""
@@ -40,8 +42,8 @@ class ReAugKDTextClassificationPipeline(TextClassificationPipeline):
         if "truncation" not in preprocess:
             preprocess["truncation"] = True
             preprocess.setdefault("max_length", max_input_length(self.model.config, self.tokenizer))
-        if neighbors is not None and neighbors < 1:
-            raise ValueError(f"neighbors must be >= 1, got {neighbors}")
+        if neighbors is not None:
+            check_positive_integer("neighbors", neighbors)
         forward = {
             "knn_k": knn_k,
             "retrieval_weight": retrieval_weight,

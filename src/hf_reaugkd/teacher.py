@@ -10,6 +10,7 @@ knowledge base itself (`N × (kb_dim + C) × 4` bytes).
 
 import hashlib
 import logging
+import math
 import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -364,10 +366,56 @@ def save_projection(projection: nn.Linear, path: Path, metadata: dict[str, str] 
 
 
 def load_projection(path: Path) -> nn.Linear:
-    state = load_file(str(path))
-    projection = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
-    projection.load_state_dict(state)
+    """The head `save_projection` wrote, checked as strictly as weights: the file lies beside a model that may come
+    from the Hub, and its keys become knowledge-base rows."""
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise InputError(f"Could not read the projection head {path}: {err}") from err
+    weight, bias = state.get("weight"), state.get("bias")
+    if (
+        set(state) != {"weight", "bias"}
+        or weight.ndim != 2
+        or bias.shape != (weight.shape[0],)
+        or not (weight.is_floating_point() and bias.is_floating_point())
+    ):
+        shapes = {name: list(tensor.shape) for name, tensor in state.items()}
+        raise InputError(
+            f"{path} is not a projection head: expected a float 'weight' (kb_dim, hidden) and 'bias' (kb_dim,), "
+            f"found {shapes}."
+        )
+    if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+        raise InputError(f"The projection head {path} holds NaN or inf.")
+    projection = nn.Linear(weight.shape[1], weight.shape[0])
+    projection.load_state_dict({"weight": weight.float(), "bias": bias.float()})
     return projection.eval()
+
+
+def projection_settings(path: Path) -> dict:
+    """How the knowledge base was made with the head saved beside a student (`distill`'s metadata), checked: `kb add
+    --teacher` labels rows with `softmax(logits / distillation_temperature)`, so a negative one would invert them."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = dict(f.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise InputError(f"Could not read the projection head {path}: {err}") from err
+    checks = {
+        "distillation_temperature": (float, lambda t: math.isfinite(t) and t > 0, "a finite number > 0"),
+        "max_seq_length": (int, lambda n: n >= 2, "an integer >= 2"),
+    }
+    settings = dict(metadata)
+    for name, (kind, valid, expected) in checks.items():
+        try:
+            settings[name] = kind(metadata[name])
+            if not valid(settings[name]):
+                raise ValueError
+        except (KeyError, ValueError):
+            raise InputError(
+                f"The projection head {path} records {name}={metadata.get(name)!r} in its metadata; expected "
+                f"{expected}. It was not written by `distill` (or was edited): re-run `distill`, or add rows without "
+                "--teacher."
+            ) from None
+    return settings
 
 
 def knowledge_base_neighbors(
