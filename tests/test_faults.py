@@ -420,7 +420,9 @@ def test_mixed_numeric_and_named_labels(tmp_path):
     ],
 )
 def test_blank_label_cell(tmp_path, train, line):
-    with pytest.raises(InputError, match=rf"Empty label in column 'label', line {line} of the train file \S*train.csv"):
+    with pytest.raises(
+        InputError, match=rf"Empty label in column 'label', line {line} of the train file \S*train.csv"
+    ):
         load(tmp_path, train)
 
 
