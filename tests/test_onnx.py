@@ -247,3 +247,17 @@ def test_sentence_pairs_are_encoded_as_the_pytorch_pipeline_encodes_them(exporte
     pairs = [{"text": "the movie was good", "text_pair": "a boring long plot"}, {"text": "awful", "text_pair": "fun"}]
     expected = torch_pipeline(model, tiny_tokenizer)(pairs, top_k=None, neighbors=2)
     assert_same_results(ONNXTextClassificationPipeline(directory)(pairs, top_k=None, neighbors=2), expected, 1e-5)
+
+
+def test_a_loaded_runtime_keeps_explaining_its_own_rows_after_an_edit(exported, tmp_path):
+    """The runtime reads the soft labels and texts with the graph: after `kb remove --ids 0` (the folder's rows shift
+    by one and the graph is exported again) the loaded runtime still pairs each id with its own row. It used to
+    refuse, as the folder no longer held what its graph was exported from."""
+    _, directory = exported
+    copy = tmp_path / "model"
+    shutil.copytree(directory, copy)
+    onnx_pipeline = ONNXTextClassificationPipeline(copy)
+    before = onnx_pipeline(TEXTS, neighbors=3)
+    editing.remove_rows(copy, ids=[0])
+    assert onnx_pipeline(TEXTS, neighbors=3) == before
+    assert all(row["text"] == f"row {row['id']}" for result in before for row in result["neighbors"])

@@ -15,15 +15,17 @@ Class layout, the transformers way:
   `logits = log(mixed)`, so the pipeline's softmax yields the mixed probabilities.
 """
 
+import copy
 import math
 import os
 from dataclasses import dataclass
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoModel, PreTrainedModel
+from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import SAFE_WEIGHTS_NAME, ModelOutput, cached_file, logging
 
@@ -214,8 +216,11 @@ def _checkpoint_shapes(source, load_kwargs: dict) -> tuple[ReAugKDConfig, dict[s
     prefix), read from the header only; `None` when that cannot be read (a sharded or unreadable checkpoint)."""
     hub_kwargs = {k: v for k, v in load_kwargs.items() if k in _HUB_KWARGS}
     config = load_kwargs.get("config")
-    if not isinstance(config, ReAugKDConfig):
-        config = ReAugKDConfig.from_pretrained(source, **hub_kwargs)
+    if not _is_reaugkd_config(config):
+        try:
+            config = ReAugKDConfig.from_pretrained(source, **hub_kwargs)
+        except (ValueError, StrictDataclassError) as err:  # a checkpoint is untrusted input: say which and why
+            raise ValueError(f"The config of {source} is invalid: {err.__cause__ or err}") from err
     try:
         with safe_open(cached_file(source, SAFE_WEIGHTS_NAME, **hub_kwargs), "pt") as f:
             names = f.keys()
@@ -261,15 +266,18 @@ def _describe_shape_mismatch(config: ReAugKDConfig, source, lines: list[str]) ->
     )
 
 
-def _texts_loader(source, config: ReAugKDConfig, load_kwargs: dict):
+def _texts_loader(source, config: ReAugKDConfig, load_kwargs: dict, last_attempt: bool):
     """Read the knowledge base's texts file now, with the weights, and return what decodes it when an explanation
     first needs it. Read later, it could be the file of an edit made since (another row's text for every id). A file
-    that cannot be read, or was not saved with these weights, fails the explanations, not the predictions."""
+    that cannot be read, or was not saved with these weights, is read again with the whole folder
+    (`_FolderChangedError`) and, on the last attempt, fails the explanations, not the predictions."""
     hub_kwargs = {k: v for k, v in load_kwargs.items() if k in _HUB_KWARGS}
     try:
         path = cached_file(source, TEXTS_FILE, **hub_kwargs)
         encoded = read_texts_file(path, config.kb_texts_sha256)
     except (OSError, ValueError) as err:
+        if not last_attempt:
+            raise _FolderChangedError(str(err)) from err
         logger.warning(str(err))
         failure = ValueError(str(err))
 
@@ -280,6 +288,29 @@ def _texts_loader(source, config: ReAugKDConfig, load_kwargs: dict):
     return lambda: decode_texts(encoded["texts_utf8"], encoded["texts_offsets"], path)
 
 
+# What a config says of the knowledge base stored beside it, not of how to use it: a config passed to `from_pretrained`
+# takes these from the folder when it is read again.
+STORED_KB_FIELDS = ("kb_size", "index_type", "index_nbytes", "index_sha256", "kb_has_texts", "kb_texts_sha256")
+
+
+def _is_reaugkd_config(config) -> bool:
+    """Duck-typed: as remote code, the config class `pipeline()` loaded may be another import of this one."""
+    return isinstance(config, PreTrainedConfig) and config.model_type == ReAugKDConfig.model_type
+
+
+def _with_stored_kb_fields(config: ReAugKDConfig, source) -> ReAugKDConfig:
+    stored = ReAugKDConfig.from_pretrained(source)
+    config = copy.deepcopy(config)
+    for name in STORED_KB_FIELDS:
+        setattr(config, name, getattr(stored, name))
+    return config
+
+
+class _FolderChangedError(ValueError):
+    """A local checkpoint's files disagree: perhaps an edit replaced the folder while it loaded (read it again)."""
+
+
+LOAD_ATTEMPTS = 3
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
@@ -308,22 +339,37 @@ class ReAugKDPreTrainedModel(PreTrainedModel):
 
         Invalid keys or soft labels, and index bytes that are not a well-formed index of the knowledge base, raise a
         ValueError. A well-formed HNSW/IVF index that does not hold what was built (checksum, FAISS read or
-        consistency check fails) is rebuilt from the keys with a warning; see `knowledge_base.py`.
+        consistency check fails) is rebuilt from the keys with a warning; see `knowledge_base.py`. A local folder
+        whose config, weights and texts disagree is read again (up to `LOAD_ATTEMPTS` times) before that is an
+        error: `kb add` may have replaced it, whole, between two of the files being read.
         """
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        attempts = LOAD_ATTEMPTS if os.path.isdir(str(source)) else 1  # Hub snapshots never change
+        for attempt in range(1, attempts + 1):
+            try:
+                return cls._load_checked(source, args, kwargs, last_attempt=attempt == attempts)
+            except _FolderChangedError:
+                logger.info("%s changed while it was loading (an edit?): reading it again", source)
+                if _is_reaugkd_config(kwargs.get("config")):  # `pipeline()` passes the config it read first
+                    kwargs = {**kwargs, "config": _with_stored_kb_fields(kwargs["config"], source)}
+        raise AssertionError("unreachable: the last attempt raises ValueError")
+
+    @classmethod
+    def _load_checked(cls, source, args: tuple, kwargs: dict, last_attempt: bool):
+        error = ValueError if last_attempt else _FolderChangedError
         # Before anything is allocated: the config sizes the knowledge base, and an untrusted one could ask for far
         # more memory than the weights file holds.
         config, shapes = _checkpoint_shapes(source, kwargs)
         mismatches = _kb_shape_mismatches(config, shapes)
         if shapes is not None and mismatches:
-            raise ValueError(_describe_shape_mismatch(config, source, mismatches))
+            raise error(_describe_shape_mismatch(config, source, mismatches))
         try:
             loaded = super().from_pretrained(*args, **kwargs)
         except RuntimeError as err:
             if "ignore_mismatched_sizes" not in str(err):
                 raise
             mismatches = mismatches or _shape_mismatches(cls, config, shapes) or ["see the load report above"]
-            raise ValueError(_describe_shape_mismatch(config, source, mismatches)) from err
+            raise error(_describe_shape_mismatch(config, source, mismatches)) from err
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         if model.config.kb_size > 0:
             knowledge_base = model.knowledge_base
@@ -335,7 +381,7 @@ class ReAugKDPreTrainedModel(PreTrainedModel):
             model.config.index_nbytes = knowledge_base.index_bytes.numel()
             model.config.index_sha256 = knowledge_base.index_sha256
             if model.config.kb_has_texts:
-                knowledge_base.set_texts(None, loader=_texts_loader(source, model.config, kwargs))
+                knowledge_base.set_texts(None, loader=_texts_loader(source, model.config, kwargs, last_attempt))
         return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
