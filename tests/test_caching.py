@@ -159,16 +159,16 @@ def test_reading_an_unchanged_file_again_reuses_the_cache_and_keeps_other_proces
     assert second.cache_files == first.cache_files and second["text"] == first["text"]
 
 
-def test_empty_label_cell_is_rejected_naming_file_and_row(tmp_path, datasets_cache):
+def test_empty_label_cell_is_rejected_naming_file_and_line(tmp_path, datasets_cache):
     train, validation = tmp_path / "train.csv", tmp_path / "validation.csv"
     write_csv(train, ["good movie,pos", "bad movie,neg", "fun plot,", "None,neg"])
     write_csv(validation, ["great,pos"])
-    with pytest.raises(ValueError, match=rf"Empty label in column 'label', row 2 of the train file {train}"):
+    with pytest.raises(ValueError, match=rf"Empty label in column 'label', line 4 of the train file {train}"):
         load_task_data(data_files={"train": str(train), "validation": str(validation)})
     # "None" / "N/A" are ordinary text, not missing values
     write_csv(train, ["None,pos", "N/A,neg"])
     data = load_task_data(data_files={"train": str(train), "validation": str(validation)})
     assert data.splits["train"]["text"] == ["None", "N/A"]
     write_csv(validation, ["great,"])
-    with pytest.raises(ValueError, match=rf"Empty label in column 'label', row 0 of the validation file {validation}"):
+    with pytest.raises(ValueError, match=rf"Empty label in column 'label', line 2 of the validation file {validation}"):
         load_task_data(data_files={"train": str(train), "validation": str(validation)})

@@ -135,7 +135,7 @@ def test_unseen_labels_empty_texts_and_foreign_teacher_are_rejected(task):
     with pytest.raises(ValueError, match=r"test file .* labels never seen in training: \['neutral'\]"):
         main(pipeline_args(task, task / "out"))
     (task / "test.csv").write_text('text,label\ngood movie,positive\n" ",negative\n')
-    with pytest.raises(ValueError, match="Empty text in column 'text', row 1 of the test file"):
+    with pytest.raises(ValueError, match="Empty text in column 'text', line 3 of the test file"):
         main(pipeline_args(task, task / "out"))
     write_task(task)
     teacher = BertForSequenceClassification(tiny_encoder(seed=1).config)

@@ -76,12 +76,12 @@ def test_unlabelled_texts_from_a_dataset_split(task):
         ("sentence\nthe movie\n", "Column 'text' not found in the unlabeled file .*unlabeled.csv; its columns are "),
         (
             'text\nthe movie\n"  "\na plot\n',
-            "Empty text in column 'text', row 1 of the unlabeled file .*unlabeled.csv",
+            "Empty text in column 'text', line 3 of the unlabeled file .*unlabeled.csv",
         ),
         ("text\n", "The unlabeled file .*unlabeled.csv has no rows"),
     ],
 )
-def test_bad_unlabelled_files_are_refused_naming_file_and_row(task, content, message):
+def test_bad_unlabelled_files_are_refused_naming_file_and_line(task, content, message):
     path = task / "unlabeled.csv"
     path.write_text(content)
     with pytest.raises(InputError, match=message):
