@@ -170,5 +170,7 @@ def test_empty_label_cell_is_rejected_naming_file_and_line(tmp_path, datasets_ca
     data = load_task_data(data_files={"train": str(train), "validation": str(validation)})
     assert data.splits["train"]["text"] == ["None", "N/A"]
     write_csv(validation, ["great,"])
-    with pytest.raises(ValueError, match=rf"Empty label in column 'label', line 2 of the validation file {validation}"):
+    with pytest.raises(
+        ValueError, match=rf"Empty label in column 'label', line 2 of the validation file {validation}"
+    ):
         load_task_data(data_files={"train": str(train), "validation": str(validation)})
