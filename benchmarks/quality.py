@@ -44,6 +44,7 @@ import dataclasses
 import json
 import logging
 import statistics
+import warnings
 from pathlib import Path
 
 import torch
@@ -338,9 +339,12 @@ def summarize(records: list[dict]) -> str:
 
 def plot_retrieval_grid(details: dict, path: Path) -> None:
     """Validation accuracy of the chosen ReAugKD variant's student against β, one line per k (mean over seeds), one
-    panel per task."""
-    import matplotlib
-
+    panel per task. Optional: without matplotlib the records are kept and the plot is skipped with a warning."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        warnings.warn(f"matplotlib is not installed: {path} is not drawn (pip install matplotlib)", stacklevel=2)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

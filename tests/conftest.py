@@ -213,3 +213,40 @@ def datasets_cache(tmp_path, monkeypatch):
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets-cache")
+
+
+# Which knowledge-base scan paths the suite ran: on every CPU the reduced-precision ones too (tests force them with
+# an explicit `search_dtype`), and CI prints them, with what "auto" picks on this CPU.
+SCAN_PATHS: set[str] = set()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _record_scan_paths():
+    from hf_reaugkd import knowledge_base
+
+    original = knowledge_base.KnowledgeBase._keys_for_scan
+
+    def recorded(self):
+        scan_keys, scales = original(self)
+        int8_kernel = scales is not None and knowledge_base.int8_matmul(scan_keys.device.type, self.dim) is not None
+        SCAN_PATHS.add(f"{scan_keys.dtype}".removeprefix("torch.") + (" (int8 matmul)" if int8_kernel else ""))
+        return scan_keys, scales
+
+    knowledge_base.KnowledgeBase._keys_for_scan = recorded
+    yield
+    knowledge_base.KnowledgeBase._keys_for_scan = original
+
+
+def pytest_report_header(config):
+    from hf_reaugkd import knowledge_base
+
+    auto = knowledge_base.scan_dtype("auto", "cpu", 128)
+    return (
+        f"knowledge-base scan on this CPU: native bf16 {knowledge_base.cpu_has_native_bf16()}, int8 matmul "
+        f"{knowledge_base.int8_matmul('cpu', 128) is not None}; search_dtype='auto' scans in {auto}"
+    )
+
+
+def pytest_terminal_summary(terminalreporter):
+    if SCAN_PATHS:
+        terminalreporter.write_line(f"knowledge-base scan paths run: {', '.join(sorted(SCAN_PATHS))}")

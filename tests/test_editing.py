@@ -51,9 +51,12 @@ def test_teacher_keys_new_rows_exactly_as_in_training(saved):
 
 
 def test_gold_rows_are_found_and_removing_them_restores_predictions_exactly(saved):
+    """What "restores" guarantees: `kb remove` of the rows a `kb add` added gives back the knowledge base byte for
+    byte (the stored rows are never normalised again), so every prediction is the same bit for bit on any CPU."""
     root, model_dir = saved
     texts = ["great fun great", "awful boring awful", "the plot"]
     original = predictions(model_dir, texts)
+    original_state = editing.load_student(model_dir)[0].state_dict()
     (model_dir / ".git" / "refs").mkdir(parents=True)  # a cloned Hub repo: the edit must keep its history
     (model_dir / ".git" / "refs" / "main").write_text("abc123\n")
     write_rows(root / "new.csv", [[text, "positive"] for text in texts])
@@ -69,6 +72,8 @@ def test_gold_rows_are_found_and_removing_them_restores_predictions_exactly(save
     assert removed == ids
     restored = predictions(model_dir, texts)
     assert (model_dir / ".git" / "refs" / "main").read_text() == "abc123\n"
+    restored_state = editing.load_student(model_dir)[0].state_dict()
+    assert all(torch.equal(restored_state[name], tensor) for name, tensor in original_state.items())
     assert torch.equal(restored.neighbor_ids, original.neighbor_ids)
     torch.testing.assert_close(restored.logits, original.logits, atol=0, rtol=0)
 

@@ -119,7 +119,11 @@ def test_runtime_refuses_out_of_range_settings(exported):
         ({"knn_k": 9}, "from 1 to 8"),
         ({"knn_k": True}, "knn_k"),
         ({"retrieval_weight": float("nan")}, r"\[0, 1\]"),
+        ({"retrieval_weight": "0.5"}, r"\[0, 1\]"),
         ({"neighbors": 0}, "neighbors"),
+        ({"neighbors": 1.5}, "neighbors"),
+        ({"neighbors": "3"}, "neighbors"),
+        ({"neighbors": []}, "neighbors"),
     ]:
         with pytest.raises(ValueError, match=message):
             onnx_pipeline("the movie", **call)

@@ -418,6 +418,15 @@ class KnowledgeBase(nn.Module):
         `resolve_index_type`). For `"hnsw"` and `"ivf"` the FAISS index is trained and filled here and its bytes are
         kept, so loading never retrains it.
         """
+        return cls._build(keys, values, index_type, normalize_rows=0, **index_params)
+
+    @classmethod
+    def _build(
+        cls, keys: torch.Tensor, values: torch.Tensor, index_type: str, normalize_rows: int, **index_params: int | str
+    ) -> "KnowledgeBase":
+        """`build`, normalising only the keys from row `normalize_rows` on: `add` and `remove` keep the stored rows'
+        bytes as they are (normalising a unit vector again moves it by an ulp), so removing the rows an `add` added
+        gives back the same knowledge base, bit for bit."""
         validate_entries(keys, values)
         index_type = resolve_index_type(index_type, len(keys))
         if index_type != "torch":
@@ -433,7 +442,8 @@ class KnowledgeBase(nn.Module):
             )
         kb = cls(len(keys), keys.shape[1], values.shape[1], index_type, 0, **index_params)
         block = params["search_block_size"]
-        for start in range(0, len(keys), block):  # normalise in blocks: no full-size temporaries
+        kb.keys[:normalize_rows] = keys[:normalize_rows].detach().float().cpu()
+        for start in range(normalize_rows, len(keys), block):  # normalise in blocks: no full-size temporaries
             chunk = keys[start : start + block].detach().float().cpu()  # (block, d)
             kb.keys[start : start + block] = nn.functional.normalize(chunk, dim=-1)
         kb.values.copy_(values.detach())
@@ -689,10 +699,11 @@ class KnowledgeBase(nn.Module):
             raise ValueError(
                 f"This knowledge base stores its entries' texts: give one text per new entry ({keys.shape[0]})."
             )
-        grown = self.build(
+        grown = self._build(
             torch.cat([self.keys.cpu(), keys.float().cpu()]),
             torch.cat([self.values.cpu(), values.float().cpu()]),
             self.index_type,
+            normalize_rows=self.size,
             **self.index_params,
         )
         return grown.set_texts(self.texts + list(texts)) if self.has_texts else grown
@@ -721,7 +732,13 @@ class KnowledgeBase(nn.Module):
                 f"Removing these ids would remove all {self.size} entries and leave the knowledge base empty; "
                 "build a new one with KnowledgeBase.build(keys, soft_labels) instead."
             )
-        kept = self.build(self.keys.cpu()[keep], self.values.cpu()[keep], self.index_type, **self.index_params)
+        kept = self._build(
+            self.keys.cpu()[keep],
+            self.values.cpu()[keep],
+            self.index_type,
+            normalize_rows=int(keep.sum()),
+            **self.index_params,
+        )
         if self.has_texts:
             kept.set_texts([text for text, k in zip(self.texts, keep.tolist(), strict=True) if k])
         return kept

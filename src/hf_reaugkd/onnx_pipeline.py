@@ -18,6 +18,7 @@ version, a copied-in `model.safetensors`) is refused rather than served with ano
 
 import hashlib
 import json
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -224,8 +225,12 @@ class ONNXTextClassificationPipeline:
                 )
             inputs["knn_k"] = np.asarray(knn_k, dtype=np.int64)
         if retrieval_weight is not None:
-            if isinstance(retrieval_weight, bool) or not 0.0 <= retrieval_weight <= 1.0:  # also refuses NaN
-                raise ValueError(f"retrieval_weight (β) must be in [0, 1], got {retrieval_weight!r}")
+            if (
+                isinstance(retrieval_weight, bool)
+                or not isinstance(retrieval_weight, numbers.Real)
+                or not 0.0 <= retrieval_weight <= 1.0  # also refuses NaN
+            ):
+                raise ValueError(f"retrieval_weight (β) must be a number in [0, 1], got {retrieval_weight!r}")
             inputs["retrieval_weight"] = np.asarray(retrieval_weight, dtype=np.float32)
         return inputs
 
