@@ -158,8 +158,14 @@ def broken_int8_matmul(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tenso
     return torch.zeros(len(queries), keys.shape[1], dtype=torch.int32)
 
 
+def exact_int8_matmul(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """An int8 matmul that is right on every CPU (torch's own is wrong under oneDNN's AVX2 kernels, which saturate)."""
+    return (queries.long() @ keys.long()).int()
+
+
 def test_an_int8_kernel_that_disagrees_with_an_integer_matmul_is_not_used(monkeypatch, fresh_int8_probe):
-    assert kb_module.int8_matmul("cpu", 32) is not None  # torch 2.13's kernel passes the check
+    monkeypatch.setattr(torch, "_int_mm", exact_int8_matmul)
+    assert kb_module.int8_matmul("cpu", 32) is exact_int8_matmul
     kb_module.int8_matmul.cache_clear()
     monkeypatch.setattr(torch, "_int_mm", broken_int8_matmul)
     assert kb_module.int8_matmul("cpu", 32) is None
@@ -172,6 +178,7 @@ def test_auto_scans_int8_keys_for_any_batch_and_bf16_keys_without_the_int8_kerne
     """What "auto" picks on a CPU with native bf16, run on every CPU: where the hardware lacks it (AVX2 only) the
     probe is forced, and torch runs the same kernels, only slower."""
     monkeypatch.setattr(kb_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(torch, "_int_mm", exact_int8_matmul)
     kb = random_kb(300, 32)
     queries = unit(32, 32)
     for batch in (queries[:1], queries):  # one copy of the keys, whatever the batch size

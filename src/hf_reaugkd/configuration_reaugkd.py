@@ -79,13 +79,13 @@ class ReAugKDConfig(PreTrainedConfig):
         knn_k (`int`, defaults to 16):
             Number of neighbours retrieved at inference. Clamped to `kb_size`.
         retrieval_temperature (`float`, defaults to 0.1):
-            τ_r in the neighbour weights `softmax(similarity / τ_r)`.
+            τ_r in the neighbour weights `softmax(similarity / τ_r)`; at least `MIN_RETRIEVAL_TEMPERATURE` (1e-6).
         retrieval_weight (`float`, defaults to 0.5):
             β in `β · retrieved + (1 − β) · student`. β = 0 is the plain student.
         retrieval_gate (`list[float]`, *optional*):
             A per-query β(x) = σ(w · features(x) + b) instead of the fixed `retrieval_weight`: one weight per feature of
             `RETRIEVAL_GATE_FEATURES` (top similarity, retrieved confidence, retrieved entropy, student
-            entropy), then the bias. Fitted on validation by the pipeline and kept only when it beats the best fixed
+            entropy), then the bias, each within ±`MAX_GATE_PARAMETER` (1e6). Fitted on validation by the pipeline and kept only when it beats the best fixed
             β there; a `retrieval_weight` given to `forward` or the pipeline replaces it.
         index_type (`str`, defaults to `"torch"`):
             Search backend: `"torch"` (exact, blockwise matmul + top-k; runs on the model's device),

@@ -189,7 +189,8 @@ def int8_matmul(device_type: str, dim: int) -> Int8Matmul | None:
     """torch's int8 matmul `(queries (b, d) int8, keys.T (d, n) int8) -> (b, n) int32` where it applies, else None
     (an int8 scan then multiplies dequantized blocks). Only its CPU kernel is used (the CUDA one needs more than 16
     query rows). Since this file runs on whatever torch and CPU loads a checkpoint, the kernel is checked once per
-    `d` against an exact integer matmul, and not used if it disagrees."""
+    `d` against an exact integer matmul, and not used if it disagrees: torch 2.13's is wrong with oneDNN's AVX2
+    kernels (`ONEDNN_MAX_CPU_ISA=AVX2`: off by up to 23,233 on the probe's 32 dimensions)."""
     if device_type != "cpu" or dim * 127 * 127 > torch.iinfo(torch.int32).max:  # int32 scores would overflow
         return None
     try:
