@@ -237,16 +237,11 @@ def _record_scan_paths():
     knowledge_base.KnowledgeBase._keys_for_scan = original
 
 
-def pytest_report_header(config):
+def pytest_terminal_summary(terminalreporter):
     from hf_reaugkd import knowledge_base
 
-    auto = knowledge_base.scan_dtype("auto", "cpu", 128)
-    return (
+    terminalreporter.write_line(
         f"knowledge-base scan on this CPU: native bf16 {knowledge_base.cpu_has_native_bf16()}, int8 matmul "
-        f"{knowledge_base.int8_matmul('cpu', 128) is not None}; search_dtype='auto' scans in {auto}"
+        f"{knowledge_base.int8_matmul('cpu', 128) is not None}, search_dtype='auto' scans in "
+        f"{knowledge_base.scan_dtype('auto', 'cpu', 128)}; scan paths run: {', '.join(sorted(SCAN_PATHS)) or 'none'}"
     )
-
-
-def pytest_terminal_summary(terminalreporter):
-    if SCAN_PATHS:
-        terminalreporter.write_line(f"knowledge-base scan paths run: {', '.join(sorted(SCAN_PATHS))}")
