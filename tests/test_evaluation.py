@@ -243,3 +243,20 @@ def test_retrieval_gate_on_a_one_row_validation_split_is_not_used_and_does_not_c
     selection = select_retrieval_settings(validation, [0.0, 0.5])
     gate = select_retrieval_gate(validation, selection)
     assert not gate["used"] and gate["validation_accuracy_crossfit"] <= gate["validation_accuracy_fixed"]
+
+
+@pytest.mark.parametrize("gate", [None, [3.0, -2.0, 1.5, 0.5, -0.4]])
+def test_evaluation_scores_the_prediction_forward_serves(tiny_tokenizer, gate):
+    """The k/β grid and the gate are chosen on evaluation's mixtures: they must be the model's own outputs, fixed β
+    and per-query gate alike (one `mix_retrieval` serves both)."""
+    model = tiny_student(kb_size=40, knn_k=4, retrieval_weight=0.3, retrieval_gate=gate)
+    texts = [" ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(2 + i % 4)) for i in range(12)]
+    dataset = Dataset.from_dict({**tiny_tokenizer(texts), "labels": [i % 3 for i in range(12)]})
+    predictions = predict(model, dataset, tiny_tokenizer, [4], model.config.retrieval_temperature, batch_size=5)
+    with torch.no_grad():
+        served = model(**tiny_tokenizer(texts, padding=True, return_tensors="pt")).logits.exp()  # (N, C)
+    if gate is None:
+        evaluated = mix_probabilities(predictions.student_probs, predictions.retrieved[4], 0.3)
+    else:
+        evaluated = gated_mixture(predictions, 4, gate)
+    torch.testing.assert_close(evaluated, served, atol=1e-6, rtol=0)

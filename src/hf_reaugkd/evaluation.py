@@ -27,8 +27,8 @@ from .data import LABEL_COLUMN, padded_batches
 from .knowledge_base import KnowledgeBase
 from .modeling_reaugkd import (
     ReAugKDForSequenceClassification,
-    gated_retrieval_weight,
     mix_probabilities,
+    mix_retrieval,
     neighbor_label_distribution,
     retrieval_gate_features,
 )
@@ -187,11 +187,10 @@ def select_retrieval_settings(validation: Predictions, betas: list[float]) -> di
 
 
 def gated_mixture(predictions: Predictions, knn_k: int, gate: list[float] | torch.Tensor) -> torch.Tensor:
-    """The student mixed with its retrieved labels at the per-query β(x) of `gate` `(N, C)`, through the model's own
-    `retrieval_gate_features`, `gated_retrieval_weight` and `mix_probabilities`."""
+    """The student mixed with its retrieved labels at the per-query β(x) of `gate` `(N, C)`: the model's own
+    `mix_retrieval`, as `forward` applies it."""
     retrieved = predictions.retrieved[knn_k]  # (N, C)
-    features = retrieval_gate_features(predictions.top_similarity, retrieved, predictions.student_probs)  # (N, F)
-    return mix_probabilities(predictions.student_probs, retrieved, gated_retrieval_weight(features, gate))
+    return mix_retrieval(predictions.student_probs, retrieved, predictions.top_similarity, 0.0, gate)
 
 
 def fit_retrieval_gate(predictions: Predictions, knn_k: int, retrieval_weight: float) -> list[float]:

@@ -189,6 +189,24 @@ def gated_retrieval_weight(features: torch.Tensor, gate: list[float]) -> torch.T
     return torch.sigmoid(features @ gate[:-1] + gate[-1]).unsqueeze(-1)  # (B, 1)
 
 
+def mix_retrieval(
+    student_probs: torch.Tensor,
+    retrieved_probs: torch.Tensor,
+    top_similarity: torch.Tensor,
+    retrieval_weight: float,
+    gate: list[float] | torch.Tensor | None = None,
+    all_found: bool = False,
+) -> torch.Tensor:
+    """The prediction `(B, C)`: the student `(B, C)` mixed with its retrieved labels `(B, C)` at the fixed β
+    `retrieval_weight` or, with `gate`, at the per-query β(x) read from the gate's features (`top_similarity` `(B,)`
+    is each query's nearest similarity). The one place gate and mixing are chained: `forward` and the evaluation
+    of a fitted gate both call it."""
+    if gate is not None:
+        features = retrieval_gate_features(top_similarity, retrieved_probs, student_probs)  # (B, F)
+        retrieval_weight = gated_retrieval_weight(features, gate)  # (B, 1)
+    return mix_probabilities(student_probs, retrieved_probs, retrieval_weight, all_found)
+
+
 def mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Attention-masked mean of token states `(B, T, H)` → `(B, H)` (the sentence-transformers pooling)."""
     if attention_mask is None:
@@ -618,13 +636,14 @@ class ReAugKDForSequenceClassification(ReAugKDPreTrainedModel):
         student_logits = self.classifier(self.dropout(outputs.sentence_embedding))  # (B, C)
         if beta > 0 or gate is not None:
             student_probs = torch.softmax(student_logits.float(), dim=-1)  # (B, C)
-            if gate is not None:
-                features = retrieval_gate_features(
-                    outputs.neighbor_scores[:, 0], outputs.retrieved_probs, student_probs
-                )
-                beta = gated_retrieval_weight(features, gate)  # (B, 1)
-            all_found = self.knowledge_base.exhaustive
-            mixed_probs = mix_probabilities(student_probs, outputs.retrieved_probs, beta, all_found)  # (B, C)
+            mixed_probs = mix_retrieval(
+                student_probs,
+                outputs.retrieved_probs,
+                outputs.neighbor_scores[:, 0],
+                beta,
+                gate,
+                all_found=self.knowledge_base.exhaustive,
+            )  # (B, C)
             logits = mixed_probs.clamp_min(torch.finfo(mixed_probs.dtype).tiny).log()  # (B, C)
         else:
             logits = torch.log_softmax(student_logits.float(), dim=-1)  # (B, C)
@@ -654,6 +673,7 @@ ReAugKDForSequenceClassification.register_for_auto_class("AutoModelForSequenceCl
 __all__ = [
     "gated_retrieval_weight",
     "mix_probabilities",
+    "mix_retrieval",
     "retrieval_gate_features",
     "neighbor_label_distribution",
     "ReAugKDModel",
