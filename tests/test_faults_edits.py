@@ -291,6 +291,11 @@ def test_kb_info_on_a_garbage_head_says_so(with_teacher, capsys):
             "Empty text in column 'text', line 3",
         ),
         (
+            "leading_blank.jsonl",
+            '\n{"text": "great fun", "label": "positive"}\n{"label": "negative"}\n',
+            "Empty text in column 'text', line 3",
+        ),
+        (
             "nolabel.jsonl",
             '{"text": "great fun", "label": "positive"}\n{"text": "awful"}\n',
             "Empty label in column 'label', line 2",

@@ -328,9 +328,9 @@ def _file_line(path: str, row: int) -> int | None:
             return None
         record = 0
         for number, line in enumerate(f, 1):
-            if number == 1 and not line.lstrip().startswith("{"):
-                return None  # a JSON array: rows are not lines
             if line.strip():
+                if record == 0 and not line.lstrip().startswith("{"):
+                    return None  # a JSON array: rows are not lines
                 if record == row:
                     return number
                 record += 1
