@@ -1,7 +1,7 @@
 """Deployment benchmark: the student with its knowledge base in ONNX Runtime against PyTorch and the teachers.
 
     hf-reaugkd distill                                   # the demo's student: outputs/demo/model
-    python benchmarks/deploy.py --model outputs/demo/model --data $HF_REAUGKD_CACHE/data/rotten_tomatoes \
+    python benchmarks/deploy.py --model outputs/demo/model --data $HF_REAUGKD_CACHE/data/critic_snippets \
         --parity bbc_news=RUN/bbc/model:$HF_REAUGKD_CACHE/data/bbc_news
 
 One run, side by side, `--threads` (2) threads for PyTorch and ONNX Runtime alike, `--rounds` (15) rounds; in each

@@ -84,7 +84,7 @@ def memory_bytes(kb: KnowledgeBase) -> int:
     (flat), or the live FAISS index (about its serialized size)."""
     buffers = sum(b.numel() * b.element_size() for b in kb.buffers())
     if kb.index_type == "torch":  # the scan copy made so far (int8 and its scales, or bf16), not the fp32 keys
-        scan_copy = [t for t in (kb._scan_keys or (None, ()))[1] if t is not None]
+        scan_copy = [t for t in (kb._exact_search._scan_keys or (None, ()))[1] if t is not None]
         live_index = sum(t.numel() * t.element_size() for t in scan_copy)
     else:
         live_index = {"flat": kb.keys.numel() * kb.keys.element_size()}.get(kb.index_type, kb.index_bytes.numel())

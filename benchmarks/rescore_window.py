@@ -6,11 +6,11 @@ among them, on a trained student's knowledge bases.
 
 The exact torch search scans the keys in a reduced precision (`search_dtype`: int8 keys against int8 queries on CPUs
 with native bf16, fp16 on CUDA, bf16 where the int8 kernel is missing), keeps its best k + max(k, extra) candidates
-and re-scores them from the fp32 keys (`knowledge_base.RESCORE_EXTRA` is `extra` per scan dtype). A true neighbour is
+and re-scores them from the fp32 keys (`exact_search.RESCORE_EXTRA` is `extra` per scan dtype). A true neighbour is
 lost when more than `extra` others outscore it in the scan by less than the scan's rounding error, so trained KBs are
 the hard case: their classes are tight clusters, full of near-ties. For each scan dtype, each k and each candidate
 window, this prints the share of the exact fp32 top-k (validation queries) that the scan's own top-(k + extra) holds,
-through the package's scan (`KnowledgeBase._scan`), in two KBs: the student's own (teacher keys) and the timing KB of
+through the package's scan (`exact_search._scan`), in two KBs: the student's own (teacher keys) and the timing KB of
 `inference.py` (the whole training set keyed by the student's queries, denser). Output: `results/rescore_window.json`.
 """
 
@@ -21,8 +21,8 @@ import torch
 from common import RESULTS_DIR, environment, read_csv, student_queries, write_json
 from transformers import AutoTokenizer
 
-from hf_reaugkd import KnowledgeBase, ReAugKDForSequenceClassification
-from hf_reaugkd.knowledge_base import RESCORE_EXTRA
+from hf_reaugkd import KnowledgeBase, ReAugKDForSequenceClassification, exact_search
+from hf_reaugkd.exact_search import RESCORE_EXTRA
 
 SCAN_DTYPES = ("int8", "float16", "bfloat16")
 KS = (1, 4, 8, 16)
@@ -32,8 +32,12 @@ EXTRAS = (0, 4, 8, 12, 16, 24, 32)
 @torch.no_grad()
 def window_recall(kb: KnowledgeBase, queries: torch.Tensor, exact: torch.Tensor, extra: int) -> float:
     """Share of the exact top-k ids `exact` `(Q, k)` found among the scan's top k + extra candidates of each query."""
-    scan_keys, scales = kb._keys_for_scan()  # the copy `search` scans, in the KB's search_dtype
-    _, candidates = kb._scan(queries, scan_keys, scales, exact.shape[1] + extra)  # (Q, k + extra)
+    block_size = kb.index_params["search_block_size"]
+    # the copy `search` scans, in the KB's search_dtype
+    scan_keys, scales = kb._exact_search.keys_for_scan(kb.keys, kb.index_params["search_dtype"], block_size)
+    _, candidates = exact_search._scan(
+        queries, scan_keys, scales, exact.shape[1] + extra, block_size
+    )  # (Q, k + extra)
     return (exact.unsqueeze(-1) == candidates.unsqueeze(1)).any(-1).float().mean().item()
 
 

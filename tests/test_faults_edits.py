@@ -19,9 +19,9 @@ from safetensors.torch import save_file
 from transformers import BertForSequenceClassification
 
 from hf_reaugkd import ReAugKDForSequenceClassification, cli, editing
-from hf_reaugkd.configuration_reaugkd import MAX_GATE_PARAMETER, MIN_RETRIEVAL_TEMPERATURE
 from hf_reaugkd.pipeline_reaugkd import ReAugKDTextClassificationPipeline
 from hf_reaugkd.saving import TEACHER_PROJECTION
+from hf_reaugkd.settings_reaugkd import MAX_GATE_PARAMETER, MIN_RETRIEVAL_TEMPERATURE
 from hf_reaugkd.teacher import save_projection
 
 

@@ -21,8 +21,7 @@ from conftest import SENTENCES, random_kb, run_fresh_python, tiny_student
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from hf_reaugkd import KnowledgeBase, ReAugKDConfig, ReAugKDForSequenceClassification
-from hf_reaugkd import knowledge_base as kb_module
+from hf_reaugkd import KnowledgeBase, ReAugKDConfig, ReAugKDForSequenceClassification, faiss_index
 from hf_reaugkd.arguments import parse_args
 from hf_reaugkd.errors import InputError
 
@@ -229,10 +228,10 @@ def test_bytes_with_a_matching_checksum_but_an_unknown_layout_are_rebuilt_not_re
     original.save_pretrained(tmp_path)
 
     def unknown_layout(*args):
-        raise kb_module._MalformedIndexError("the HNSW links have a new type code")
+        raise faiss_index._MalformedIndexError("the HNSW links have a new type code")
 
-    monkeypatch.setattr(kb_module, "_check_index_layout", unknown_layout)
-    monkeypatch.setattr(kb_module, "_deserialize_index", lambda data: pytest.fail("malformed bytes were read"))
+    monkeypatch.setattr(faiss_index, "_check_index_layout", unknown_layout)
+    monkeypatch.setattr(faiss_index, "_deserialize_index", lambda data: pytest.fail("malformed bytes were read"))
     model, warnings = load_with_warnings(tmp_path, caplog)
     assert len(warnings) == 1 and "layout is not one these checks know (the HNSW links have a new type" in warnings[0]
     assert_same_predictions(model, original, batch)
@@ -254,7 +253,7 @@ def test_every_faiss_read_failure_becomes_a_value_error_with_the_whole_message(c
     def failing(data):
         raise error
 
-    monkeypatch.setattr(kb_module.faiss, "deserialize_index", failing)
+    monkeypatch.setattr(faiss_index.faiss, "deserialize_index", failing)
     with pytest.raises(ValueError, match=f"(?s)FAISS index .* unusable: FAISS could not read it .*{text}"):
         kb.validate()
     with caplog.at_level(logging.WARNING):
@@ -301,7 +300,7 @@ def test_without_faiss_malformed_bytes_are_still_refused_and_search_is_exact(tmp
     original.save_pretrained(tmp_path / "ok")
     original.save_pretrained(tmp_path / "bad")
     rewrite_index(tmp_path / "bad", put("<q", 8, 7))
-    monkeypatch.setattr(kb_module, "faiss", None)
+    monkeypatch.setattr(faiss_index, "faiss", None)
     with pytest.raises(ValueError, match="ntotal=7"):
         ReAugKDForSequenceClassification.from_pretrained(tmp_path / "bad")
     model = ReAugKDForSequenceClassification.from_pretrained(tmp_path / "ok").eval()

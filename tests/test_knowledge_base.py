@@ -7,7 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import hf_reaugkd.knowledge_base as kb_module
-from hf_reaugkd import KnowledgeBase
+from hf_reaugkd import KnowledgeBase, exact_search, faiss_index
 
 
 def unit(n: int, d: int = 16, seed: int = 1) -> torch.Tensor:
@@ -90,7 +90,7 @@ def test_scan_copy_follows_the_keys(search_dtype):
 def test_int8_keys_are_off_by_at_most_half_a_step_of_their_dimension():
     keys = unit(2000, 128)
     keys[:, 5] = 0.25  # a dimension equal in every key
-    quantized, scales = kb_module.quantize_columns(keys, block_size=300)
+    quantized, scales = exact_search.quantize_columns(keys, block_size=300)
     # keys - center ≈ quantized * scales: so differences between keys are off by at most one step per dimension
     steps = quantized.float()  # (N, d)
     error = ((steps[1:] - steps[:1]) * scales - (keys[1:] - keys[:1])).abs()  # (N - 1, d)
@@ -116,8 +116,8 @@ def test_int8_scan_scores_are_cosines_up_to_one_scale_and_offset_per_query():
     spread = torch.linspace(0.05, 3.0, 128)
     keys = torch.nn.functional.normalize(unit(2000, 128) * spread, dim=-1)
     queries = torch.nn.functional.normalize(unit(50, 128, seed=2) * spread, dim=-1)
-    quantized, scales = kb_module.quantize_columns(keys, block_size=300)
-    query_ints = kb_module.quantize_queries(queries, scales)  # (50, d) int8
+    quantized, scales = exact_search.quantize_columns(keys, block_size=300)
+    query_ints = exact_search.quantize_queries(queries, scales)  # (50, d) int8
     assert query_ints.dtype == torch.int8 and query_ints.abs().amax(dim=1).eq(127).all()
     scores = (query_ints.long() @ quantized.long().T).double()  # (50, N): what the int8 kernel computes
     cosines = (queries @ keys.T).double()  # (50, N)
@@ -147,11 +147,11 @@ def test_a_knowledge_base_built_in_inference_mode_searches_outside_it():
 @pytest.fixture
 def fresh_int8_probe():
     """Forget which int8 kernels were found usable, before and after the test (they are cached per process)."""
-    kb_module.int8_matmul.cache_clear()
-    kb_module._scan_dtype.cache_clear()
+    exact_search.int8_matmul.cache_clear()
+    exact_search._scan_dtype.cache_clear()
     yield
-    kb_module.int8_matmul.cache_clear()
-    kb_module._scan_dtype.cache_clear()
+    exact_search.int8_matmul.cache_clear()
+    exact_search._scan_dtype.cache_clear()
 
 
 def broken_int8_matmul(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -165,10 +165,10 @@ def exact_int8_matmul(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor
 
 def test_an_int8_kernel_that_disagrees_with_an_integer_matmul_is_not_used(monkeypatch, fresh_int8_probe):
     monkeypatch.setattr(torch, "_int_mm", exact_int8_matmul)
-    assert kb_module.int8_matmul("cpu", 32) is exact_int8_matmul
-    kb_module.int8_matmul.cache_clear()
+    assert exact_search.int8_matmul("cpu", 32) is exact_int8_matmul
+    exact_search.int8_matmul.cache_clear()
     monkeypatch.setattr(torch, "_int_mm", broken_int8_matmul)
-    assert kb_module.int8_matmul("cpu", 32) is None
+    assert exact_search.int8_matmul("cpu", 32) is None
     kb = random_kb(300, 32, search_dtype="int8")  # so an explicit int8 scan dequantizes, and stays exact
     queries = unit(4, 32)
     assert torch.equal(kb.search(queries, 5)[1], (queries @ kb.keys.T).topk(5, dim=1).indices)
@@ -177,26 +177,26 @@ def test_an_int8_kernel_that_disagrees_with_an_integer_matmul_is_not_used(monkey
 def test_auto_scans_int8_keys_for_any_batch_and_bf16_keys_without_the_int8_kernel(monkeypatch, fresh_int8_probe):
     """What "auto" picks on a CPU with native bf16, run on every CPU: where the hardware lacks it (AVX2 only) the
     probe is forced, and torch runs the same kernels, only slower."""
-    monkeypatch.setattr(kb_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(exact_search, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setattr(torch, "_int_mm", exact_int8_matmul)
     kb = random_kb(300, 32)
     queries = unit(32, 32)
     for batch in (queries[:1], queries):  # one copy of the keys, whatever the batch size
         assert torch.equal(kb.search(batch, 5)[1], (batch @ kb.keys.T).topk(5, dim=1).indices)
-        assert kb._scan_keys[1][0].dtype == torch.int8
+        assert kb._exact_search._scan_keys[1][0].dtype == torch.int8
     monkeypatch.setattr(torch, "_int_mm", broken_int8_matmul)
-    kb_module.int8_matmul.cache_clear()
-    kb_module._scan_dtype.cache_clear()
+    exact_search.int8_matmul.cache_clear()
+    exact_search._scan_dtype.cache_clear()
     assert torch.equal(kb.search(queries, 5)[1], (queries @ kb.keys.T).topk(5, dim=1).indices)
-    assert kb._scan_keys[1][0].dtype == torch.bfloat16
+    assert kb._exact_search._scan_keys[1][0].dtype == torch.bfloat16
 
 
 def test_search_dtype_auto_and_unknown():
-    assert kb_module.scan_dtype("auto", "cuda", 128) == torch.float16
-    assert kb_module.scan_dtype("float32", "cpu", 128) == torch.float32
-    assert kb_module.int8_matmul("cuda", 128) is None  # its CUDA kernel needs more than 16 query rows
-    assert kb_module.int8_matmul("cpu", 140_000) is None  # 140,000 × 127² overflows the int32 scores
-    with pytest.raises(ValueError, match="Unknown search_dtype 'int4'"):
+    assert exact_search.scan_dtype("auto", "cuda", 128) == torch.float16
+    assert exact_search.scan_dtype("float32", "cpu", 128) == torch.float32
+    assert exact_search.int8_matmul("cuda", 128) is None  # its CUDA kernel needs more than 16 query rows
+    assert exact_search.int8_matmul("cpu", 140_000) is None  # 140,000 × 127² overflows the int32 scores
+    with pytest.raises(ValueError, match="search_dtype must be one of .*, got 'int4'"):
         random_kb(5, search_dtype="int4")
 
 
@@ -204,7 +204,7 @@ def test_auto_index_type_is_exact_for_small_and_hnsw_for_large_knowledge_bases(m
     monkeypatch.setattr(kb_module, "AUTO_EXACT_MAX_SIZE", 100)
     assert random_kb(100, index_type="auto").index_type == "torch"
     assert random_kb(101, index_type="auto").index_type == "hnsw"
-    monkeypatch.setattr(kb_module, "faiss", None)
+    monkeypatch.setattr(faiss_index, "faiss", None)
     assert random_kb(101, index_type="auto").index_type == "torch"
 
 
@@ -214,7 +214,7 @@ def test_auto_index_type_is_exact_for_small_and_hnsw_for_large_knowledge_bases(m
 def test_only_approximate_indexes_may_miss_hits(index_type, exhaustive, monkeypatch):
     kb = random_kb(400, index_type=index_type, ivf_nlist=4)
     assert kb.exhaustive is exhaustive
-    monkeypatch.setattr(kb_module, "faiss", None)  # HNSW and IVF then search exactly in torch
+    monkeypatch.setattr(faiss_index, "faiss", None)  # HNSW and IVF then search exactly in torch
     assert kb.exhaustive
 
 
@@ -328,7 +328,7 @@ def test_corrupt_index_bytes_and_truncated_file(tmp_path):
 def test_without_faiss_building_says_so_and_search_falls_back_to_exact(monkeypatch):
     hnsw = random_kb(200, index_type="hnsw")
     exact_ids = random_kb(200).search(unit(3), 5)[1]
-    monkeypatch.setattr(kb_module, "faiss", None)
+    monkeypatch.setattr(faiss_index, "faiss", None)
     with pytest.raises(ImportError, match="pip install faiss-cpu"):
         random_kb(10, index_type="flat")
     assert torch.equal(hnsw.search(unit(3), 5)[1], exact_ids)

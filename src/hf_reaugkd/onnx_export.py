@@ -2,16 +2,15 @@
 
 One graph does the whole prediction, `(B, T)` token ids → encoder → pooling → projection → exact scan of the
 knowledge base's keys (stored in the graph) → neighbour vote → mixing, with the model file's own functions
-(`neighbor_label_distribution`, `mix_probabilities`, `retrieval_gate_features`, `gated_retrieval_weight`): the
-exported arithmetic is the served arithmetic.
+(`neighbor_label_distribution`, `mix_retrieval`): the exported arithmetic is the served arithmetic.
 
 - **Every index type gets the exact scan.** An HNSW or IVF index is a FAISS structure whose search is a data-dependent
   walk, which a traced graph would replay with the export-time neighbours; the exact scan finds the same or better
   neighbours and its cost is measured in `benchmarks/deploy.py` (also at 1M keys).
 - **int8** (`quantize="int8"`): ONNX Runtime's dynamic quantization of every MatMul with a constant weight, one
   scale per output channel (per-tensor scales cost the demo's student 1.0 point of test accuracy, per-channel 0.4),
-  the scan included (int8 keys with one scale each, uint8 queries), and the scan's best `k + max(k, 16)` candidates re-scored from the fp32 keys kept in the graph, as
-  the torch search does: similarities stay exact, and a true neighbour is lost only if 16 others outscore it by less
+  the scan included (int8 keys with one scale each, uint8 queries), and the scan's best `k + max(k, 16)` candidates
+  re-scored from the fp32 keys kept in the graph, as the torch search does: similarities stay exact, and a true neighbour is lost only if 16 others outscore it by less
   than the int8 rounding error. The fp32 graph scans in fp32 and needs no re-scoring.
 - **Runtime inputs** besides the tokenizer's tensors: `knn_k` (int64, 1 to the export's `max_knn_k`) and
   `retrieval_weight` (float); both default to the config's values (graph initializers ONNX Runtime lets a caller
@@ -33,18 +32,15 @@ from torch import nn
 
 from .caching import atomic_path
 from .errors import InputError
-from .knowledge_base import RESCORE_EXTRA
+from .exact_search import RESCORE_EXTRA
 from .modeling_reaugkd import (
     ReAugKDForSequenceClassification,
-    gated_retrieval_weight,
-    mix_probabilities,
+    mix_retrieval,
     neighbor_label_distribution,
-    retrieval_gate_features,
 )
 from .onnx_pipeline import (
     DEFAULT_MAX_KNN_K,
     EXPORT_SETTINGS_KEY,
-    GATE_SENTINEL,
     KB_SHA256_KEY,
     ONNX_DIR,
     ONNX_FILE,
@@ -52,6 +48,7 @@ from .onnx_pipeline import (
     QUANTIZED_ONNX_FILE,
     knowledge_base_sha256,
 )
+from .settings_reaugkd import GATE_SENTINEL
 
 logger = logging.getLogger(__name__)
 
@@ -116,11 +113,8 @@ class ServingGraph(nn.Module):
         retrieved_probs, weights = neighbor_label_distribution(
             similarities, ids, self.soft_labels, self.retrieval_temperature
         )  # (B, C), (B, K)
-        beta = retrieval_weight.clamp(max=1.0).reshape(1, 1)  # (1, 1)
-        if self.gate is not None:
-            features = retrieval_gate_features(similarities[:, 0], retrieved_probs, student_probs)  # (B, 4)
-            beta = torch.where(beta < 0, gated_retrieval_weight(features, self.gate), beta)  # (B, 1)
-        mixed = mix_probabilities(student_probs, retrieved_probs, beta)  # (B, C)
+        beta = retrieval_weight.clamp(max=1.0).reshape(1, 1)  # (1, 1): below 0, the gate's β(x) when there is one
+        mixed = mix_retrieval(student_probs, retrieved_probs, similarities[:, 0], beta, self.gate)  # (B, C)
         return mixed, student_probs, retrieved_probs, ids, similarities, weights, query
 
 

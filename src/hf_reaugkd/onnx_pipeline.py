@@ -18,11 +18,13 @@ version, a copied-in `model.safetensors`) is refused rather than served with ano
 
 import hashlib
 import json
-import numbers
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .kb_texts import TEXTS_FILE, decode_texts, load_texts
+from .settings_reaugkd import check_retrieval_weight
 
 ONNX_DIR = "onnx"  # the layout optimum and transformers.js read on the Hub: onnx/model.onnx, onnx/model_quantized.onnx
 ONNX_FILE = "model.onnx"
@@ -31,11 +33,9 @@ QUANTIZED_ONNX_FILE = "model_quantized.onnx"
 KB_SHA256_KEY = "hf_reaugkd.knowledge_base_sha256"
 EXPORT_SETTINGS_KEY = "hf_reaugkd.export"  # JSON: quantize, opset, max_knn_k (what a re-export repeats)
 KB_TENSORS = ("reaugkd.knowledge_base.keys", "reaugkd.knowledge_base.values")
-TEXTS_FILE = "knowledge_base_texts.safetensors"  # as `knowledge_base.TEXTS_FILE` (that module imports torch)
 DEFAULT_MAX_KNN_K = (
     32  # the largest runtime k of an export: k beyond the config's without a re-export, at a negligible cost
 )
-GATE_SENTINEL = -1.0  # `retrieval_weight` below 0 means: the config's per-query β(x) (the default when one is served)
 OUTPUT_NAMES = (
     "probabilities",
     "student_probabilities",
@@ -104,22 +104,6 @@ def _digest(tensors: dict[str, np.ndarray], texts_file: bytes | None) -> str:
     if texts_file is not None:
         digest.update(texts_file)
     return digest.hexdigest()
-
-
-def _decode_texts(texts_file: bytes, source: Path) -> list[str]:
-    """The texts of a texts file's bytes, checked as `knowledge_base.decode_texts` checks them (that module needs
-    torch): offsets in order and in bounds, valid UTF-8."""
-    from safetensors.numpy import load
-
-    tensors = load(texts_file)
-    utf8, offsets = tensors["texts_utf8"].tobytes(), tensors["texts_offsets"].tolist()
-    spans = list(zip(offsets[:-1], offsets[1:], strict=True))  # (start, end) of each text
-    if offsets[:1] != [0] or offsets[-1] != len(utf8) or any(end < start for start, end in spans):
-        raise ValueError(f"The knowledge-base texts in {source} are corrupt: their offsets do not cover the bytes.")
-    try:
-        return [utf8[start:end].decode("utf-8") for start, end in spans]
-    except UnicodeDecodeError as err:
-        raise ValueError(f"The knowledge-base texts in {source} are not valid UTF-8: {err}") from err
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -225,12 +209,7 @@ class ONNXTextClassificationPipeline:
                 )
             inputs["knn_k"] = np.asarray(knn_k, dtype=np.int64)
         if retrieval_weight is not None:
-            if (
-                isinstance(retrieval_weight, bool)
-                or not isinstance(retrieval_weight, numbers.Real)
-                or not 0.0 <= retrieval_weight <= 1.0  # also refuses NaN
-            ):
-                raise ValueError(f"retrieval_weight (β) must be a number in [0, 1], got {retrieval_weight!r}")
+            check_retrieval_weight(retrieval_weight)
             inputs["retrieval_weight"] = np.asarray(retrieval_weight, dtype=np.float32)
         return inputs
 
@@ -328,7 +307,8 @@ class ONNXTextClassificationPipeline:
         """The soft labels and texts the neighbour explanations show, as read with the graph; the texts are decoded
         on the first `neighbors` call."""
         if self._texts is None and self._texts_file is not None:
-            self._texts = _decode_texts(self._texts_file, self.model_dir / TEXTS_FILE)
+            source = self.model_dir / TEXTS_FILE
+            self._texts = decode_texts(load_texts(self._texts_file, source), source)
             self._texts_file = None
         return self._soft_labels, self._texts
 

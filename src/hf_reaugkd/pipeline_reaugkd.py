@@ -15,7 +15,7 @@ import torch
 from transformers import TextClassificationPipeline
 from transformers.pipelines.text_classification import ClassificationFunction
 
-from .configuration_reaugkd import check_positive_integer
+from .settings_reaugkd import check_positive_integer
 
 
 def max_input_length(config, tokenizer) -> int:

@@ -29,7 +29,7 @@ from .arguments import ModelArguments, TeacherArguments
 from .caching import atomic_path, fingerprint, model_fingerprint
 from .data import TEACHER_KEYS, TEACHER_LOGITS, TEACHER_NEIGHBORS, TaskData, padded_batches, tokenize
 from .errors import InputError
-from .knowledge_base import DEFAULT_INDEX_PARAMS, KnowledgeBase
+from .knowledge_base import KnowledgeBase
 from .losses import supervised_contrastive_loss
 from .modeling_reaugkd import mean_pool
 from .reporting import expected_notices
@@ -332,8 +332,8 @@ def knowledge_base_stage(
     train_outputs, transfer = outputs["train"], transfer_outputs(outputs)
     key = fingerprint(
         train_outputs.fingerprint, kb_dim, model_args.projection_num_epochs, model_args.projection_learning_rate,
-        model_args.projection_temperature, temperature, model_args.index_type, DEFAULT_INDEX_PARAMS,
-        model_args.index_params, seed, *([len(transfer.logits)] if transfer is not train_outputs else []),
+        model_args.projection_temperature, temperature, model_args.index_type, model_args.index_params,
+        seed, *([len(transfer.logits)] if transfer is not train_outputs else []),
     )  # fmt: skip
     path = work_dir / f"knowledge-base-{key}"
     if path.exists():
@@ -435,7 +435,7 @@ def knowledge_base_neighbors(
         _, ids = knowledge_base.search(chunk, num_neighbors + 1)  # (chunk, n + 1)
         missing = (ids < 0).any(dim=1)  # (chunk,)
         if missing.any():
-            ids[missing] = knowledge_base._search_torch(chunk[missing].to(knowledge_base.keys), num_neighbors + 1)[1]
+            ids[missing] = knowledge_base.search_exact(chunk[missing].to(knowledge_base.keys), num_neighbors + 1)[1]
         if own_rows:
             rows = torch.arange(start, start + len(chunk)).unsqueeze(1)  # (chunk, 1)
             others_first = (ids == rows).int().argsort(dim=1, stable=True)  # rank order kept, self last
