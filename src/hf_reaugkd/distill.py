@@ -111,6 +111,7 @@ def run(
             work_dir,
             batch_size=training_args.per_device_eval_batch_size,
             device=training_args.device,
+            dtype=torch.bfloat16 if training_args.bf16 and training_args.device.type == "cuda" else torch.float32,
         )
 
     # 2.–3. Teacher projection head (supervised contrastive, labelled rows) and the knowledge base over the transfer
@@ -234,16 +235,27 @@ def run(
     return metrics
 
 
+def truncated_layers(config, num_layers: int) -> dict:
+    """The config changes that keep an encoder's first `num_layers` layers: their number, and the per-layer attention
+    pattern where the config has one (`layer_types`: ModernBERT alternates global and sliding-window layers), cut to
+    the same layers so each kept layer attends as it was trained to."""
+    changes = {"num_hidden_layers": num_layers}
+    if getattr(config, "layer_types", None) is not None:
+        changes["layer_types"] = list(config.layer_types[:num_layers])
+    return changes
+
+
 def _new_student(
     model_args: ModelArguments, student_name: str, id2label: dict[int, str], kb_dim: int, tokenizer
 ) -> ReAugKDForSequenceClassification:
     """The student encoder (optionally its first N layers) with a fresh projection head and classifier."""
-    layers = AutoConfig.from_pretrained(student_name).num_hidden_layers
+    config = AutoConfig.from_pretrained(student_name)
+    layers = config.num_hidden_layers
     if model_args.student_num_layers and not 1 <= model_args.student_num_layers <= layers:
         raise InputError(
             f"--student_num_layers must be in [1, {layers}] for {student_name}, got {model_args.student_num_layers}."
         )
-    encoder_kwargs = {"num_hidden_layers": model_args.student_num_layers} if model_args.student_num_layers else {}
+    encoder_kwargs = truncated_layers(config, model_args.student_num_layers) if model_args.student_num_layers else {}
     with expected_notices():  # a truncated student leaves the upper layers' weights unused, by design
         encoder = AutoModel.from_pretrained(student_name, **encoder_kwargs)
     logger.info("student: first %d of %d layers of %s", encoder.config.num_hidden_layers, layers, student_name)

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
 from .caching import atomic_path
 from .data import check_filled, label_name, padded_batches, read_data_file, row_location, texts_of, tokenize
@@ -30,7 +30,14 @@ from .modeling_reaugkd import ReAugKDForSequenceClassification
 from .onnx_pipeline import DEFAULT_MAX_KNN_K, ONNX_DIR
 from .pipeline_reaugkd import max_input_length
 from .saving import TEACHER_PROJECTION
-from .teacher import load_projection, needs_finetuning, project, projection_settings, teacher_batches
+from .teacher import (
+    load_projection,
+    load_teacher,
+    needs_finetuning,
+    project,
+    projection_settings,
+    teacher_batches,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +144,8 @@ def _teacher_rows(model, model_dir: Path, teacher: str | Path, rows, columns: tu
             f"was made with (recorded: {metadata.get('teacher_model')!r}, fine-tuned from "
             f"{metadata.get('teacher_fine_tuned_from') or 'itself'}; under the run's --stages_dir as teacher-<hash>)."
         )
-    teacher_tokenizer = AutoTokenizer.from_pretrained(teacher)
-    teacher_model = AutoModelForSequenceClassification.from_pretrained(teacher).eval()
+    teacher_model, teacher_tokenizer = load_teacher(teacher)
+    teacher_model.eval()
     if teacher_model.config.hidden_size != projection.in_features:
         raise InputError(
             f"{teacher} has hidden size {teacher_model.config.hidden_size}; the saved projection head expects "

@@ -23,7 +23,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from .arguments import ModelArguments, TeacherArguments
 from .caching import atomic_path, fingerprint, model_fingerprint
@@ -115,6 +124,37 @@ def needs_finetuning(teacher: str, label_names: list[str]) -> bool:
     return True
 
 
+def load_teacher(name: str | Path, **model_kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The teacher classifier and its tokenizer, ready for batches: a decoder LLM's tokenizer often has no padding
+    token (Llama's), so its end-of-sequence token pads, and the model's config learns which id that is (its
+    classification head finds each row's last token by it)."""
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise InputError(
+                f"The tokenizer of {name} has neither a padding nor an end-of-sequence token to pad with."
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    teacher = AutoModelForSequenceClassification.from_pretrained(name, **model_kwargs)
+    if teacher.config.pad_token_id is None:
+        teacher.config.pad_token_id = tokenizer.pad_token_id
+    return teacher, tokenizer
+
+
+def pools_last_token(config) -> bool:
+    """Whether a teacher's sentence embedding is its last token's state, not the mean of its tokens: decoder LLMs
+    (Llama, Qwen2, ...) read causally, so only the last token has seen the whole text, and their classification head
+    reads that token too. Encoders (every architecture with a masked-LM head) see the whole text at every token."""
+    return config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The state of each row's last attended token `(B, T, H)` → `(B, H)`, with left or right padding."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # (T,)
+    last = (positions * attention_mask).argmax(dim=1)  # (B,): the rightmost attended position
+    return hidden_states[torch.arange(len(hidden_states), device=hidden_states.device), last]  # (B, H)
+
+
 def finetune_teacher(
     teacher_args: TeacherArguments,
     data: TaskData,
@@ -138,9 +178,8 @@ def finetune_teacher(
     if path.exists():
         logger.info("teacher: reused %s (same teacher, data and settings)", path)
         return path
-    tokenizer = AutoTokenizer.from_pretrained(name)
     with expected_notices():  # the new classification head is reported missing: it is what fine-tuning trains
-        teacher = AutoModelForSequenceClassification.from_pretrained(
+        teacher, tokenizer = load_teacher(
             name,
             num_labels=len(data.label_names),
             id2label=dict(enumerate(data.label_names)),
@@ -193,17 +232,20 @@ def teacher_outputs(
     work_dir: Path,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, TeacherOutputs]:
-    """Logits and mean-pooled last-layer embeddings of the teacher for every split, and for the unlabelled texts
-    (as `"unlabeled"`) when there are any (a cached stage)."""
-    key = fingerprint(model_fingerprint(teacher_path), data.content_fingerprint, max_seq_length)
+    """Logits and last-layer embeddings (`teacher_batches`) of the teacher for every split, and for the unlabelled
+    texts (as `"unlabeled"`) when there are any (a cached stage). The teacher runs in `dtype` (bf16 halves an LLM
+    teacher's memory on a GPU); its outputs are stored in fp32."""
+    precision = [str(dtype)] if dtype != torch.float32 else []
+    key = fingerprint(model_fingerprint(teacher_path), data.content_fingerprint, max_seq_length, *precision)
     path = work_dir / f"teacher-outputs-{key}"
     splits = {**data.splits, **({"unlabeled": data.unlabeled} if data.unlabeled is not None else {})}
     if path.exists():
         logger.info("teacher outputs: reused %s", path)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(teacher_path)
-        teacher = AutoModelForSequenceClassification.from_pretrained(teacher_path).to(device).eval()
+        teacher, tokenizer = load_teacher(teacher_path, dtype=dtype)
+        teacher = teacher.to(device).eval()
         with atomic_path(path, directory=True) as tmp:
             for name, split in splits.items():
                 encoded = tokenize(
@@ -246,12 +288,13 @@ def teacher_outputs(
 def teacher_batches(
     teacher, tokenizer, dataset: Dataset, batch_size: int, desc: str = ""
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The teacher's `(logits (B, C), mean-pooled last-layer embeddings (B, H))` over a tokenized dataset, batch by
-    batch, on the CPU in fp32."""
+    """The teacher's `(logits (B, C), last-layer embeddings (B, H))` over a tokenized dataset, batch by batch, on the
+    CPU in fp32: mean-pooled for an encoder, its last token's for a decoder LLM (`pools_last_token`)."""
+    pool = last_token_pool if pools_last_token(teacher.config) else mean_pool
     batches = padded_batches(dataset, tokenizer, batch_size, teacher.device)
     for inputs in tqdm(batches, total=-(-len(dataset) // batch_size), desc=f"Teacher outputs {desc}".strip()):
         outputs = teacher(**inputs, output_hidden_states=True)
-        pooled = mean_pool(outputs.hidden_states[-1], inputs["attention_mask"])  # (B, H)
+        pooled = pool(outputs.hidden_states[-1], inputs["attention_mask"])  # (B, H)
         yield outputs.logits.float().cpu(), pooled.float().cpu()
 
 
