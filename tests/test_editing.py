@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from conftest import pipeline_args, run_fresh_python
 
 from hf_reaugkd import cli, editing
 from hf_reaugkd.distill import main
+from hf_reaugkd.errors import InputError
 
 
 @pytest.fixture
@@ -190,3 +192,98 @@ def test_pair_task_rows_are_keyed_from_both_texts(task):
     torch.testing.assert_close(after.knowledge_base.keys[ids], before.knowledge_base.keys[:3], atol=1e-5, rtol=0)
     assert [after.knowledge_base.texts[i] for i in ids] == [f"{r['text']}\n{r['second']}" for r in first]
     assert cli.explain(str(model_dir), "great fun", 2, text_pair="nuf taerg").startswith("prediction: ")
+
+
+@pytest.fixture
+def saved_with_texts(task):
+    main(pipeline_args(task, task / "out", "--num_train_epochs", "1", "--store_kb_texts"))
+    return task, task / "out" / "model"
+
+
+def test_rows_from_python_a_dataset_and_a_file_get_the_same_keys(saved_with_texts, tmp_path):
+    """`add_texts` (Python lists), `add_rows` with a `datasets.Dataset` (a 🤗 split) and with a file are one path: the
+    same rows get the same keys, soft labels and texts whichever way they come."""
+    from datasets import Dataset
+
+    root, model_dir = saved_with_texts
+    rows = [["great great fun", "positive"], ["awful awful plot", "negative"]]
+    write_rows(root / "new.csv", rows)
+    copies = {}
+    for name in ("file", "dataset", "python"):
+        copy = tmp_path / name
+        shutil.copytree(model_dir, copy)
+        copies[name] = copy
+    editing.add_rows(copies["file"], root / "new.csv")
+    editing.add_rows(
+        copies["dataset"], Dataset.from_dict({"text": [t for t, _ in rows], "label": [lb for _, lb in rows]})
+    )
+    ids = editing.add_texts(copies["python"], [t for t, _ in rows], [lb for _, lb in rows])
+    assert ids == [96, 97]
+    kbs = {name: editing.load_student(path)[0].knowledge_base for name, path in copies.items()}
+    for name in ("dataset", "python"):
+        assert torch.equal(kbs[name].keys, kbs["file"].keys) and torch.equal(kbs[name].values, kbs["file"].values)
+        assert kbs[name].texts == kbs["file"].texts and kbs[name].texts[-2:] == [t for t, _ in rows]
+    with pytest.raises(InputError, match="differ in length"):
+        editing.add_texts(copies["python"], ["one", "two"], ["positive"])
+    with pytest.raises(InputError, match=r"labels \['so-so'\] that the model does not know \(first at row 1\)"):
+        editing.add_texts(copies["python"], ["one", "two"], ["positive", "so-so"])
+
+
+def test_dedupe_skips_texts_already_in_the_knowledge_base_and_repeats(saved_with_texts, capsys):
+    root, model_dir = saved_with_texts
+    with (root / "train.csv").open() as f:
+        known = next(csv.DictReader(f))  # a training row: its text is in the knowledge base
+    write_rows(
+        root / "new.csv",
+        [[known["text"], known["label"]], ["brand new text", "positive"], ["brand new text", "positive"]],
+    )
+    before = (model_dir / "model.safetensors").read_bytes()
+    assert editing.add_rows(model_dir, root / "new.csv", dedupe=True) == [96]  # one new text, once
+    kb = editing.load_student(model_dir)[0].knowledge_base
+    assert kb.size == 97 and kb.texts[96] == "brand new text"
+    after = (model_dir / "model.safetensors").read_bytes()
+    cli.main(["kb", "add", str(model_dir), "--file", str(root / "new.csv"), "--dedupe"])  # all there now
+    assert "added no rows (all were there)" in capsys.readouterr().out
+    assert (model_dir / "model.safetensors").read_bytes() == after != before  # nothing rewritten the second time
+
+
+def test_dedupe_needs_stored_texts(saved):
+    root, model_dir = saved
+    write_rows(root / "new.csv", [["brand new text", "positive"]])
+    with pytest.raises(InputError, match="--dedupe compares texts, and this knowledge base stores none"):
+        editing.add_rows(model_dir, root / "new.csv", dedupe=True)
+
+
+def test_kb_add_from_a_dataset_that_cannot_be_loaded_says_which(saved, capsys):
+    _, model_dir = saved
+    with pytest.raises(SystemExit):
+        cli.main(
+            ["kb", "add", str(model_dir), "--dataset_name", str(model_dir / "no-such-dataset"), "--split", "test"]
+        )
+    assert "Could not load split 'test' of --dataset_name" in capsys.readouterr().err
+
+
+def test_retune_chooses_k_and_beta_on_fresh_rows_and_writes_them(saved_with_texts, capsys):
+    """`kb retune` scores the grid on fresh labelled rows, as the pipeline does on validation, and writes the best
+    setting into the saved config; rows the knowledge base holds are left out (a query finding itself flatters
+    retrieval), and rows that are all in it are refused."""
+    root, model_dir = saved_with_texts
+    result = editing.retune(model_dir, root / "validation.csv", [1, 2, 4], [0.0, 0.5, 1.0], fit_gate=False)
+    assert result["rows"] == 32 and result["after"]["accuracy"] >= result["before"]["accuracy"] - 1e-9
+    config = json.loads((model_dir / "config.json").read_text())
+    chosen = (result["after"]["knn_k"], result["after"]["retrieval_weight"])
+    assert (config["knn_k"], config["retrieval_weight"]) == chosen and config["retrieval_gate"] is None
+    # the same rows again: the setting now written scores what was reported as chosen; a gate is kept only if it wins
+    again = editing.retune(model_dir, root / "validation.csv", [1, 2, 4], [0.0, 0.5, 1.0])
+    assert again["before"]["accuracy"] == pytest.approx(result["after"]["accuracy"])
+    config = json.loads((model_dir / "config.json").read_text())
+    assert (config["retrieval_gate"] is not None) == again["gate"]["used"]
+    with pytest.raises(InputError, match="No row of the rows file .* is outside the knowledge base"):
+        editing.retune(model_dir, root / "train.csv", [1], [0.5])
+    cli.main(["kb", "retune", str(model_dir), "--file", str(root / "validation.csv"), "--knn_k_grid", "1,4"])
+    assert "on 32 rows: k=" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(
+            ["kb", "retune", str(model_dir), "--file", str(root / "validation.csv"), "--retrieval_weight_grid", "2"]
+        )
+    assert "--retrieval_weight_grid takes comma-separated β in [0, 1], got '2'" in capsys.readouterr().err

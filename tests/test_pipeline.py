@@ -4,6 +4,7 @@ import json
 import logging
 import math
 
+import numpy as np
 import pytest
 from conftest import pipeline_args, run_fresh_python, tiny_encoder, write_task
 from transformers import BertForSequenceClassification
@@ -197,3 +198,37 @@ def test_bf16_training_keeps_the_saved_knowledge_base_fp32(task):
 
     with safe_open(output_dir / "model" / "model.safetensors", "pt") as f:
         assert f.get_slice("reaugkd.knowledge_base.keys").get_dtype() == "F32"
+
+
+def test_auto_teacher_budget_keeps_the_epoch_best_on_validation(task, monkeypatch):
+    """`--teacher_num_train_epochs auto` (the default): epochs up to the cap, an evaluation after each, and the saved
+    teacher is the best one on validation, whose accuracy metrics.json and the card report."""
+    monkeypatch.setattr(teacher_module, "AUTO_BUDGET_STEPS", 12)  # 96 rows, batch 32: 3 steps an epoch, 4 epochs
+    output_dir = task / "out"
+    args = [a for a in pipeline_args(task, output_dir, "--max_steps", "2") if a != "--teacher_num_train_epochs"]
+    args.remove("3")  # its value
+    main(args)
+    budget = json.loads((output_dir / "metrics.json").read_text())["teacher_budget"]
+    assert budget["epochs_cap"] == 4 and 1 <= budget["best_epoch"] <= budget["epochs_run"] <= 4
+    (teacher,) = _teachers(output_dir / "stages")
+    saved = teacher_module.teacher_budget(teacher)
+    assert saved == budget
+    # the saved teacher is the kept epoch's: its own validation accuracy is the one reported
+    from hf_reaugkd.data import LABEL_COLUMN, load_task_data
+    from hf_reaugkd.teacher import teacher_outputs
+
+    data = load_task_data(data_files={split: str(task / f"{split}.csv") for split in ("train", "validation", "test")})
+    outputs = teacher_outputs(teacher, data, 16, task / "outputs-check")
+    predicted = outputs["validation"].logits.argmax(-1)
+    labels = np.asarray(data.splits["validation"][LABEL_COLUMN])
+    assert (predicted == labels).mean() == pytest.approx(budget["validation_accuracy"])
+    card = (output_dir / "model" / "README.md").read_text()
+    assert f"{budget['best_epoch']} of up to 4 (best on validation)" in card
+
+
+@pytest.mark.parametrize("value", ["many", "0", "-2", "inf"])
+def test_a_teacher_budget_that_is_not_auto_or_a_positive_number_is_refused(value):
+    from hf_reaugkd.errors import InputError
+
+    with pytest.raises(InputError, match="--teacher_num_train_epochs must be 'auto' or a number of epochs > 0"):
+        parse_args(["--demo", "--teacher_num_train_epochs", value])

@@ -16,8 +16,10 @@ Commands:
   explain   MODEL "text" [--neighbors K]: the prediction and the knowledge-base entries behind it.
   export    MODEL [--quantize int8] [--opset N] [--max_knn_k K]: write MODEL/onnx/model.onnx (and with int8
             model_quantized.onnx), one graph with the knowledge base inside, for serving without PyTorch.
-  kb        info MODEL | add MODEL --file rows.csv [--teacher PATH] | remove MODEL (--ids 3,17 | --where-label L):
-            inspect or edit a saved student's knowledge base without retraining (the folder is rewritten atomically).
+  kb        info MODEL | add MODEL (--file rows.csv | --dataset_name NAME [--split S]) [--teacher PATH] [--dedupe]
+            | retune MODEL --file fresh.csv | remove MODEL (--ids 3,17 | --where-label L): inspect or edit a saved
+            student's knowledge base without retraining, or choose k and β again on fresh labelled rows (the folder
+            is rewritten atomically).
 """
 
 
@@ -68,11 +70,25 @@ def _parser() -> argparse.ArgumentParser:
     kb.add_parser("info").add_argument("model")
     add = kb.add_parser("add")
     add.add_argument("model")
-    add.add_argument("--file", required=True, help="CSV or JSON(L) file of rows to add")
+    rows = add.add_mutually_exclusive_group(required=True)
+    rows.add_argument("--file", help="CSV or JSON(L) file of rows to add")
+    rows.add_argument("--dataset_name", help="or a 🤗 dataset (datasets.load_dataset) whose --split to add")
+    add.add_argument("--dataset_config_name", help="its configuration name")
+    add.add_argument("--split", default="train", help="the dataset's split to add (default: train)")
     add.add_argument("--text_column_name", default="text")
     add.add_argument("--text_pair_column_name", help="the second text, for a model trained on pairs")
     add.add_argument("--label_column_name", default="label", help="gold labels, used when no --teacher is given")
     add.add_argument("--teacher", help="label and key the rows with this teacher and the saved projection head")
+    add.add_argument("--dedupe", action="store_true", help="skip rows whose text is already in the knowledge base")
+    retune = kb.add_parser("retune")
+    retune.add_argument("model")
+    retune.add_argument("--file", required=True, help="CSV or JSON(L) file of fresh labelled rows (not in the KB)")
+    retune.add_argument("--text_column_name", default="text")
+    retune.add_argument("--text_pair_column_name", help="the second text, for a model trained on pairs")
+    retune.add_argument("--label_column_name", default="label")
+    retune.add_argument("--knn_k_grid", default=_model_default("knn_k_grid"), help="k values tried")
+    retune.add_argument("--retrieval_weight_grid", default=_model_default("retrieval_weight_grid"), help="β values")
+    retune.add_argument("--no_retrieval_gate", action="store_true", help="do not fit a per-query β(x)")
     remove = kb.add_parser("remove")
     remove.add_argument("model")
     remove.add_argument("--ids", help="comma-separated row ids, e.g. 3,17")
@@ -102,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
             print(explain(args.model, args.text, args.neighbors, args.text_pair))
             return
         from . import editing
+        from .data import load_hub_split
 
         if args.command == "export":
             from .onnx_export import export_onnx
@@ -112,15 +129,41 @@ def main(argv: list[str] | None = None) -> None:
         elif args.kb == "info":
             print(json.dumps(editing.knowledge_base_info(args.model), indent=2))
         elif args.kb == "add":
+            rows = args.file or load_hub_split(args.dataset_name, args.dataset_config_name, args.split)
             ids = editing.add_rows(
                 args.model,
-                args.file,
+                rows,
                 args.text_column_name,
                 args.label_column_name,
                 args.teacher,
                 text_pair_column=args.text_pair_column_name,
+                dedupe=args.dedupe,
             )
-            print(f"added {len(ids)} rows (ids {ids[0]}–{ids[-1]}) to {args.model}")
+            added = f"added {len(ids)} rows (ids {ids[0]}–{ids[-1]})" if ids else "added no rows (all were there)"
+            print(f"{added} to {args.model}")
+        elif args.kb == "retune":
+            result = editing.retune(
+                args.model,
+                args.file,
+                [_grid_value(int, "--knn_k_grid", k) for k in args.knn_k_grid.split(",")],
+                [_grid_value(float, "--retrieval_weight_grid", b) for b in args.retrieval_weight_grid.split(",")],
+                args.text_column_name,
+                args.label_column_name,
+                args.text_pair_column_name,
+                fit_gate=not args.no_retrieval_gate,
+            )
+            before, after = result["before"], result["after"]
+            print(
+                f"on {result['rows']} rows: k={before['knn_k']}, β={before['retrieval_weight']}"
+                f"{' with its β(x)' if before['retrieval_gate'] else ''} scored {before['accuracy']:.4f}; "
+                f"now k={after['knn_k']}, β={after['retrieval_weight']}: {after['accuracy']:.4f}"
+            )
+            if "gate" in result:
+                gate = result["gate"]
+                print(
+                    f"per-query β(x): {gate['validation_accuracy_crossfit']:.4f} on held-out halves: "
+                    f"{'used' if gate['used'] else 'not used'}"
+                )
         elif args.kb == "remove":
             ids = [_row_id(i) for i in args.ids.split(",")] if args.ids else None
             removed = editing.remove_rows(args.model, ids=ids, where_label=args.where_label)
@@ -136,6 +179,23 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"hf-reaugkd {argv[0]}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _model_default(name: str) -> str:
+    """A grid's default, as `hf-reaugkd distill` has it."""
+    from .arguments import ModelArguments
+
+    return ModelArguments.__dataclass_fields__[name].default
+
+
+def _grid_value(kind: type, flag: str, text: str) -> int | float:
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not (value >= 1 if kind is int else 0 <= value <= 1):
+        raise InputError(f"{flag} takes comma-separated {'k >= 1' if kind is int else 'β in [0, 1]'}, got {text!r}")
+    return value
 
 
 def _row_id(text: str) -> int:

@@ -176,6 +176,15 @@ def load_task_data(
     return TaskData(splits, label_names, text_column, text_pair_column, source, data_fingerprint)
 
 
+def load_hub_split(name: str, config_name: str | None, split: str, flag: str = "--dataset_name") -> Dataset:
+    """One split of a 🤗 dataset; an unknown name, config or split (or no network) is the user's to fix (`flag`
+    names the option that gave it)."""
+    try:
+        return load_dataset(name, config_name, split=split)
+    except Exception as err:  # noqa: BLE001 (datasets raises many kinds; all mean the same to the user)
+        raise InputError(f"Could not load split {split!r} of {flag} {name!r} ({config_name}): {err}") from err
+
+
 def check_filled(
     split: Dataset, columns: list[str], description: str, label_column: str | None = None, path: str | None = None
 ) -> None:
@@ -216,13 +225,7 @@ def load_unlabeled_texts(
         raw = read_data_file("unlabeled", unlabeled_file, content)
         description = f"unlabeled file {unlabeled_file}"
     else:
-        try:
-            raw = load_dataset(dataset_name, dataset_config_name, split=split)
-        except Exception as err:  # unknown name, config or split, no network, ...: the user's to fix
-            raise InputError(
-                f"Could not load split {split!r} of --unlabeled_dataset_name {dataset_name!r} ({dataset_config_name}): "
-                f"{err}"
-            ) from err
+        raw = load_hub_split(dataset_name, dataset_config_name, split, "--unlabeled_dataset_name")
         description = f"split {split!r} of {dataset_name}"
         content = raw._fingerprint  # datasets hashes the Hub revision
     if len(raw) == 0:

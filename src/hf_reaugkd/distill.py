@@ -31,6 +31,7 @@ from .teacher import (
     needs_finetuning,
     project,
     student_training_data,
+    teacher_budget,
     teacher_outputs,
 )
 from .trainer import ReAugKDTrainer
@@ -182,6 +183,8 @@ def run(
             fit_gate=model_args.retrieval_gate,
         )
     metrics["world_size"] = training_args.world_size  # processes that trained the student
+    if (budget := teacher_budget(teacher_path)) is not None:  # --teacher_num_train_epochs auto chose the epoch
+        metrics["teacher_budget"] = budget
     student.config.knn_k = metrics["selection"]["knn_k"]
     student.config.retrieval_weight = metrics["selection"]["retrieval_weight"]
     gate = metrics.get("gate")
@@ -299,9 +302,19 @@ def _model_card(
             "kb_size": kb.size,
             "kb_dim": kb.dim,
         },
-        hyperparameters=_hyperparameters(model_args, teacher_args, data_args, training_args, unlabeled_rows),
+        hyperparameters=_hyperparameters(model_args, teacher_args, data_args, training_args, unlabeled_rows)
+        | _teacher_budget_hyperparameters(metrics.get("teacher_budget")),
         num_parameters=sum(p.numel() for p in student.parameters()),
     )
+
+
+def _teacher_budget_hyperparameters(budget: dict | None) -> dict:
+    if budget is None:
+        return {}
+    return {
+        "teacher_epochs_kept": f"{budget['best_epoch']} of up to {budget['epochs_cap']} (best on validation)",
+        "teacher_validation_accuracy": round(budget["validation_accuracy"], 4),
+    }
 
 
 def print_results(metrics: dict) -> None:
@@ -322,6 +335,12 @@ def print_results(metrics: dict) -> None:
         accuracies = "".join(f"{100 * metrics['splits'][s][key]['accuracy']:>16.2f}" for s in splits)
         lines.append(f"{label:<24}{accuracies}")
     selection = metrics["selection"]
+    if "teacher_budget" in metrics:
+        budget = metrics["teacher_budget"]
+        lines.append(
+            f"\nteacher: epoch {budget['best_epoch']} of up to {budget['epochs_cap']} kept, the best on validation "
+            f"({budget['validation_accuracy']:.4f})"
+        )
     lines.append(f"\nretrieval chosen on validation: k={selection['knn_k']}, β={selection['retrieval_weight']}")
     if "gate" in metrics:
         gate = metrics["gate"]

@@ -20,11 +20,29 @@ import shutil
 from pathlib import Path
 
 import torch
+from datasets import Dataset
 from transformers import AutoTokenizer
 
 from .caching import atomic_path
-from .data import check_filled, label_name, padded_batches, read_data_file, row_location, texts_of, tokenize
+from .data import (
+    LABEL_COLUMN,
+    check_filled,
+    label_name,
+    padded_batches,
+    read_data_file,
+    row_location,
+    texts_of,
+    tokenize,
+)
 from .errors import InputError
+from .evaluation import (
+    classification_metrics,
+    gated_mixture,
+    mixed_metrics,
+    predict,
+    select_retrieval_gate,
+    select_retrieval_settings,
+)
 from .knowledge_base import KnowledgeBase
 from .modeling_reaugkd import ReAugKDForSequenceClassification
 from .onnx_pipeline import DEFAULT_MAX_KNN_K, ONNX_DIR
@@ -74,38 +92,168 @@ def knowledge_base_info(model_dir: str | Path) -> dict:
 @torch.no_grad()
 def add_rows(
     model_dir: str | Path,
-    data_file: str | Path,
+    rows: str | Path | Dataset,
     text_column: str = "text",
     label_column: str | None = "label",
     teacher: str | Path | None = None,
     batch_size: int = 64,
     text_pair_column: str | None = None,
+    dedupe: bool = False,
 ) -> list[int]:
-    """Append the rows of a CSV/JSON file to the saved student's knowledge base; return their new row ids.
-    For a pair task give `text_pair_column`, as in training."""
+    """Append `rows` to the saved student's knowledge base; return their new row ids.
+
+    `rows` is a CSV/JSON(L) file or a `datasets.Dataset` (a 🤗 dataset split, `Dataset.from_dict`; `add_texts` takes
+    Python lists). For a pair task give `text_pair_column`, as in training. `dedupe` skips the rows whose stored text
+    (a pair's two texts on two lines) is already in the knowledge base, or earlier in `rows`: adding the same
+    correction twice then changes nothing. Nothing is written when no row is left to add.
+    """
     model, tokenizer = load_student(model_dir)
-    rows = read_data_file("rows", str(data_file))
+    path = str(rows) if isinstance(rows, str | Path) else None
+    source = f"rows file {path}" if path else "rows"
+    rows = read_data_file("rows", path) if path else rows
     columns = (text_column, text_pair_column)
     checked = [column for column in columns if column]
     if teacher is None:
         if not label_column or label_column not in rows.column_names:
             raise InputError(
                 f"Without --teacher, rows are labelled by their gold labels: column {label_column!r} not found in "
-                f"{data_file} (columns {rows.column_names})."
+                f"the {source} (columns {rows.column_names})."
             )
         checked.append(label_column)
     for column in checked:
         if column not in rows.column_names:
-            raise InputError(f"Column {column!r} not found in {data_file}; its columns are {rows.column_names}.")
-    check_filled(rows, checked, f"rows file {data_file}", label_column if teacher is None else None, str(data_file))
+            raise InputError(f"Column {column!r} not found in the {source}; its columns are {rows.column_names}.")
+    check_filled(rows, checked, source, label_column if teacher is None else None, path)
+    if teacher is None:
+        _check_labels(model, rows, label_column, source, path)
+    knowledge_base = model.knowledge_base
+    if dedupe:
+        rows = _new_rows(rows, columns, knowledge_base)
+        if len(rows) == 0:
+            logger.info("every row is already in the knowledge base of %s: nothing added", model_dir)
+            return []
     if teacher is not None:
         keys, values = _teacher_rows(model, Path(model_dir), teacher, rows, columns, batch_size)
     else:
-        keys, values = _gold_rows(model, tokenizer, rows, columns, label_column, data_file, batch_size)
-    old_size = model.knowledge_base.size
-    texts = texts_of(rows, *columns) if model.knowledge_base.has_texts else None  # stored as in training
-    _rewrite(model_dir, model, model.knowledge_base.add(keys, values, texts))
+        keys, values = _gold_rows(model, tokenizer, rows, columns, label_column, batch_size)
+    old_size = knowledge_base.size
+    texts = texts_of(rows, *columns) if knowledge_base.has_texts else None  # stored as in training
+    _rewrite(model_dir, model, knowledge_base.add(keys, values, texts))
     return list(range(old_size, old_size + len(keys)))
+
+
+def add_texts(
+    model_dir: str | Path,
+    texts: list[str],
+    labels: list[str] | None = None,
+    teacher: str | Path | None = None,
+    text_pairs: list[str] | None = None,
+    dedupe: bool = False,
+) -> list[int]:
+    """`add_rows` from Python: `texts` (and `text_pairs`) with their gold `labels`, or labelled by `teacher`."""
+    columns = {"text": list(texts)}
+    if text_pairs is not None:
+        columns["text_pair"] = list(text_pairs)
+    if labels is not None:
+        columns["label"] = [str(label) for label in labels]
+    if len({len(column) for column in columns.values()}) > 1:
+        raise InputError(f"texts, text_pairs and labels differ in length: { {k: len(v) for k, v in columns.items()} }")
+    pair_column = "text_pair" if text_pairs is not None else None
+    return add_rows(
+        model_dir,
+        Dataset.from_dict(columns),
+        label_column="label" if labels is not None else None,
+        teacher=teacher,
+        text_pair_column=pair_column,
+        dedupe=dedupe,
+    )
+
+
+def _new_rows(rows: Dataset, columns: tuple[str, str | None], knowledge_base: KnowledgeBase) -> Dataset:
+    """`rows` without those whose text the knowledge base already stores, nor repeats of an earlier row."""
+    if not knowledge_base.has_texts:
+        raise InputError(
+            "--dedupe compares texts, and this knowledge base stores none (distil with --store_kb_texts to keep them)."
+        )
+    seen = set(knowledge_base.texts)
+    keep = []
+    for row, text in enumerate(texts_of(rows, *columns)):
+        if text not in seen:
+            seen.add(text)
+            keep.append(row)
+    if len(keep) < len(rows):
+        logger.info("skipped %d rows already in the knowledge base", len(rows) - len(keep))
+    return rows.select(keep)
+
+
+@torch.no_grad()
+def retune(
+    model_dir: str | Path,
+    rows: str | Path | Dataset,
+    knn_ks: list[int],
+    betas: list[float],
+    text_column: str = "text",
+    label_column: str = "label",
+    text_pair_column: str | None = None,
+    fit_gate: bool = True,
+    batch_size: int = 64,
+) -> dict:
+    """Choose k and β again on fresh labelled `rows` and write them to the saved student's config (its ONNX graph,
+    if any, is exported again): after edits the best retrieval weight changes, growing with the share of rows the
+    student never learned. The same grid and per-query gate as the pipeline's choice on validation (`evaluation`).
+
+    Rows whose text the knowledge base holds are left out (a query that finds itself flatters retrieval); without
+    stored texts, the rows must not be in it. Returns the accuracy on the rows with the settings before and after.
+    """
+    model, tokenizer = load_student(model_dir)
+    path = str(rows) if isinstance(rows, str | Path) else None
+    source = f"rows file {path}" if path else "rows"
+    rows = read_data_file("rows", path) if path else rows
+    columns = (text_column, text_pair_column)
+    checked = [column for column in (*columns, label_column) if column]
+    for column in checked:
+        if column not in rows.column_names:
+            raise InputError(f"Column {column!r} not found in the {source}; its columns are {rows.column_names}.")
+    check_filled(rows, checked, source, label_column, path)
+    _check_labels(model, rows, label_column, source, path)
+    knowledge_base = model.knowledge_base
+    if knowledge_base.has_texts:
+        stored = set(knowledge_base.texts)
+        fresh = [row for row, text in enumerate(texts_of(rows, *columns)) if text not in stored]
+        if len(fresh) < len(rows):
+            logger.warning("left out %d rows that are in the knowledge base itself", len(rows) - len(fresh))
+        rows = rows.select(fresh)
+    else:
+        logger.warning("this knowledge base stores no texts: the rows must not be in it, or retrieval is flattered")
+    if len(rows) == 0:
+        raise InputError(f"No row of the {source} is outside the knowledge base: retuning needs fresh labelled rows.")
+    label2id = {label: i for i, label in model.config.id2label.items()}
+    rows = rows.map(lambda batch: {LABEL_COLUMN: [label2id[label_name(x)] for x in batch[label_column]]}, batched=True)
+    encoded = tokenize(rows, tokenizer, *columns, max_input_length(model.config, tokenizer), "Tokenizing")
+    config = model.config
+    knn_ks = sorted({*knn_ks, config.knn_k})
+    predictions = predict(model, encoded, tokenizer, knn_ks, config.retrieval_temperature, batch_size)
+    if config.retrieval_gate is not None:
+        before = classification_metrics(
+            gated_mixture(predictions, config.knn_k, config.retrieval_gate), predictions.labels
+        )
+    else:
+        before = mixed_metrics(predictions, config.knn_k, config.retrieval_weight)
+    selection = select_retrieval_settings(predictions, betas)
+    gate = select_retrieval_gate(predictions, selection) if fit_gate else None
+    result = {
+        "rows": len(rows),
+        "before": {"knn_k": config.knn_k, "retrieval_weight": config.retrieval_weight,
+                   "retrieval_gate": config.retrieval_gate is not None,
+                   "accuracy": before["accuracy"]},
+        "after": {key: value for key, value in selection.items() if key != "grid"},
+    }  # fmt: skip
+    config.knn_k, config.retrieval_weight = selection["knn_k"], selection["retrieval_weight"]
+    config.retrieval_gate = gate["parameters"] if gate and gate["used"] else None
+    if gate is not None:
+        result["gate"] = {key: value for key, value in gate.items() if key != "parameters"}
+    _rewrite(model_dir, model, knowledge_base)
+    return result
 
 
 def remove_rows(model_dir: str | Path, ids: list[int] | None = None, where_label: str | None = None) -> list[int]:
@@ -158,19 +306,23 @@ def _teacher_rows(model, model_dir: Path, teacher: str | Path, rows, columns: tu
     return keys, values
 
 
-def _gold_rows(
-    model, tokenizer, rows, columns: tuple[str, str | None], label_column: str | None, data_file, batch_size: int
-):
-    """Keys from the student's own queries, soft labels from the gold labels, smoothed."""
+def _check_labels(model, rows: Dataset, label_column: str, source: str, path: str | None) -> None:
+    """Refuse gold labels the model does not know, naming the first one's line (or row)."""
     label2id = {label: i for i, label in model.config.id2label.items()}
     labels = [label_name(label) for label in rows[label_column]]
     unknown = sorted(set(labels) - set(label2id))
     if unknown:
         first = next(row for row, label in enumerate(labels) if label not in label2id)
         raise InputError(
-            f"{data_file} has labels {unknown[:10]} that the model does not know (first at "
-            f"{row_location(str(data_file), first)}); its labels are {sorted(label2id)}."
+            f"The {source} has labels {unknown[:10]} that the model does not know (first at "
+            f"{row_location(path, first)}); its labels are {sorted(label2id)}."
         )
+
+
+def _gold_rows(model, tokenizer, rows: Dataset, columns: tuple[str, str | None], label_column: str, batch_size: int):
+    """Keys from the student's own queries, soft labels from the gold labels, smoothed."""
+    label2id = {label: i for i, label in model.config.id2label.items()}
+    labels = [label_name(label) for label in rows[label_column]]
     encoded = tokenize(rows, tokenizer, *columns, max_input_length(model.config, tokenizer), "Tokenizing")
     batches = padded_batches(encoded, tokenizer, batch_size)
     queries = [model(**inputs, retrieval_weight=0.0).query_embedding for inputs in batches]  # (b, d) each

@@ -9,6 +9,7 @@ knowledge base itself (`N × (kb_dim + C) × 4` bytes).
 """
 
 import hashlib
+import json
 import logging
 import math
 import shutil
@@ -27,6 +28,7 @@ from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    EarlyStoppingCallback,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
@@ -50,6 +52,15 @@ CHUNK_ROWS = 65_536  # rows projected / written at once when a step runs over ev
 # 400 bbc_news rows (batch 32, benchmarks/teacher_budget.py) reached 73% validation accuracy after 26 steps (2 epochs)
 # and 95% after 65 (5 epochs); 50 lies between the two. Fine-tuning for fewer steps than this logs a warning.
 TEACHER_MIN_STEPS = 50
+# `--teacher_num_train_epochs auto`: enough epochs for about this many optimizer steps, within [3, 20], each followed by
+# an evaluation on validation; the best epoch is kept, and training stops after 3 epochs without a better one. A new
+# head on a pretrained encoder needs on the order of a thousand steps whatever the data's size: 400 bbc_news rows (13
+# steps an epoch) kept improving to 20 epochs, 4,000 rotten_tomatoes rows (125 steps) peaked at 10 epochs
+# (benchmarks/teacher_budget.py), and GLUE-sized data gets the usual 3 epochs.
+AUTO_BUDGET_STEPS = 1000
+AUTO_BUDGET_EPOCHS = (3, 20)
+AUTO_BUDGET_PATIENCE = 3
+TEACHER_BUDGET_FILE = "teacher_budget.json"  # in the fine-tuned teacher's folder: the epoch kept and its accuracy
 
 
 class StackedRows:
@@ -196,12 +207,38 @@ def finetune_teacher(
         "Tokenizing train for the teacher",
     )
     checkpoints = work_dir / f".teacher-checkpoints-{key}"
+    budget, validation = {}, None
+    if teacher_args.auto_budget:
+        validation = tokenize(
+            data.splits["validation"],
+            tokenizer,
+            data.text_column,
+            data.text_pair_column,
+            max_seq_length,
+            "Tokenizing validation for the teacher",
+        )
+        batch = teacher_args.teacher_per_device_train_batch_size * teacher_args.teacher_gradient_accumulation_steps
+        steps_per_epoch = math.ceil(len(train) / (batch * max(student_args.world_size, 1)))
+        low, high = AUTO_BUDGET_EPOCHS
+        budget = {
+            "num_train_epochs": min(max(math.ceil(AUTO_BUDGET_STEPS / steps_per_epoch), low), high),
+            "eval_strategy": "epoch",
+            "save_strategy": "epoch",
+            "save_only_model": True,
+            "save_total_limit": 1,
+            "load_best_model_at_end": True,
+            "metric_for_best_model": "accuracy",
+            "per_device_eval_batch_size": student_args.per_device_eval_batch_size,
+        }
     with expected_notices():  # the special-token alignment notice
         trainer = Trainer(
             model=teacher,
-            args=teacher_args.training_arguments(student_args, output_dir=str(checkpoints)),
+            args=teacher_args.training_arguments(student_args, output_dir=str(checkpoints), **budget),
             train_dataset=train,
+            eval_dataset=validation,
             processing_class=tokenizer,
+            compute_metrics=_accuracy if budget else None,
+            callbacks=[EarlyStoppingCallback(AUTO_BUDGET_PATIENCE)] if budget else None,
         )
     trainer.train()
     if trainer.is_world_process_zero():
@@ -216,9 +253,35 @@ def finetune_teacher(
             )
         with atomic_path(path, directory=True) as tmp:
             trainer.save_model(str(tmp))
-        shutil.rmtree(checkpoints, ignore_errors=True)  # logs only: the teacher saves no checkpoints
+            if budget:
+                (tmp / TEACHER_BUDGET_FILE).write_text(json.dumps(_chosen_epoch(trainer.state, budget), indent=2))
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the epochs' checkpoints: the best is saved above
     trainer.accelerator.wait_for_everyone()  # no rank reads the teacher before it is complete
     return path
+
+
+def _accuracy(prediction) -> dict[str, float]:
+    return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+
+def _chosen_epoch(state, budget: dict) -> dict:
+    """What the auto budget kept: the epoch of the best validation accuracy, that accuracy, and the cap."""
+    evaluations = [entry for entry in state.log_history if "eval_accuracy" in entry]
+    best = max(evaluations, key=lambda entry: entry["eval_accuracy"])  # the first of equals: Trainer keeps it too
+    return {
+        "epochs_cap": budget["num_train_epochs"],
+        "epochs_run": round(evaluations[-1]["epoch"]),
+        "best_epoch": round(best["epoch"]),
+        "best_optimizer_steps": best["step"],
+        "validation_accuracy": best["eval_accuracy"],
+    }
+
+
+def teacher_budget(teacher_path: str | Path) -> dict | None:
+    """What `--teacher_num_train_epochs auto` chose for a teacher fine-tuned here (`None` for a teacher used as is,
+    or trained to a fixed budget)."""
+    path = Path(teacher_path) / TEACHER_BUDGET_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 # Teacher outputs, computed once per teacher and data ---------------------------------------------------------
