@@ -108,9 +108,7 @@ def add_rows(
     correction twice then changes nothing. Nothing is written when no row is left to add.
     """
     model, tokenizer = load_student(model_dir)
-    path = str(rows) if isinstance(rows, str | Path) else None
-    source = f"rows file {path}" if path else "rows"
-    rows = read_data_file("rows", path) if path else rows
+    rows, path, source = _read_rows(rows)
     columns = (text_column, text_pair_column)
     checked = [column for column in columns if column]
     if teacher is None:
@@ -206,9 +204,7 @@ def retune(
     stored texts, the rows must not be in it. Returns the accuracy on the rows with the settings before and after.
     """
     model, tokenizer = load_student(model_dir)
-    path = str(rows) if isinstance(rows, str | Path) else None
-    source = f"rows file {path}" if path else "rows"
-    rows = read_data_file("rows", path) if path else rows
+    rows, path, source = _read_rows(rows)
     columns = (text_column, text_pair_column)
     checked = [column for column in (*columns, label_column) if column]
     for column in checked:
@@ -304,6 +300,13 @@ def _teacher_rows(model, model_dir: Path, teacher: str | Path, rows, columns: tu
     keys = project(projection, torch.cat(embeddings).numpy())  # (n, d)
     values = torch.softmax(torch.cat(logits) / metadata["distillation_temperature"], dim=-1)  # (n, C)
     return keys, values
+
+
+def _read_rows(rows: str | Path | Dataset) -> tuple[Dataset, str | None, str]:
+    """The rows, the file they come from (for its line numbers) and how errors name them."""
+    if isinstance(rows, str | Path):
+        return read_data_file("rows", str(rows)), str(rows), f"rows file {rows}"
+    return rows, None, "data"
 
 
 def _check_labels(model, rows: Dataset, label_column: str, source: str, path: str | None) -> None:
