@@ -287,3 +287,36 @@ def test_retune_chooses_k_and_beta_on_fresh_rows_and_writes_them(saved_with_text
             ["kb", "retune", str(model_dir), "--file", str(root / "validation.csv"), "--retrieval_weight_grid", "2"]
         )
     assert "--retrieval_weight_grid takes comma-separated β in [0, 1], got '2'" in capsys.readouterr().err
+
+
+def test_a_hub_split_with_class_ids_is_added_by_label_name(saved):
+    """A 🤗 dataset stores labels as `ClassLabel` ids: they are the model's label names, not the strings "0" / "1"."""
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    _, model_dir = saved
+    features = Features({"text": Value("string"), "label": ClassLabel(names=["negative", "positive"])})
+    split = Dataset.from_dict({"text": ["great great fun", "awful awful plot"], "label": [1, 0]}, features=features)
+    assert editing.add_rows(model_dir, split) == [96, 97]
+    values = editing.load_student(model_dir)[0].knowledge_base.values[96:]
+    config = json.loads((model_dir / "config.json").read_text())
+    assert [config["id2label"][str(i)] for i in values.argmax(dim=1).tolist()] == ["positive", "negative"]
+
+
+def test_dedupe_keeps_a_known_text_given_another_label(saved_with_texts):
+    """A correction (a known text with a new gold label) is added; the same text with its stored label is not."""
+    root, model_dir = saved_with_texts
+    kb = editing.load_student(model_dir)[0].knowledge_base
+    config = json.loads((model_dir / "config.json").read_text())
+    stored = config["id2label"][str(kb.values[0].argmax().item())]
+    other = "negative" if stored == "positive" else "positive"
+    assert editing.add_texts(model_dir, [kb.texts[0], kb.texts[0]], [stored, other], dedupe=True) == [96]
+
+
+def test_retune_chooses_only_among_the_ks_it_is_given(saved_with_texts):
+    root, model_dir = saved_with_texts
+    config = json.loads((model_dir / "config.json").read_text())
+    grid = [k for k in (1, 2) if k != config["knn_k"]][:1]
+    result = editing.retune(model_dir, root / "validation.csv", grid, [0.0, 1.0], fit_gate=False)
+    assert (
+        result["after"]["knn_k"] == grid[0] and json.loads((model_dir / "config.json").read_text())["knn_k"] == grid[0]
+    )

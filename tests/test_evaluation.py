@@ -260,3 +260,12 @@ def test_evaluation_scores_the_prediction_forward_serves(tiny_tokenizer, gate):
     else:
         evaluated = gated_mixture(predictions, 4, gate)
     torch.testing.assert_close(evaluated, served, atol=1e-6, rtol=0)
+
+
+def test_a_negative_beta_without_a_gate_is_refused():
+    """β below 0 stands for the per-query gate (`GATE_SENTINEL`); without one it would extrapolate past the student."""
+    from hf_reaugkd.modeling_reaugkd import mix_retrieval
+
+    probs = torch.tensor([[0.7, 0.3]])
+    with pytest.raises(ValueError, match="stands for a per-query gate"):
+        mix_retrieval(probs, probs.flip(-1), torch.tensor([0.9]), -1.0)

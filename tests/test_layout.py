@@ -17,6 +17,8 @@ from hf_reaugkd.settings_reaugkd import INDEX_SETTINGS
 PACKAGE = Path(hf_reaugkd.__file__).parent
 # The modules a saved checkpoint's config names (auto_map and its custom pipeline): remote code starts there.
 REMOTE_CODE_ENTRY_POINTS = ("configuration_reaugkd", "modeling_reaugkd", "pipeline_reaugkd")
+# texts_sha256(encode_texts(["a movie", "été", ""])) as computed by the code of commit 388165d, before the split
+PINNED_TEXTS_SHA256 = "8ad356011860d5979d57a097c247f440329b9f9cd69850bf396c533cb5686e57"
 
 
 def package_imports(path: Path) -> set[str]:
@@ -145,3 +147,11 @@ def test_every_index_flag_reaches_the_knowledge_base_settings():
     assert model_args.index_params == {
         name: ("int8" if name == "search_dtype" else s.default + 1) for name, s in INDEX_SETTINGS.items()
     }
+
+
+def test_the_texts_digest_is_the_one_saved_checkpoints_record():
+    """`kb_texts_sha256` in every saved config was computed this way: the digest of these texts must never change."""
+    from hf_reaugkd.kb_texts import encode_texts, texts_sha256
+
+    digest = texts_sha256(encode_texts(["a movie", "été", ""]))
+    assert digest == PINNED_TEXTS_SHA256

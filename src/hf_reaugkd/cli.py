@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         elif args.kb == "info":
             print(json.dumps(editing.knowledge_base_info(args.model), indent=2))
         elif args.kb == "add":
+            if args.file and (args.dataset_config_name or args.split != "train"):
+                raise InputError("--dataset_config_name and --split go with --dataset_name, not with --file.")
             rows = args.file or load_hub_split(args.dataset_name, args.dataset_config_name, args.split)
             ids = editing.add_rows(
                 args.model,
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"on {result['rows']} rows: k={before['knn_k']}, β={before['retrieval_weight']}"
                 f"{' with its β(x)' if before['retrieval_gate'] else ''} scored {before['accuracy']:.4f}; "
-                f"now k={after['knn_k']}, β={after['retrieval_weight']}: {after['accuracy']:.4f}"
+                f"now k={after['knn_k']}, β={after['retrieval_weight']}: {after['accuracy']:.4f} (chosen on these rows)"
             )
             if "gate" in result:
                 gate = result["gate"]

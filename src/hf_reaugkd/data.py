@@ -182,7 +182,8 @@ def load_hub_split(name: str, config_name: str | None, split: str, flag: str = "
     try:
         return load_dataset(name, config_name, split=split)
     except Exception as err:  # noqa: BLE001 (datasets raises many kinds; all mean the same to the user)
-        raise InputError(f"Could not load split {split!r} of {flag} {name!r} ({config_name}): {err}") from err
+        config = f" (configuration {config_name!r})" if config_name else ""
+        raise InputError(f"Could not load split {split!r} of {flag} {name!r}{config}: {err}") from err
 
 
 def check_filled(

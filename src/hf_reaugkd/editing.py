@@ -15,12 +15,13 @@ graph (`hf-reaugkd export`) is exported again in the same rewrite, with the sett
 graph holds the knowledge base, so the old one would serve the old rows.
 """
 
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
 
 import torch
-from datasets import Dataset
+from datasets import ClassLabel, Dataset, Features, Value
 from transformers import AutoTokenizer
 
 from .caching import atomic_path
@@ -108,14 +109,14 @@ def add_rows(
     correction twice then changes nothing. Nothing is written when no row is left to add.
     """
     model, tokenizer = load_student(model_dir)
-    rows, path, source = _read_rows(rows)
+    rows, path, source = _read_rows(rows, label_column)
     columns = (text_column, text_pair_column)
     checked = [column for column in columns if column]
     if teacher is None:
         if not label_column or label_column not in rows.column_names:
             raise InputError(
-                f"Without --teacher, rows are labelled by their gold labels: column {label_column!r} not found in "
-                f"the {source} (columns {rows.column_names})."
+                f"Without a teacher, rows are labelled by their gold labels: label column {label_column!r} not found "
+                f"in the {source} (columns {rows.column_names})."
             )
         checked.append(label_column)
     for column in checked:
@@ -126,7 +127,7 @@ def add_rows(
         _check_labels(model, rows, label_column, source, path)
     knowledge_base = model.knowledge_base
     if dedupe:
-        rows = _new_rows(rows, columns, knowledge_base)
+        rows = _new_rows(model, rows, columns, label_column if teacher is None else None)
         if len(rows) == 0:
             logger.info("every row is already in the knowledge base of %s: nothing added", model_dir)
             return []
@@ -167,17 +168,25 @@ def add_texts(
     )
 
 
-def _new_rows(rows: Dataset, columns: tuple[str, str | None], knowledge_base: KnowledgeBase) -> Dataset:
-    """`rows` without those whose text the knowledge base already stores, nor repeats of an earlier row."""
+def _new_rows(model, rows: Dataset, columns: tuple[str, str | None], label_column: str | None) -> Dataset:
+    """`rows` without those the knowledge base already holds, nor repeats of an earlier row: the same text and, for
+    gold labels, the same label (the argmax of a stored row's soft label). A text given another label is a correction
+    and is added; `kb remove` takes the old row out."""
+    knowledge_base = model.knowledge_base
     if not knowledge_base.has_texts:
         raise InputError(
             "--dedupe compares texts, and this knowledge base stores none (distil with --store_kb_texts to keep them)."
         )
-    seen = set(knowledge_base.texts)
+    stored_labels = [model.config.id2label[i] for i in knowledge_base.values.argmax(dim=1).tolist()]
+    with_labels = label_column is not None
+    labels = [label_name(label) for label in rows[label_column]] if with_labels else [None] * len(rows)
+    seen = {
+        (text, label if with_labels else None) for text, label in zip(knowledge_base.texts, stored_labels, strict=True)
+    }
     keep = []
-    for row, text in enumerate(texts_of(rows, *columns)):
-        if text not in seen:
-            seen.add(text)
+    for row, entry in enumerate(zip(texts_of(rows, *columns), labels, strict=True)):
+        if entry not in seen:
+            seen.add(entry)
             keep.append(row)
     if len(keep) < len(rows):
         logger.info("skipped %d rows already in the knowledge base", len(rows) - len(keep))
@@ -204,7 +213,7 @@ def retune(
     stored texts, the rows must not be in it. Returns the accuracy on the rows with the settings before and after.
     """
     model, tokenizer = load_student(model_dir)
-    rows, path, source = _read_rows(rows)
+    rows, path, source = _read_rows(rows, label_column)
     columns = (text_column, text_pair_column)
     checked = [column for column in (*columns, label_column) if column]
     for column in checked:
@@ -227,16 +236,17 @@ def retune(
     rows = rows.map(lambda batch: {LABEL_COLUMN: [label2id[label_name(x)] for x in batch[label_column]]}, batched=True)
     encoded = tokenize(rows, tokenizer, *columns, max_input_length(model.config, tokenizer), "Tokenizing")
     config = model.config
-    knn_ks = sorted({*knn_ks, config.knn_k})
-    predictions = predict(model, encoded, tokenizer, knn_ks, config.retrieval_temperature, batch_size)
+    scored = sorted({*knn_ks, config.knn_k})  # the grid, and the k in use (to score the setting before)
+    predictions = predict(model, encoded, tokenizer, scored, config.retrieval_temperature, batch_size)
     if config.retrieval_gate is not None:
         before = classification_metrics(
             gated_mixture(predictions, config.knn_k, config.retrieval_gate), predictions.labels
         )
     else:
         before = mixed_metrics(predictions, config.knn_k, config.retrieval_weight)
-    selection = select_retrieval_settings(predictions, betas)
-    gate = select_retrieval_gate(predictions, selection) if fit_gate else None
+    grid = dataclasses.replace(predictions, retrieved={k: predictions.retrieved[k] for k in knn_ks})
+    selection = select_retrieval_settings(grid, betas)
+    gate = select_retrieval_gate(grid, selection) if fit_gate else None
     result = {
         "rows": len(rows),
         "before": {"knn_k": config.knn_k, "retrieval_weight": config.retrieval_weight,
@@ -302,10 +312,17 @@ def _teacher_rows(model, model_dir: Path, teacher: str | Path, rows, columns: tu
     return keys, values
 
 
-def _read_rows(rows: str | Path | Dataset) -> tuple[Dataset, str | None, str]:
-    """The rows, the file they come from (for its line numbers) and how errors name them."""
+def _read_rows(rows: str | Path | Dataset, label_column: str | None) -> tuple[Dataset, str | None, str]:
+    """The rows, the file they come from (for its line numbers) and how errors name them. A 🤗 dataset's `ClassLabel`
+    column holds class ids: they become the class names, which is what the model's labels are."""
     if isinstance(rows, str | Path):
         return read_data_file("rows", str(rows)), str(rows), f"rows file {rows}"
+    feature = rows.features.get(label_column) if label_column else None
+    if isinstance(feature, ClassLabel):
+        names = Features({**rows.features, label_column: Value("string")})
+        rows = rows.map(
+            lambda batch: {label_column: feature.int2str(batch[label_column])}, batched=True, features=names
+        )
     return rows, None, "data"
 
 

@@ -43,7 +43,7 @@ def texts_sha256(encoded: dict[str, np.ndarray]) -> str:
     """SHA-256 of encoded texts: `save_pretrained` records it in the config, so loading can tell the texts file saved
     with these weights from one that a later edit wrote."""
     digest = hashlib.sha256()
-    for name in TEXT_TENSORS:
+    for name in sorted(TEXT_TENSORS):  # the order every saved kb_texts_sha256 was computed in
         digest.update(np.ascontiguousarray(encoded[name]).tobytes())
     return digest.hexdigest()
 

@@ -171,7 +171,7 @@ def mix_probabilities(
 def retrieval_gate_features(
     top_similarity: torch.Tensor, retrieved_probs: torch.Tensor, student_probs: torch.Tensor
 ) -> torch.Tensor:
-    """The features `(B, 4)` of `configuration_reaugkd.RETRIEVAL_GATE_FEATURES`: how close the nearest teacher example is (cosine), how
+    """The features `(B, 4)` of `settings_reaugkd.RETRIEVAL_GATE_FEATURES`: how close the nearest teacher example is (cosine), how
     strongly the neighbours vote (largest retrieved probability), and how unsure the retrieved vote and the student
     are (entropies divided by log C, so the same gate reads the same on any number of classes). A query without hits
     reads 0 for its similarity and retrieved features."""
@@ -205,6 +205,8 @@ def mix_retrieval(
     from the gate's features (`top_similarity` `(B,)` is each query's nearest similarity). β may be a tensor: the ONNX
     graph takes it as a run-time input whose default is the sentinel. The one place gate and mixing are chained:
     `forward`, the evaluation of a fitted gate and the exported graph all call it."""
+    if gate is None and not torch.is_tensor(retrieval_weight) and retrieval_weight < 0:
+        raise ValueError(f"retrieval_weight {retrieval_weight} < 0 stands for a per-query gate, and none is given.")
     if gate is not None:
         features = retrieval_gate_features(top_similarity, retrieved_probs, student_probs)  # (B, F)
         gated = gated_retrieval_weight(features, gate)  # (B, 1)

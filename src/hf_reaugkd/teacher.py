@@ -34,7 +34,7 @@ from transformers import (
     Trainer,
     TrainingArguments,
 )
-from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from .arguments import ModelArguments, TeacherArguments
 from .caching import atomic_path, fingerprint, model_fingerprint
@@ -155,8 +155,10 @@ def load_teacher(name: str | Path, **model_kwargs) -> tuple[PreTrainedModel, Pre
 def pools_last_token(config) -> bool:
     """Whether a teacher's sentence embedding is its last token's state, not the mean of its tokens: decoder LLMs
     (Llama, Qwen2, ...) read causally, so only the last token has seen the whole text, and their classification head
-    reads that token too. Encoders (every architecture with a masked-LM head) see the whole text at every token."""
-    return config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    reads that token too. Encoders (architectures with a masked-LM head, and any type transformers does not know as a
+    causal LM, e.g. a remote-code encoder) see the whole text at every token."""
+    model_type = config.model_type
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -241,6 +243,7 @@ def finetune_teacher(
             callbacks=[EarlyStoppingCallback(AUTO_BUDGET_PATIENCE)] if budget else None,
         )
     trainer.train()
+    trainer.accelerator.wait_for_everyone()  # every rank has loaded the best epoch before its checkpoint is removed
     if trainer.is_world_process_zero():
         if trainer.state.global_step < TEACHER_MIN_STEPS:
             logger.warning(
@@ -301,7 +304,8 @@ def teacher_outputs(
     texts (as `"unlabeled"`) when there are any (a cached stage). The teacher runs in `dtype` (bf16 halves an LLM
     teacher's memory on a GPU); its outputs are stored in fp32."""
     precision = [str(dtype)] if dtype != torch.float32 else []
-    key = fingerprint(model_fingerprint(teacher_path), data.content_fingerprint, max_seq_length, *precision)
+    pooling = ["last-token"] if pools_last_token(AutoConfig.from_pretrained(teacher_path)) else []  # else mean
+    key = fingerprint(model_fingerprint(teacher_path), data.content_fingerprint, max_seq_length, *precision, *pooling)
     path = work_dir / f"teacher-outputs-{key}"
     splits = {**data.splits, **({"unlabeled": data.unlabeled} if data.unlabeled is not None else {})}
     if path.exists():
