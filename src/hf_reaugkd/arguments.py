@@ -53,8 +53,7 @@ class TeacherArguments:
     teacher_num_train_epochs: str = field(
         default="auto",
         metadata={
-            "help": "Epochs of teacher fine-tuning, or 'auto': enough epochs for about 1,000 optimizer steps (3 to 20), "
-            "evaluated on validation after each, keeping the best epoch."
+            "help": "Epochs of teacher fine-tuning, or 'auto': up to ~1,000 steps, the best epoch on validation."
         },
     )
     teacher_max_steps: int = field(
