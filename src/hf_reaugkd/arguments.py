@@ -212,10 +212,23 @@ class _ModelArguments:
             for g in (self.knn_k_grid, self.retrieval_weight_grid)
         ]
         self.knn_k_grid, self.retrieval_weight_grid = grids  # a JSON config may give lists
-        self.knn_ks = sorted({int(k) for k in self.knn_k_grid.split(",")})
-        self.betas = sorted({float(b) for b in self.retrieval_weight_grid.split(",")})
-        if min(self.knn_ks) < 1 or not all(0 <= b <= 1 for b in self.betas):
-            raise InputError(f"--knn_k_grid needs k >= 1 and --retrieval_weight_grid β in [0, 1]: {self}")
+        self.knn_ks = parse_grid("--knn_k_grid", self.knn_k_grid, int)
+        self.betas = parse_grid("--retrieval_weight_grid", self.retrieval_weight_grid, float)
+
+
+def parse_grid(flag: str, text: str, kind: type) -> list[int] | list[float]:
+    """The sorted distinct values of a comma-separated grid: k values (integers >= 1) or β values (in [0, 1])."""
+    values = set()
+    for item in text.split(","):
+        try:
+            value = kind(item)
+        except ValueError:
+            value = None
+        if value is None or not (value >= 1 if kind is int else 0 <= value <= 1):  # NaN fails too
+            what = "k >= 1" if kind is int else "β in [0, 1]"
+            raise InputError(f"{flag} takes comma-separated {what}, got {item!r}")
+        values.add(value)
+    return sorted(values)
 
 
 # The knowledge base's search flags (--search_dtype, --hnsw_m, ...) are made from their one declaration, after the

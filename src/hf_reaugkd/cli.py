@@ -79,7 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--text_pair_column_name", help="the second text, for a model trained on pairs")
     add.add_argument("--label_column_name", default="label", help="gold labels, used when no --teacher is given")
     add.add_argument("--teacher", help="label and key the rows with this teacher and the saved projection head")
-    add.add_argument("--dedupe", action="store_true", help="skip rows whose text is already in the knowledge base")
+    add.add_argument(
+        "--dedupe", action="store_true", help="skip rows already in the knowledge base (same text and label)"
+    )
     retune = kb.add_parser("retune")
     retune.add_argument("model")
     retune.add_argument("--file", required=True, help="CSV or JSON(L) file of fresh labelled rows (not in the KB)")
@@ -144,11 +146,13 @@ def main(argv: list[str] | None = None) -> None:
             added = f"added {len(ids)} rows (ids {ids[0]}–{ids[-1]})" if ids else "added no rows (all were there)"
             print(f"{added} to {args.model}")
         elif args.kb == "retune":
+            from .arguments import parse_grid
+
             result = editing.retune(
                 args.model,
                 args.file,
-                [_grid_value(int, "--knn_k_grid", k) for k in args.knn_k_grid.split(",")],
-                [_grid_value(float, "--retrieval_weight_grid", b) for b in args.retrieval_weight_grid.split(",")],
+                parse_grid("--knn_k_grid", args.knn_k_grid, int),
+                parse_grid("--retrieval_weight_grid", args.retrieval_weight_grid, float),
                 args.text_column_name,
                 args.label_column_name,
                 args.text_pair_column_name,
@@ -188,16 +192,6 @@ def _model_default(name: str) -> str:
     from .arguments import ModelArguments
 
     return ModelArguments.__dataclass_fields__[name].default
-
-
-def _grid_value(kind: type, flag: str, text: str) -> int | float:
-    try:
-        value = kind(text)
-    except ValueError:
-        value = None
-    if value is None or not (value >= 1 if kind is int else 0 <= value <= 1):
-        raise InputError(f"{flag} takes comma-separated {'k >= 1' if kind is int else 'β in [0, 1]'}, got {text!r}")
-    return value
 
 
 def _row_id(text: str) -> int:

@@ -104,27 +104,16 @@ def add_rows(
     """Append `rows` to the saved student's knowledge base; return their new row ids.
 
     `rows` is a CSV/JSON(L) file or a `datasets.Dataset` (a 🤗 dataset split, `Dataset.from_dict`; `add_texts` takes
-    Python lists). For a pair task give `text_pair_column`, as in training. `dedupe` skips the rows whose stored text
-    (a pair's two texts on two lines) is already in the knowledge base, or earlier in `rows`: adding the same
-    correction twice then changes nothing. Nothing is written when no row is left to add.
+    Python lists). For a pair task give `text_pair_column`, as in training. `dedupe` skips the rows the knowledge base
+    already holds, or that repeat an earlier one: the same stored text (a pair's two texts on two lines) and, for gold
+    labels, the same label (`_new_rows`). Adding the same rows twice then changes nothing; a known text with a new
+    label is added. Nothing is written when no row is left to add.
     """
+    if teacher is None and not label_column:
+        raise InputError("Without a teacher, rows are labelled by their gold labels: give their label column.")
     model, tokenizer = load_student(model_dir)
-    rows, path, source = _read_rows(rows, label_column)
     columns = (text_column, text_pair_column)
-    checked = [column for column in columns if column]
-    if teacher is None:
-        if not label_column or label_column not in rows.column_names:
-            raise InputError(
-                f"Without a teacher, rows are labelled by their gold labels: label column {label_column!r} not found "
-                f"in the {source} (columns {rows.column_names})."
-            )
-        checked.append(label_column)
-    for column in checked:
-        if column not in rows.column_names:
-            raise InputError(f"Column {column!r} not found in the {source}; its columns are {rows.column_names}.")
-    check_filled(rows, checked, source, label_column if teacher is None else None, path)
-    if teacher is None:
-        _check_labels(model, rows, label_column, source, path)
+    rows, _ = _checked_rows(model, rows, columns, label_column if teacher is None else None)
     knowledge_base = model.knowledge_base
     if dedupe:
         rows = _new_rows(model, rows, columns, label_column if teacher is None else None)
@@ -213,14 +202,8 @@ def retune(
     stored texts, the rows must not be in it. Returns the accuracy on the rows with the settings before and after.
     """
     model, tokenizer = load_student(model_dir)
-    rows, path, source = _read_rows(rows, label_column)
     columns = (text_column, text_pair_column)
-    checked = [column for column in (*columns, label_column) if column]
-    for column in checked:
-        if column not in rows.column_names:
-            raise InputError(f"Column {column!r} not found in the {source}; its columns are {rows.column_names}.")
-    check_filled(rows, checked, source, label_column, path)
-    _check_labels(model, rows, label_column, source, path)
+    rows, source = _checked_rows(model, rows, columns, label_column)
     knowledge_base = model.knowledge_base
     if knowledge_base.has_texts:
         stored = set(knowledge_base.texts)
@@ -312,18 +295,30 @@ def _teacher_rows(model, model_dir: Path, teacher: str | Path, rows, columns: tu
     return keys, values
 
 
-def _read_rows(rows: str | Path | Dataset, label_column: str | None) -> tuple[Dataset, str | None, str]:
-    """The rows, the file they come from (for its line numbers) and how errors name them. A 🤗 dataset's `ClassLabel`
-    column holds class ids: they become the class names, which is what the model's labels are."""
-    if isinstance(rows, str | Path):
-        return read_data_file("rows", str(rows)), str(rows), f"rows file {rows}"
-    feature = rows.features.get(label_column) if label_column else None
+def _checked_rows(
+    model, rows: str | Path | Dataset, columns: tuple[str, str | None], label_column: str | None
+) -> tuple[Dataset, str]:
+    """The rows of a CSV/JSON(L) file or a `datasets.Dataset` and how errors name them, checked as `distill` checks its data: the columns are
+    there, no text (or gold label, with `label_column`) is blank, and every gold label is one of the model's. Errors
+    name the file's line, or the row. A 🤗 dataset's `ClassLabel` column holds class ids: they become the class
+    names, which is what the model's labels are."""
+    path = str(rows) if isinstance(rows, str | Path) else None
+    source = f"rows file {path}" if path else "data"
+    rows = read_data_file("rows", path) if path else rows
+    checked = [column for column in (*columns, label_column) if column]
+    for column in checked:
+        if column not in rows.column_names:
+            raise InputError(f"Column {column!r} not found in the {source}; its columns are {rows.column_names}.")
+    feature = rows.features[label_column] if label_column else None
     if isinstance(feature, ClassLabel):
         names = Features({**rows.features, label_column: Value("string")})
         rows = rows.map(
             lambda batch: {label_column: feature.int2str(batch[label_column])}, batched=True, features=names
         )
-    return rows, None, "data"
+    check_filled(rows, checked, source, label_column, path)
+    if label_column:
+        _check_labels(model, rows, label_column, source, path)
+    return rows, source
 
 
 def _check_labels(model, rows: Dataset, label_column: str, source: str, path: str | None) -> None:
