@@ -207,14 +207,15 @@ def test_pipeline_with_in_memory_instance(tiny_tokenizer):
         assert by_label[label] == pytest.approx(probs[i].item(), abs=1e-6)
 
 
-def test_custom_pipeline_scores_are_the_mixture_whatever_the_problem_type(tiny_tokenizer):
+def test_custom_pipeline_scores_a_checkpoint_without_a_problem_type_as_single_label(tiny_tokenizer):
     model = tiny_student(kb_size=20)
-    model.config.problem_type = "multi_label_classification"  # the stock pipeline would apply a sigmoid
+    model.config.problem_type = None  # configs saved before regression and multi-label support
     classifier = ReAugKDTextClassificationPipeline(model=model, tokenizer=tiny_tokenizer, top_k=None)
     by_label = {item["label"]: item["score"] for item in classifier([SENTENCES[0]])[0]}
     with torch.no_grad():
         probs = model(**tiny_tokenizer(SENTENCES[0], return_tensors="pt")).logits.softmax(-1)[0]
     assert [by_label[ID2LABEL[i]] for i in range(len(probs))] == pytest.approx(probs.tolist(), abs=1e-6)
+    assert sum(by_label.values()) == pytest.approx(1.0)  # the mixed distribution, not one sigmoid per label
 
 
 @pytest.mark.parametrize("index_type", ["torch", "flat", "hnsw", "ivf"])
@@ -460,21 +461,22 @@ def test_neighbor_label_distribution_by_hand():
 
 def test_mix_probabilities_by_hand():
     student = torch.tensor([[0.5, 0.5], [0.1, 0.9], [0.3, 0.7]])
-    retrieved = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.2, 0.8]])  # row 1: nothing retrieved
+    retrieved = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.2, 0.8]])
+    top_similarity = torch.tensor([0.9, float("-inf"), 0.4])  # row 1: nothing retrieved
     # β = 0.25: 0.25 (1, 0) + 0.75 (0.5, 0.5) = (0.625, 0.375); row 1 stays the student; 0.25 (0.2, 0.8) + 0.75
     # (0.3, 0.7) = (0.275, 0.725)
     torch.testing.assert_close(
-        mix_probabilities(student, retrieved, 0.25), torch.tensor([[0.625, 0.375], [0.1, 0.9], [0.275, 0.725]])
+        mix_probabilities(student, retrieved, 0.25, top_similarity),
+        torch.tensor([[0.625, 0.375], [0.1, 0.9], [0.275, 0.725]]),
     )
     torch.testing.assert_close(
-        mix_probabilities(student, retrieved, 1.0), torch.tensor([[1.0, 0.0], [0.1, 0.9], [0.2, 0.8]])
+        mix_probabilities(student, retrieved, 1.0, top_similarity), torch.tensor([[1.0, 0.0], [0.1, 0.9], [0.2, 0.8]])
     )
-    torch.testing.assert_close(mix_probabilities(student, retrieved, 0.0), student)
-    # every query found its neighbours (all_found): the plain interpolation, here rows 0 and 2 as above
+    torch.testing.assert_close(mix_probabilities(student, retrieved, 0.0, top_similarity), student)
+    # every query found its neighbours (no top similarity given: an exhaustive search): the plain interpolation
     found = [0, 2]
     torch.testing.assert_close(
-        mix_probabilities(student[found], retrieved[found], 0.25, all_found=True),
-        torch.tensor([[0.625, 0.375], [0.275, 0.725]]),
+        mix_probabilities(student[found], retrieved[found], 0.25), torch.tensor([[0.625, 0.375], [0.275, 0.725]])
     )
 
 

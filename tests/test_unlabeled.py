@@ -128,7 +128,7 @@ def test_pipeline_with_unlabelled_texts_own_key_loss_neighbours_and_the_student_
         assert set(metrics["splits"][split]) == {
             "teacher", "student", "student_retrieval", "student_retrieval_gated", "student_retrieval_student_keys"
         }  # fmt: skip
-    assert set(metrics["selection_student_keys"]) == {"knn_k", "retrieval_weight", "accuracy"}
+    assert set(metrics["selection_student_keys"]) == {"knn_k", "retrieval_weight", "accuracy", "metric"}
     assert set(metrics["validation_knn_accuracy"]) == {"student_query", "teacher_query", "student_query_student_keys"}
     card = (task / "out" / "model" / "README.md").read_text()
     assert "| unlabeled_rows | 40 |" in card and "| own_key_weight | 1.0 |" in card

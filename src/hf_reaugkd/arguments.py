@@ -158,7 +158,7 @@ class _ModelArguments:
     retrieval_temperature: float = field(default=0.1, metadata={"help": "τ_r of the neighbour weights."})
     retrieval_gate: bool = field(
         default=True,
-        metadata={"help": "Fit a per-query β(x) on validation, kept if it wins."},
+        metadata={"help": "Fit a per-query β(x) on validation, kept if it wins (single-label tasks)."},
     )
     evaluate_student_keyed_kb: bool = field(
         default=False,
@@ -268,7 +268,21 @@ class DataTrainingArguments:
     text_pair_column_name: str | None = field(
         default=None, metadata={"help": "Column with the second text, for pair tasks (NLI, paraphrase)."}
     )
-    label_column_name: str = field(default="label", metadata={"help": "Column with the label."})
+    label_column_name: str = field(
+        default="label",
+        metadata={"help": "Column with the label; several comma-separated 0/1 columns make a multi-label task."},
+    )
+    label_separator: str | None = field(
+        default=None, metadata={"help": "Multi-label: the separator of one column's labels (e.g. ';')."}
+    )
+    problem_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "single_label_classification, multi_label_classification or regression. Default: read from "
+            "the labels (numbers that are not a few integers: regression).",
+            "choices": [None, "single_label_classification", "multi_label_classification", "regression"],
+        },
+    )
     unlabeled_file: str | None = field(
         default=None,
         metadata={

@@ -27,24 +27,36 @@ def explain(model_dir: str, text: str, neighbors: int, text_pair: str | None = N
     """The prediction for `text` and its `neighbors` best knowledge-base entries, as a table."""
     from .editing import load_student
     from .pipeline_reaugkd import ReAugKDTextClassificationPipeline
+    from .settings_reaugkd import MULTI_LABEL, REGRESSION, problem_type_of
 
     model, tokenizer = load_student(model_dir)
     inputs = {"text": text, "text_pair": text_pair} if text_pair else text
     result = ReAugKDTextClassificationPipeline(model=model, tokenizer=tokenizer)(inputs, neighbors=neighbors)
     result = result[0] if isinstance(result, list) else result
+    problem_type = problem_type_of(model.config)
+    if problem_type == MULTI_LABEL:  # every label's score, the predicted ones marked
+        chosen = [f"{item['label']} ({item['score']:.3f})" for item in result["scores"] if item["predicted"]]
+        prediction = ", ".join(chosen) or f"no label at or above {model.config.multi_label_threshold}"
+    elif problem_type == REGRESSION:
+        prediction = f"{result['score']:.3f}"
+    else:
+        prediction = f"{result['label']} ({result['score']:.3f})"
     lines = [
-        f"prediction: {result['label']} ({result['score']:.3f})",
+        f"prediction: {prediction}",
         "student alone: " + ", ".join(f"{label} {p:.3f}" for label, p in result["student_scores"].items()),
     ]
     lines.append("retrieved: " + ", ".join(f"{label} {p:.3f}" for label, p in result["retrieved_scores"].items()))
     lines.append(f"retrieval weight β = {model.config.retrieval_weight} (0: the prediction is the student's alone)")
     lines += ["", f"{'kb row':>8} {'similarity':>10} {'weight':>8}  teacher label"]
     for row in result["neighbors"]:
-        confidence = row["label_distribution"][row["label"]]
+        if problem_type == REGRESSION:
+            teacher = f"{row['value']:.3f}"
+        elif problem_type == MULTI_LABEL:
+            teacher = ", ".join(f"{label} ({row['label_scores'][label]:.2f})" for label in row["labels"]) or "none"
+        else:
+            teacher = f"{row['label']} ({row['label_distribution'][row['label']]:.2f})"
         text = f"  {row['text'][:60]!r}" if "text" in row else ""
-        lines.append(
-            f"{row['id']:>8} {row['similarity']:>10.3f} {row['weight']:>8.3f}  {row['label']} ({confidence:.2f}){text}"
-        )
+        lines.append(f"{row['id']:>8} {row['similarity']:>10.3f} {row['weight']:>8.3f}  {teacher}{text}")
     return "\n".join(lines)
 
 
@@ -78,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--text_column_name", default="text")
     add.add_argument("--text_pair_column_name", help="the second text, for a model trained on pairs")
     add.add_argument("--label_column_name", default="label", help="gold labels, used when no --teacher is given")
+    add.add_argument("--label_separator", help="multi-label: the separator of a row's labels (e.g. ';')")
     add.add_argument("--teacher", help="label and key the rows with this teacher and the saved projection head")
     add.add_argument(
         "--dedupe", action="store_true", help="skip rows already in the knowledge base (same text and label)"
@@ -88,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     retune.add_argument("--text_column_name", default="text")
     retune.add_argument("--text_pair_column_name", help="the second text, for a model trained on pairs")
     retune.add_argument("--label_column_name", default="label")
+    retune.add_argument("--label_separator", help="multi-label: the separator of a row's labels (e.g. ';')")
     retune.add_argument("--knn_k_grid", default=_model_default("knn_k_grid"), help="k values tried")
     retune.add_argument("--retrieval_weight_grid", default=_model_default("retrieval_weight_grid"), help="β values")
     retune.add_argument("--no_retrieval_gate", action="store_true", help="do not fit a per-query β(x)")
@@ -142,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.teacher,
                 text_pair_column=args.text_pair_column_name,
                 dedupe=args.dedupe,
+                label_separator=args.label_separator,
             )
             added = f"added {len(ids)} rows (ids {ids[0]}–{ids[-1]})" if ids else "added no rows (all were there)"
             print(f"{added} to {args.model}")
@@ -157,12 +172,14 @@ def main(argv: list[str] | None = None) -> None:
                 args.label_column_name,
                 args.text_pair_column_name,
                 fit_gate=not args.no_retrieval_gate,
+                label_separator=args.label_separator,
             )
             before, after = result["before"], result["after"]
+            metric = after["metric"]
             print(
                 f"on {result['rows']} rows: k={before['knn_k']}, β={before['retrieval_weight']}"
-                f"{' with its β(x)' if before['retrieval_gate'] else ''} scored {before['accuracy']:.4f}; "
-                f"now k={after['knn_k']}, β={after['retrieval_weight']}: {after['accuracy']:.4f} (chosen on these rows)"
+                f"{' with its β(x)' if before['retrieval_gate'] else ''} scored {metric} {before[metric]:.4f}; "
+                f"now k={after['knn_k']}, β={after['retrieval_weight']}: {after[metric]:.4f} (chosen on these rows)"
             )
             if "gate" in result:
                 gate = result["gate"]

@@ -14,11 +14,14 @@ from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 from .settings_reaugkd import (
     INDEX_SETTINGS,
+    REGRESSION,
+    SINGLE_LABEL,
     check_index_params,
     check_positive_integer,
     check_retrieval_gate,
     check_retrieval_temperature,
     check_retrieval_weight,
+    problem_type_of,
 )
 
 
@@ -74,6 +77,15 @@ class ReAugKDConfig(PreTrainedConfig):
             on CUDA, int8 on CPUs with native bf16 matmul, else float32; the best candidates are re-scored from the fp32
             keys, so similarities stay exact), and the FAISS HNSW and IVF parameters. Their defaults, ranges and help
             are declared once, in `settings_reaugkd.INDEX_SETTINGS`.
+        problem_type (`str`, *optional*):
+            transformers' task type, which decides what the knowledge base's values are and how they are mixed:
+            `"single_label_classification"` (the default when unset: class distributions, softmax),
+            `"multi_label_classification"` (one probability per label, sigmoid) or `"regression"` (`num_labels=1`:
+            the teacher's predicted number, and the mixed prediction is a number too). The per-query gate is for
+            single-label classification only: its features are class-distribution entropies.
+        multi_label_threshold (`float`, defaults to 0.5):
+            A label is predicted when its mixed probability reaches this (multi-label; the pipeline marks such labels
+            `predicted`, and F1 / exact match are computed with it).
         classifier_dropout (`float`, defaults to 0.1):
             Dropout before the student classifier.
         initializer_range (`float`, defaults to 0.02):
@@ -112,6 +124,7 @@ class ReAugKDConfig(PreTrainedConfig):
     hnsw_ef_search: int = INDEX_SETTINGS["hnsw_ef_search"].default
     ivf_nlist: int = INDEX_SETTINGS["ivf_nlist"].default
     ivf_nprobe: int = INDEX_SETTINGS["ivf_nprobe"].default
+    multi_label_threshold: float | int = 0.5
     classifier_dropout: float | int = 0.1
     initializer_range: float = 0.02
 
@@ -156,6 +169,15 @@ class ReAugKDConfig(PreTrainedConfig):
         check_retrieval_weight(self.retrieval_weight)
         if self.retrieval_gate is not None:
             check_retrieval_gate(self.retrieval_gate)
+            if problem_type_of(self) != SINGLE_LABEL:
+                raise ValueError(
+                    f"retrieval_gate is for single-label classification (its features are class-distribution "
+                    f"entropies); this config is for {self.problem_type}."
+                )
+        if problem_type_of(self) == REGRESSION and self.num_labels != 1:
+            raise ValueError(f"A regression config has one output (num_labels=1), got num_labels={self.num_labels}.")
+        if not 0 < self.multi_label_threshold < 1:
+            raise ValueError(f"multi_label_threshold must be in (0, 1), got {self.multi_label_threshold}")
         if self.id2label is not None and sorted(self.id2label) != list(range(len(self.id2label))):
             raise ValueError(
                 f"id2label must name every class id 0..{len(self.id2label) - 1} once, got ids {sorted(self.id2label)}"

@@ -6,32 +6,40 @@ import csv
 import dataclasses
 import itertools
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, concatenate_datasets, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Sequence, Value, concatenate_datasets, load_dataset
 from transformers import PreTrainedTokenizerBase
 
 from .caching import fingerprint, hash_files
 from .errors import InputError
+from .settings_reaugkd import MULTI_LABEL, PROBLEM_TYPES, REGRESSION, SINGLE_LABEL
 
 logger = logging.getLogger(__name__)
 
-LABEL_COLUMN = "labels"  # integer class ids, the name Trainer and the models expect
+LABEL_COLUMN = "labels"  # class ids (0/1 per label, or numbers), the name Trainer and the models expect
 TEACHER_LOGITS = "teacher_logits"  # (C,) the teacher's logits
 TEACHER_KEYS = "teacher_keys"  # (d,) the example's knowledge-base key: normalize(W_t · h_t)
 TEACHER_NEIGHBORS = "teacher_neighbor_ids"  # (n,) the key's nearest *other* knowledge-base rows
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 UNLABELED = -100  # the label of unlabelled rows: cross-entropy's ignore_index, so CE skips them
 CHECK_BATCH_SIZE = 10_000  # rows read at once while checking texts and labels: memory stays flat for any N
+# Numeric labels are classes when they are few integers (ratings 1-5, GLUE's 0/1), and regression targets otherwise
+# (STS-B's 0.0-5.0 similarities): more distinct integers than this are a scale, not classes.
+MAX_INTEGER_CLASSES = 20
 
 
 @dataclass
 class TaskData:
-    """Splits with an integer `labels` column, the label names in id order, and where they came from.
+    """Splits with a `labels` column, the label names in id order, the task type, and where they came from.
+
+    `labels` holds class ids (single-label), one 0/1 float per label name (multi-label), or the number to predict
+    (regression, whose one "label name" is the label column's).
 
     `fingerprint` hashes the labelled data's *content* (the files' bytes, the columns and subsets used), so cached
     stages built from other data are never reused. `unlabeled` holds extra in-domain texts (label `UNLABELED`) that
@@ -45,6 +53,7 @@ class TaskData:
     text_pair_column: str | None
     source: str
     fingerprint: str
+    problem_type: str = SINGLE_LABEL
     unlabeled: Dataset | None = None
     unlabeled_fingerprint: str | None = None
 
@@ -82,11 +91,18 @@ def load_task_data(
     label_column: str = "label",
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
+    problem_type: str | None = None,
+    label_separator: str | None = None,
 ) -> TaskData:
     """Load train/validation(/test) splits from the Hub or CSV/JSON files, and check them.
 
-    Raises a ValueError naming the split (and file), the column and what was found when: a split is
-    missing, a column is missing, a text or label is empty, or validation/test hold labels that train does not.
+    The task type (`problem_type`) is given or read from the labels: several comma-separated `label_column`s (0/1
+    each) or a `label_separator` ("music;politics") make a multi-label task; numeric labels that are not a few
+    integers (`MAX_INTEGER_CLASSES`) a regression; anything else single-label classification.
+
+    Raises an InputError naming the split (and file), the column and what was found when: a split is
+    missing, a column is missing, a text or label is empty, a regression label is not a number, a 0/1 label column
+    holds something else, or validation/test hold labels that train does not.
     """
     if data_files:
         content = {split: hash_files([path]) for split, path in sorted(data_files.items())}
@@ -111,14 +127,20 @@ def load_task_data(
             )
     splits = DatasetDict({name: raw[name] for name in ("train", "validation", "test") if name in raw})
     text_columns = [text_column] + ([text_pair_column] if text_pair_column else [])
+    label_columns = [column.strip() for column in label_column.split(",")]
     for name, split in splits.items():
-        for column in [*text_columns, label_column]:
+        for column in [*text_columns, *label_columns]:
             if column not in split.column_names:
                 raise InputError(
                     f"Column {column!r} not found in the {describe[name]}; its columns are {split.column_names}. "
                     f"Set --text_column_name / --text_pair_column_name / --label_column_name."
                 )
-        check_filled(split, [*text_columns, label_column], describe[name], label_column, paths.get(name))
+        check_filled(split, text_columns, describe[name], path=paths.get(name))
+        for column in label_columns:
+            check_filled(split, [column], describe[name], column, paths.get(name))
+    problem_type = _problem_type(splits["train"], label_columns, problem_type, label_separator, describe["train"])
+    if problem_type != SINGLE_LABEL:  # checked before sampling, so that errors name the file's lines
+        label_names, encode = _label_encoder(splits, label_columns, problem_type, label_separator, describe, paths)
     # sampled after the checks, so that their errors name the file's lines
     if max_train_samples is not None:
         splits["train"] = splits["train"].shuffle(seed=0).select(range(min(max_train_samples, len(splits["train"]))))
@@ -130,6 +152,37 @@ def load_task_data(
     for name, split in splits.items():
         if len(split) == 0:
             raise InputError(f"The {describe[name]} has no rows.")
+    if problem_type == SINGLE_LABEL:
+        label_names, encode = _class_encoder(splits, raw["train"], label_column, describe, paths)
+    # The original columns go: Trainer would pass a column named "label" to the model as well.
+    drop = [column for column in label_columns if column != LABEL_COLUMN]
+    features = {
+        SINGLE_LABEL: Value("int64"), MULTI_LABEL: Sequence(Value("float32")), REGRESSION: Value("float32")
+    }[problem_type]  # fmt: skip
+    splits = DatasetDict(
+        {
+            name: split.map(
+                encode,
+                batched=True,
+                remove_columns=drop,
+                features=Features(
+                    {**{c: t for c, t in split.features.items() if c not in drop}, LABEL_COLUMN: features}
+                ),
+                desc="Encoding labels",
+            )
+            for name, split in splits.items()
+        }
+    ).select_columns([*text_columns, LABEL_COLUMN])  # other columns would reach the model's forward
+    data_fingerprint = fingerprint(
+        content, text_column, text_pair_column, label_column, max_train_samples, max_eval_samples,
+        *([problem_type, label_separator] if problem_type != SINGLE_LABEL else []),
+    )  # fmt: skip
+    return TaskData(splits, label_names, text_column, text_pair_column, source, data_fingerprint, problem_type)
+
+
+def _class_encoder(splits: DatasetDict, raw_train: Dataset, label_column: str, describe: dict, paths: dict):
+    """Single-label classes: their names in id order (ClassLabel names, else the sorted names found in train) and
+    the batch function that maps a split's labels to ids, after checking every split."""
     label_feature = splits["train"].features[label_column]
     if isinstance(label_feature, ClassLabel):
         for name, split in splits.items():
@@ -147,7 +200,7 @@ def load_task_data(
         label_names = sorted(
             {str(label).strip() for _, batch in _iter_column(splits["train"], label_column) for label in batch}
         )
-        _check_label_kinds(raw["train"], label_column, describe["train"], paths.get("train"))
+        _check_label_kinds(raw_train, label_column, describe["train"], paths.get("train"))
         to_name = label_name
     if len(label_names) < 2:
         raise InputError(
@@ -167,13 +220,123 @@ def load_task_data(
     def encode(batch):
         return {LABEL_COLUMN: [label_ids[to_name(label)] for label in batch[label_column]]}
 
-    # The original column goes: Trainer would pass a column named "label" to the model as well.
-    drop = [label_column] if label_column != LABEL_COLUMN else []
-    splits = splits.map(encode, batched=True, remove_columns=drop, desc="Encoding labels")
-    data_fingerprint = fingerprint(
-        content, text_column, text_pair_column, label_column, max_train_samples, max_eval_samples
+    return label_names, encode
+
+
+def _problem_type(
+    train: Dataset, label_columns: list[str], given: str | None, separator: str | None, description: str
+) -> str:
+    """The task type: as given, else multi-label for several label columns or a separator, regression for numeric
+    labels that are not a few integers, single-label otherwise."""
+    if given is not None and given not in PROBLEM_TYPES:
+        raise InputError(f"--problem_type must be one of {list(PROBLEM_TYPES)}, got {given!r}.")
+    multi = len(label_columns) > 1 or separator is not None
+    if multi and given not in (None, MULTI_LABEL):
+        raise InputError(
+            f"Several label columns or a --label_separator make a multi-label task, but --problem_type is {given!r}."
+        )
+    if multi:
+        return MULTI_LABEL
+    if given == MULTI_LABEL:
+        raise InputError(
+            "A multi-label task gives its labels as one column joined by --label_separator (e.g. ';') or as several "
+            "0/1 columns (--label_column_name music,politics,sports)."
+        )
+    if given is not None:
+        if given == REGRESSION and isinstance(train.features[label_columns[0]], ClassLabel):
+            raise InputError(
+                f"The {description} holds class labels (ClassLabel) in {label_columns[0]!r}: not numbers."
+            )
+        return given
+    if isinstance(train.features[label_columns[0]], ClassLabel):
+        return SINGLE_LABEL
+    values = set()
+    for _, batch in _iter_column(train, label_columns[0]):
+        for label in batch:
+            number = _number(label_name(label))
+            if number is None:
+                return SINGLE_LABEL
+            values.add(number)
+    if all(value.is_integer() for value in values) and len(values) <= MAX_INTEGER_CLASSES:
+        return SINGLE_LABEL
+    logger.info(
+        "Numeric labels that are not a few integers (%d distinct values): a regression task (force another kind "
+        "with --problem_type)",
+        len(values),
     )
-    return TaskData(splits, label_names, text_column, text_pair_column, source, data_fingerprint)
+    return REGRESSION
+
+
+def _label_encoder(
+    splits: DatasetDict, label_columns: list[str], problem_type: str, separator: str | None, describe, paths
+):
+    """Multi-label and regression labels: the label names and the batch function that encodes a split's labels,
+    after checking every cell of every split (errors name the file's line)."""
+    if problem_type == REGRESSION:
+        (column,) = label_columns
+        for name, split in splits.items():
+            for start, batch in _iter_column(split, column):
+                for offset, label in enumerate(batch):
+                    if _number(label_name(label)) is None or not math.isfinite(_number(label_name(label))):
+                        raise InputError(
+                            f"Regression labels are numbers: {row_location(paths.get(name), start + offset)} of the "
+                            f"{describe[name]} has {label!r} in column {column!r}."
+                        )
+
+        def encode_numbers(batch):
+            return {LABEL_COLUMN: [float(label_name(label)) for label in batch[column]]}
+
+        return [column], encode_numbers
+    if len(label_columns) > 1:
+        for name, split in splits.items():
+            for column in label_columns:
+                for start, batch in _iter_column(split, column):
+                    for offset, value in enumerate(batch):
+                        if label_name(value).lower() not in ("0", "1", "0.0", "1.0", "true", "false"):
+                            raise InputError(
+                                f"Multi-label columns hold 0 or 1: {row_location(paths.get(name), start + offset)} "
+                                f"of the {describe[name]} has {value!r} in column {column!r}."
+                            )
+
+        def encode_columns(batch):
+            rows = zip(*(batch[column] for column in label_columns), strict=True)
+            return {
+                LABEL_COLUMN: [[float(label_name(v).lower() in ("1", "1.0", "true")) for v in row] for row in rows]
+            }
+
+        return label_columns, encode_columns
+    (column,) = label_columns
+
+    def split_labels(label) -> list[str]:
+        return [part.strip() for part in str(label).split(separator) if part.strip()]
+
+    label_names = sorted(
+        {part for _, batch in _iter_column(splits["train"], column) for x in batch for part in split_labels(x)}
+    )
+    if len(label_names) < 2:
+        raise InputError(f"The {describe['train']} has a single label {label_names}: multi-label needs at least 2.")
+    known = set(label_names)
+    for name, split in splits.items():
+        for start, batch in _iter_column(split, column):
+            for offset, label in enumerate(batch):
+                unknown = sorted(set(split_labels(label)) - known)
+                if unknown:
+                    raise InputError(
+                        f"{row_location(paths.get(name), start + offset)} of the {describe[name]} has labels "
+                        f"{unknown} never seen in training; training labels are {label_names}."
+                    )
+    ids = {label: i for i, label in enumerate(label_names)}
+
+    def encode_joined(batch):
+        encoded = []
+        for label in batch[column]:
+            row = [0.0] * len(label_names)
+            for part in split_labels(label):
+                row[ids[part]] = 1.0
+            encoded.append(row)
+        return {LABEL_COLUMN: encoded}
+
+    return label_names, encode_joined
 
 
 def load_hub_split(name: str, config_name: str | None, split: str, flag: str = "--dataset_name") -> Dataset:
@@ -367,11 +530,14 @@ def _check_label_kinds(split: Dataset, label_column: str, description: str, path
 
 
 def _is_number(text: str) -> bool:
+    return _number(text) is not None
+
+
+def _number(text: str) -> float | None:
     try:
-        float(text)
+        return float(text)
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def texts_of(split: Dataset, text_column: str, text_pair_column: str | None) -> list[str]:

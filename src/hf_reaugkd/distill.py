@@ -25,6 +25,7 @@ from .model_card import create_model_card, hub_id
 from .modeling_reaugkd import ReAugKDForSequenceClassification
 from .reporting import expected_notices, setup_logging, stage
 from .saving import push_saved, save_student
+from .settings_reaugkd import SINGLE_LABEL, problem_type_of
 from .teacher import (
     finetune_teacher,
     knowledge_base_stage,
@@ -81,6 +82,8 @@ def run(
             label_column=data_args.label_column_name,
             max_train_samples=data_args.max_train_samples,
             max_eval_samples=data_args.max_eval_samples,
+            problem_type=data_args.problem_type,
+            label_separator=data_args.label_separator,
         )
         data = load_unlabeled_texts(
             data,
@@ -95,11 +98,21 @@ def run(
             "relational_weight and own_key_weight are all 0 (cross-entropy skips unlabelled rows): drop "
             "--unlabeled_file / --unlabeled_dataset_name or give one of those losses a weight."
         )
+    single_label_only = {
+        "--unlabeled_file / --unlabeled_dataset_name": data.unlabeled is not None,
+        "--export_onnx": training_args.export_onnx != "none",
+    }
+    if data.problem_type != SINGLE_LABEL and any(single_label_only.values()):
+        flags = [flag for flag, given in single_label_only.items() if given]
+        raise InputError(
+            f"{' and '.join(flags)} serve single-label classification only; this is a {data.problem_type} task: "
+            "drop them."
+        )
     id2label = dict(enumerate(data.label_names))
 
     # 1. Teacher: used as is when it already classifies these labels, fine-tuned otherwise; its outputs, once.
     teacher_path = teacher_name
-    if needs_finetuning(teacher_name, data.label_names):
+    if needs_finetuning(teacher_name, data.label_names, data.problem_type):
         with stage("teacher fine-tuning"):
             teacher_path = finetune_teacher(teacher_args, data, training_args, data_args.max_seq_length, work_dir)
     else:
@@ -127,6 +140,7 @@ def run(
             training_args.distillation_temperature,
             training_args.seed,
             work_dir,
+            data.problem_type,
         )
     keys = {
         name: kb.keys if name == "train" else project(projection, outputs[name].embeddings) for name in data.splits
@@ -136,7 +150,7 @@ def run(
     #    The knowledge base stays with the trainer (relational loss) and joins the student only after training.
     tokenizer = AutoTokenizer.from_pretrained(student_name)
     set_seed(training_args.seed)
-    student = _new_student(model_args, student_name, id2label, kb_dim, tokenizer)
+    student = _new_student(model_args, student_name, id2label, kb_dim, tokenizer, data.problem_type)
     with training_args.main_process_first(desc="student training data"):  # one rank writes the caches
         splits = student_training_data(
             data,
@@ -180,7 +194,7 @@ def run(
             model_args.retrieval_temperature,
             training_args.per_device_eval_batch_size,
             knowledge_base_texts=splits["train"] if model_args.evaluate_student_keyed_kb else None,
-            fit_gate=model_args.retrieval_gate,
+            fit_gate=model_args.retrieval_gate and data.problem_type == SINGLE_LABEL,  # β(x) weighs class votes
         )
     metrics["world_size"] = training_args.world_size  # processes that trained the student
     if (budget := teacher_budget(teacher_path)) is not None:  # --teacher_num_train_epochs auto chose the epoch
@@ -249,9 +263,15 @@ def truncated_layers(config, num_layers: int) -> dict:
 
 
 def _new_student(
-    model_args: ModelArguments, student_name: str, id2label: dict[int, str], kb_dim: int, tokenizer
+    model_args: ModelArguments,
+    student_name: str,
+    id2label: dict[int, str],
+    kb_dim: int,
+    tokenizer,
+    problem_type: str = SINGLE_LABEL,
 ) -> ReAugKDForSequenceClassification:
-    """The student encoder (optionally its first N layers) with a fresh projection head and classifier."""
+    """The student encoder (optionally its first N layers) with a fresh projection head and classifier (one output
+    per label, or one for regression)."""
     config = AutoConfig.from_pretrained(student_name)
     layers = config.num_hidden_layers
     if model_args.student_num_layers and not 1 <= model_args.student_num_layers <= layers:
@@ -269,6 +289,7 @@ def _new_student(
         pooling=model_args.pooling,
         retrieval_temperature=model_args.retrieval_temperature,
         pad_token_id=tokenizer.pad_token_id,
+        problem_type=problem_type,
     )
 
 
@@ -305,20 +326,23 @@ def _model_card(
         hyperparameters=_hyperparameters(model_args, teacher_args, data_args, training_args, unlabeled_rows)
         | _teacher_budget_hyperparameters(metrics.get("teacher_budget")),
         num_parameters=sum(p.numel() for p in student.parameters()),
+        problem_type=problem_type_of(student.config),
     )
 
 
 def _teacher_budget_hyperparameters(budget: dict | None) -> dict:
     if budget is None:
         return {}
+    metric = budget.get("metric", "accuracy")  # teachers fine-tuned before the other task types: accuracy
     return {
         "teacher_epochs_kept": f"{budget['best_epoch']} of up to {budget['epochs_cap']} (best on validation)",
-        "teacher_validation_accuracy": round(budget["validation_accuracy"], 4),
+        f"teacher_validation_{metric}": round(budget[f"validation_{metric}"], 4),
     }
 
 
 def print_results(metrics: dict) -> None:
-    """The results table: accuracy per evaluated split of teacher, student and student + retrieval."""
+    """The results table: the selection metric (accuracy for classification) per evaluated split of teacher,
+    student and student + retrieval."""
     names = {
         "teacher": "teacher",
         "student": "student (β=0)",
@@ -327,19 +351,24 @@ def print_results(metrics: dict) -> None:
         "student_retrieval_student_keys": "student + own-keyed KB",
     }
     splits = list(metrics["splits"])
-    header = f"{'model':<24}" + "".join(f"{s + ' acc':>16}" for s in splits)
+    selection = metrics["selection"]
+    metric = selection["metric"]
+    scale, short = (100, "acc") if metric == "accuracy" else (1, metric)
+    header = f"{'model':<24}" + "".join(f"{s + ' ' + short:>16}" for s in splits)
     lines = ["", header, "-" * len(header)]
     for key, label in names.items():
         if key not in metrics["splits"][splits[0]]:  # the gate and the student-keyed baseline are measured on request
             continue
-        accuracies = "".join(f"{100 * metrics['splits'][s][key]['accuracy']:>16.2f}" for s in splits)
-        lines.append(f"{label:<24}{accuracies}")
-    selection = metrics["selection"]
+        scores = "".join(
+            f"{scale * metrics['splits'][s][key][metric]:>16.{2 if scale == 100 else 4}f}" for s in splits
+        )
+        lines.append(f"{label:<24}{scores}")
     if "teacher_budget" in metrics:
         budget = metrics["teacher_budget"]
+        kept = budget.get("metric", "accuracy")
         lines.append(
             f"\nteacher: epoch {budget['best_epoch']} of up to {budget['epochs_cap']} kept, the best on validation "
-            f"({budget['validation_accuracy']:.4f})"
+            f"({kept} {budget[f'validation_{kept}']:.4f})"
         )
     lines.append(f"\nretrieval chosen on validation: k={selection['knn_k']}, β={selection['retrieval_weight']}")
     if "gate" in metrics:

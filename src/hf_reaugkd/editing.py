@@ -5,8 +5,9 @@ Where the keys and soft labels of new rows come from:
   (`teacher_projection.safetensors`) key and label the rows exactly as in training:
   `normalize(W_t · h_t(x))` and `softmax(teacher_logits / T)`. Use it when the teacher is at hand: the new rows are
   then indistinguishable from the ones distilled.
-- **without a teacher**: the rows' gold labels, smoothed (`1 − ε` on the gold class, `ε` spread over the others),
-  keyed by the student's own query `normalize(W_s · h_s(x))`. Use it to fix a deployment from labelled examples
+- **without a teacher**: the rows' gold labels, smoothed (`1 − ε` on the gold class, `ε` spread over the others;
+  per label `1 − ε` / `ε` for multi-label; the number itself for regression), keyed by the student's own query
+  `normalize(W_s · h_s(x))`. Use it to fix a deployment from labelled examples
   alone (a new sub-topic, corrected mistakes); the student's query lands near its own key, so these rows are found.
 
 Each edit rewrites the saved model folder atomically (config shapes, weights and index together), so it loads in a
@@ -37,18 +38,19 @@ from .data import (
 )
 from .errors import InputError
 from .evaluation import (
-    classification_metrics,
     gated_mixture,
     mixed_metrics,
     predict,
     select_retrieval_gate,
     select_retrieval_settings,
 )
-from .knowledge_base import KnowledgeBase
+from .knowledge_base import KnowledgeBase, value_predictions
 from .modeling_reaugkd import ReAugKDForSequenceClassification
 from .onnx_pipeline import DEFAULT_MAX_KNN_K, ONNX_DIR
 from .pipeline_reaugkd import max_input_length
+from .reporting import expected_notices
 from .saving import TEACHER_PROJECTION
+from .settings_reaugkd import MULTI_LABEL, REGRESSION, SINGLE_LABEL, problem_type_of
 from .teacher import (
     load_projection,
     load_teacher,
@@ -71,23 +73,30 @@ def load_student(model_dir: str | Path) -> tuple[ReAugKDForSequenceClassificatio
 
 def load_tokenizer(model_dir: str | Path):
     """The saved tokenizer. It is no remote code, but without `trust_remote_code=False` `AutoTokenizer` would stop
-    to ask in a terminal whether to run the config's."""
-    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    to ask in a terminal whether to run the config's (and, not loading that code, it reports the config's model type
+    as unknown: an expected notice)."""
+    with expected_notices():
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
 
 
 def knowledge_base_info(model_dir: str | Path) -> dict:
-    """Size, key dimension, index, and how many rows the teacher labels each class (argmax of the soft labels)."""
+    """Size, key dimension, index, the task type, and how many rows the teacher labels each class (the argmax of the
+    soft labels; for multi-label, the labels at or above the threshold) or, for regression, the values' range."""
     model, _ = load_student(model_dir)
     kb = model.knowledge_base
-    counts = torch.bincount(kb.values.argmax(dim=1), minlength=kb.num_labels).tolist()
     projection = Path(model_dir) / TEACHER_PROJECTION
-    return {
-        "size": kb.size,
-        "dim": kb.dim,
-        "index_type": kb.index_type,
-        "rows_per_label": {model.config.id2label[i]: count for i, count in enumerate(counts)},
-        "teacher_projection": projection_settings(projection) if projection.is_file() else None,
-    }
+    info = {"size": kb.size, "dim": kb.dim, "index_type": kb.index_type, "problem_type": kb.problem_type}
+    if kb.problem_type == REGRESSION:
+        values = kb.values[:, 0].float()  # (N,)
+        info["values"] = {"min": values.min().item(), "mean": values.mean().item(), "max": values.max().item()}
+    else:
+        if kb.problem_type == MULTI_LABEL:
+            counts = (kb.values >= model.config.multi_label_threshold).sum(dim=0).tolist()
+        else:
+            counts = torch.bincount(kb.values.argmax(dim=1), minlength=kb.num_labels).tolist()
+        info["rows_per_label"] = {model.config.id2label[i]: count for i, count in enumerate(counts)}
+    info["teacher_projection"] = projection_settings(projection) if projection.is_file() else None
+    return info
 
 
 @torch.no_grad()
@@ -100,30 +109,33 @@ def add_rows(
     batch_size: int = 64,
     text_pair_column: str | None = None,
     dedupe: bool = False,
+    label_separator: str | None = None,
 ) -> list[int]:
     """Append `rows` to the saved student's knowledge base; return their new row ids.
 
     `rows` is a CSV/JSON(L) file or a `datasets.Dataset` (a 🤗 dataset split, `Dataset.from_dict`; `add_texts` takes
-    Python lists). For a pair task give `text_pair_column`, as in training. `dedupe` skips the rows the knowledge base
-    already holds, or that repeat an earlier one: the same stored text (a pair's two texts on two lines) and, for gold
-    labels, the same label (`_new_rows`). Adding the same rows twice then changes nothing; a known text with a new
-    label is added. Nothing is written when no row is left to add.
+    Python lists). For a pair task give `text_pair_column`, as in training. Gold labels are the model's label names,
+    numbers for regression, and for multi-label a list of names or one string joined by `label_separator`. `dedupe`
+    skips the rows the knowledge base already holds, or that repeat an earlier one: the same stored text (a pair's
+    two texts on two lines) and, for gold labels, the same label (`_new_rows`). Adding the same rows twice then
+    changes nothing; a known text with a new label is added. Nothing is written when no row is left to add.
     """
     if teacher is None and not label_column:
         raise InputError("Without a teacher, rows are labelled by their gold labels: give their label column.")
     model, tokenizer = load_student(model_dir)
     columns = (text_column, text_pair_column)
-    rows, _ = _checked_rows(model, rows, columns, label_column if teacher is None else None)
+    gold = label_column if teacher is None else None
+    rows, _, targets = _checked_rows(model, rows, columns, gold, label_separator)
     knowledge_base = model.knowledge_base
     if dedupe:
-        rows = _new_rows(model, rows, columns, label_column if teacher is None else None)
+        rows, targets = _new_rows(model, rows, columns, targets)
         if len(rows) == 0:
             logger.info("every row is already in the knowledge base of %s: nothing added", model_dir)
             return []
     if teacher is not None:
         keys, values = _teacher_rows(model, Path(model_dir), teacher, rows, columns, batch_size)
     else:
-        keys, values = _gold_rows(model, tokenizer, rows, columns, label_column, batch_size)
+        keys, values = _gold_rows(model, tokenizer, rows, columns, targets, batch_size)
     old_size = knowledge_base.size
     texts = texts_of(rows, *columns) if knowledge_base.has_texts else None  # stored as in training
     _rewrite(model_dir, model, knowledge_base.add(keys, values, texts))
@@ -138,11 +150,16 @@ def add_texts(
     text_pairs: list[str] | None = None,
     dedupe: bool = False,
 ) -> list[int]:
-    """`add_rows` from Python: `texts` (and `text_pairs`) with their gold `labels`, or labelled by `teacher`."""
+    """`add_rows` from Python: `texts` (and `text_pairs`) with their gold `labels` (names, numbers for regression,
+    lists of names for multi-label), or labelled by `teacher`."""
     columns = {"text": list(texts)}
     if text_pairs is not None:
         columns["text_pair"] = list(text_pairs)
-    if labels is not None:
+    if labels is not None and any(isinstance(label, list | tuple) for label in labels):  # multi-label sets
+        columns["label"] = [
+            [str(x) for x in label] if isinstance(label, list | tuple) else [str(label)] for label in labels
+        ]
+    elif labels is not None:
         columns["label"] = [str(label) for label in labels]
     if len({len(column) for column in columns.values()}) > 1:
         raise InputError(f"texts, text_pairs and labels differ in length: { {k: len(v) for k, v in columns.items()} }")
@@ -157,18 +174,22 @@ def add_texts(
     )
 
 
-def _new_rows(model, rows: Dataset, columns: tuple[str, str | None], label_column: str | None) -> Dataset:
-    """`rows` without those the knowledge base already holds, nor repeats of an earlier row: the same text and, for
-    gold labels, the same label (the argmax of a stored row's soft label). A text given another label is a correction
-    and is added; `kb remove` takes the old row out."""
+def _new_rows(
+    model, rows: Dataset, columns: tuple[str, str | None], targets: torch.Tensor | None
+) -> tuple[Dataset, torch.Tensor | None]:
+    """`rows` (and their gold `targets`) without those the knowledge base already holds, nor repeats of an earlier
+    row: the same text and, for gold labels, the same label (`_label_of`: a stored row's argmax class, its labels at
+    the threshold, or its number). A text given another label is a correction and is added; `kb remove` takes the old
+    row out."""
     knowledge_base = model.knowledge_base
     if not knowledge_base.has_texts:
         raise InputError(
             "--dedupe compares texts, and this knowledge base stores none (distil with --store_kb_texts to keep them)."
         )
-    stored_labels = [model.config.id2label[i] for i in knowledge_base.values.argmax(dim=1).tolist()]
-    with_labels = label_column is not None
-    labels = [label_name(label) for label in rows[label_column]] if with_labels else [None] * len(rows)
+    problem_type, threshold = problem_type_of(model.config), model.config.multi_label_threshold
+    with_labels = targets is not None
+    stored_labels = _label_of(knowledge_base.values, problem_type, threshold, is_value=True)
+    labels = _label_of(targets, problem_type, threshold) if with_labels else [None] * len(rows)
     seen = {
         (text, label if with_labels else None) for text, label in zip(knowledge_base.texts, stored_labels, strict=True)
     }
@@ -179,7 +200,17 @@ def _new_rows(model, rows: Dataset, columns: tuple[str, str | None], label_colum
             keep.append(row)
     if len(keep) < len(rows):
         logger.info("skipped %d rows already in the knowledge base", len(rows) - len(keep))
-    return rows.select(keep)
+    return rows.select(keep), None if targets is None else targets[keep]
+
+
+def _label_of(values: torch.Tensor, problem_type: str, threshold: float, is_value: bool = False) -> list:
+    """A comparable label per row, of knowledge-base values `(N, C)` (`is_value`) or gold targets: the class id, the
+    set of labels (at or above `threshold`), or the number (in fp32, as stored)."""
+    if problem_type == REGRESSION:
+        return values.reshape(-1).float().tolist()
+    if problem_type == MULTI_LABEL:
+        return [tuple(row.nonzero().flatten().tolist()) for row in values >= (threshold if is_value else 0.5)]
+    return (values.argmax(dim=1) if is_value else values).tolist()
 
 
 @torch.no_grad()
@@ -193,48 +224,49 @@ def retune(
     text_pair_column: str | None = None,
     fit_gate: bool = True,
     batch_size: int = 64,
+    label_separator: str | None = None,
 ) -> dict:
     """Choose k and β again on fresh labelled `rows` and write them to the saved student's config (its ONNX graph,
     if any, is exported again): after edits the best retrieval weight changes, growing with the share of rows the
     student never learned. The same grid and per-query gate as the pipeline's choice on validation (`evaluation`).
 
     Rows whose text the knowledge base holds are left out (a query that finds itself flatters retrieval); without
-    stored texts, the rows must not be in it. Returns the accuracy on the rows with the settings before and after.
+    stored texts, the rows must not be in it. Returns the selection metric (`evaluation.SELECTION_METRICS`: accuracy
+    for classification) on the rows with the settings before and after. The per-query gate is single-label only.
     """
     model, tokenizer = load_student(model_dir)
     columns = (text_column, text_pair_column)
-    rows, source = _checked_rows(model, rows, columns, label_column)
+    rows, source, targets = _checked_rows(model, rows, columns, label_column, label_separator)
     knowledge_base = model.knowledge_base
     if knowledge_base.has_texts:
         stored = set(knowledge_base.texts)
         fresh = [row for row, text in enumerate(texts_of(rows, *columns)) if text not in stored]
         if len(fresh) < len(rows):
             logger.warning("left out %d rows that are in the knowledge base itself", len(rows) - len(fresh))
-        rows = rows.select(fresh)
+        rows, targets = rows.select(fresh), targets[fresh]
     else:
         logger.warning("this knowledge base stores no texts: the rows must not be in it, or retrieval is flattered")
     if len(rows) == 0:
         raise InputError(f"No row of the {source} is outside the knowledge base: retuning needs fresh labelled rows.")
-    label2id = {label: i for i, label in model.config.id2label.items()}
-    rows = rows.map(lambda batch: {LABEL_COLUMN: [label2id[label_name(x)] for x in batch[label_column]]}, batched=True)
     encoded = tokenize(rows, tokenizer, *columns, max_input_length(model.config, tokenizer), "Tokenizing")
+    encoded = encoded.remove_columns([c for c in (LABEL_COLUMN,) if c in encoded.column_names])
+    encoded = encoded.add_column(LABEL_COLUMN, targets.tolist())
     config = model.config
     scored = sorted({*knn_ks, config.knn_k})  # the grid, and the k in use (to score the setting before)
     predictions = predict(model, encoded, tokenizer, scored, config.retrieval_temperature, batch_size)
     if config.retrieval_gate is not None:
-        before = classification_metrics(
-            gated_mixture(predictions, config.knn_k, config.retrieval_gate), predictions.labels
-        )
+        before = predictions.metrics(gated_mixture(predictions, config.knn_k, config.retrieval_gate))
     else:
         before = mixed_metrics(predictions, config.knn_k, config.retrieval_weight)
     grid = dataclasses.replace(predictions, retrieved={k: predictions.retrieved[k] for k in knn_ks})
     selection = select_retrieval_settings(grid, betas)
-    gate = select_retrieval_gate(grid, selection) if fit_gate else None
+    metric = selection["metric"]
+    gate = select_retrieval_gate(grid, selection) if fit_gate and predictions.problem_type == SINGLE_LABEL else None
     result = {
         "rows": len(rows),
         "before": {"knn_k": config.knn_k, "retrieval_weight": config.retrieval_weight,
                    "retrieval_gate": config.retrieval_gate is not None,
-                   "accuracy": before["accuracy"]},
+                   metric: before[metric]},
         "after": {key: value for key, value in selection.items() if key != "grid"},
     }  # fmt: skip
     config.knn_k, config.retrieval_weight = selection["knn_k"], selection["retrieval_weight"]
@@ -246,16 +278,23 @@ def retune(
 
 
 def remove_rows(model_dir: str | Path, ids: list[int] | None = None, where_label: str | None = None) -> list[int]:
-    """Remove rows by id, or every row the teacher labels `where_label`; return the removed ids."""
+    """Remove rows by id, or every row the teacher labels `where_label` (its argmax class; for multi-label, a label at
+    or above the threshold); return the removed ids."""
     model, _ = load_student(model_dir)
     kb = model.knowledge_base
     if (ids is None) == (where_label is None):
         raise InputError("Give either ids or where_label.")
     if where_label is not None:
+        if kb.problem_type == REGRESSION:
+            raise InputError("A regression knowledge base holds numbers, not labels: remove its rows by --ids.")
         label2id = {label: i for i, label in model.config.id2label.items()}
         if where_label not in label2id:
             raise InputError(f"Unknown label {where_label!r}; the model's labels are {sorted(label2id)}.")
-        ids = (kb.values.argmax(dim=1) == label2id[where_label]).nonzero().flatten().tolist()
+        if kb.problem_type == MULTI_LABEL:
+            labelled = kb.values[:, label2id[where_label]] >= model.config.multi_label_threshold  # (N,)
+        else:
+            labelled = kb.values.argmax(dim=1) == label2id[where_label]  # (N,)
+        ids = labelled.nonzero().flatten().tolist()
     _rewrite(model_dir, model, kb.remove(ids))
     return sorted(set(ids))
 
@@ -275,7 +314,8 @@ def _teacher_rows(model, model_dir: Path, teacher: str | Path, rows, columns: tu
             f"The projection head {projection_file} maps to {projection.out_features} dimensions; the knowledge base's "
             f"keys have {model.knowledge_base.dim}: it is not the head this knowledge base was made with."
         )
-    if needs_finetuning(str(teacher), [model.config.id2label[i] for i in range(model.config.num_labels)]):
+    label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    if needs_finetuning(str(teacher), label_names, problem_type_of(model.config)):
         raise InputError(
             f"{teacher} is not a classifier for this model's labels; pass the fine-tuned teacher the knowledge base "
             f"was made with (recorded: {metadata.get('teacher_model')!r}, fine-tuned from "
@@ -291,17 +331,24 @@ def _teacher_rows(model, model_dir: Path, teacher: str | Path, rows, columns: tu
     encoded = tokenize(rows, teacher_tokenizer, *columns, metadata["max_seq_length"], "Tokenizing")
     logits, embeddings = zip(*teacher_batches(teacher_model, teacher_tokenizer, encoded, batch_size), strict=True)
     keys = project(projection, torch.cat(embeddings).numpy())  # (n, d)
-    values = torch.softmax(torch.cat(logits) / metadata["distillation_temperature"], dim=-1)  # (n, C)
+    values = value_predictions(
+        torch.cat(logits), problem_type_of(model.config), metadata["distillation_temperature"]
+    )  # (n, C)
     return keys, values
 
 
 def _checked_rows(
-    model, rows: str | Path | Dataset, columns: tuple[str, str | None], label_column: str | None
-) -> tuple[Dataset, str]:
-    """The rows of a CSV/JSON(L) file or a `datasets.Dataset` and how errors name them, checked as `distill` checks its data: the columns are
-    there, no text (or gold label, with `label_column`) is blank, and every gold label is one of the model's. Errors
-    name the file's line, or the row. A 🤗 dataset's `ClassLabel` column holds class ids: they become the class
-    names, which is what the model's labels are."""
+    model,
+    rows: str | Path | Dataset,
+    columns: tuple[str, str | None],
+    label_column: str | None,
+    label_separator: str | None = None,
+) -> tuple[Dataset, str, torch.Tensor | None]:
+    """The rows of a CSV/JSON(L) file or a `datasets.Dataset`, how errors name them, and with `label_column` their
+    gold targets (`_gold_targets`), checked as `distill` checks its data: the columns are there, no text (or gold
+    label) is blank, and every gold label is one the model knows. Errors name the file's line, or the row. A 🤗
+    dataset's `ClassLabel` column holds class ids: they become the class names, which is what the model's labels
+    are."""
     path = str(rows) if isinstance(rows, str | Path) else None
     source = f"rows file {path}" if path else "data"
     rows = read_data_file("rows", path) if path else rows
@@ -316,34 +363,79 @@ def _checked_rows(
             lambda batch: {label_column: feature.int2str(batch[label_column])}, batched=True, features=names
         )
     check_filled(rows, checked, source, label_column, path)
-    if label_column:
-        _check_labels(model, rows, label_column, source, path)
-    return rows, source
+    targets = _gold_targets(model, rows, label_column, source, path, label_separator) if label_column else None
+    return rows, source, targets
 
 
-def _check_labels(model, rows: Dataset, label_column: str, source: str, path: str | None) -> None:
-    """Refuse gold labels the model does not know, naming the first one's line (or row)."""
+def _gold_targets(
+    model, rows: Dataset, label_column: str, source: str, path: str | None, separator: str | None
+) -> torch.Tensor:
+    """The gold labels as the model's training targets: class ids `(N,)`, 0/1 per label `(N, C)` (from lists of
+    names, or names joined by `separator`), or numbers `(N,)`. A label the model does not know, or a regression label
+    that is not a finite number, is refused with its line (or row)."""
+    problem_type = problem_type_of(model.config)
     label2id = {label: i for i, label in model.config.id2label.items()}
-    labels = [label_name(label) for label in rows[label_column]]
-    unknown = sorted(set(labels) - set(label2id))
-    if unknown:
-        first = next(row for row, label in enumerate(labels) if label not in label2id)
-        raise InputError(
-            f"The {source} has labels {unknown[:10]} that the model does not know (first at "
-            f"{row_location(path, first)}); its labels are {sorted(label2id)}."
-        )
+    cells = rows[label_column]
+    if problem_type == REGRESSION:
+        numbers = []
+        for row, cell in enumerate(cells):
+            try:
+                numbers.append(float(label_name(cell)))
+            except ValueError:
+                numbers.append(float("nan"))
+            if not torch.isfinite(torch.tensor(numbers[-1])):
+                raise InputError(
+                    f"This model predicts numbers: {row_location(path, row)} of the {source} has {cell!r} in column "
+                    f"{label_column!r}."
+                )
+        return torch.tensor(numbers)
+    if problem_type == MULTI_LABEL:
+        label_sets = [
+            [label_name(x) for x in cell] if isinstance(cell, list) else _split_labels(label_name(cell), separator)
+            for cell in cells
+        ]
+    else:
+        label_sets = [[label_name(cell)] for cell in cells]
+    for row, labels in enumerate(label_sets):
+        unknown = sorted(set(labels) - set(label2id))
+        if unknown:
+            hint = (
+                ""
+                if separator or problem_type != MULTI_LABEL
+                else " (labels joined in one cell need --label_separator)"
+            )
+            raise InputError(
+                f"The {source} has labels {unknown[:10]} that the model does not know (first at "
+                f"{row_location(path, row)}); its labels are {sorted(label2id)}{hint}."
+            )
+    if problem_type == SINGLE_LABEL:
+        return torch.tensor([label2id[labels[0]] for labels in label_sets], dtype=torch.long)
+    targets = torch.zeros(len(label_sets), len(label2id))
+    for row, labels in enumerate(label_sets):
+        targets[row, [label2id[label] for label in labels]] = 1.0
+    return targets
 
 
-def _gold_rows(model, tokenizer, rows: Dataset, columns: tuple[str, str | None], label_column: str, batch_size: int):
-    """Keys from the student's own queries, soft labels from the gold labels, smoothed."""
-    label2id = {label: i for i, label in model.config.id2label.items()}
-    labels = [label_name(label) for label in rows[label_column]]
+def _split_labels(cell: str, separator: str | None) -> list[str]:
+    return [part.strip() for part in cell.split(separator) if part.strip()] if separator else [cell]
+
+
+def _gold_rows(
+    model, tokenizer, rows: Dataset, columns: tuple[str, str | None], targets: torch.Tensor, batch_size: int
+):
+    """Keys from the student's own queries, values from the gold `targets` (`_gold_targets`): a smoothed class
+    distribution, smoothed per-label probabilities, or the number."""
     encoded = tokenize(rows, tokenizer, *columns, max_input_length(model.config, tokenizer), "Tokenizing")
     batches = padded_batches(encoded, tokenizer, batch_size)
     queries = [model(**inputs, retrieval_weight=0.0).query_embedding for inputs in batches]  # (b, d) each
-    num_labels = model.config.num_labels
-    values = torch.full((len(labels), num_labels), GOLD_LABEL_SMOOTHING / max(num_labels - 1, 1))
-    values[torch.arange(len(labels)), torch.tensor([label2id[label] for label in labels])] = 1 - GOLD_LABEL_SMOOTHING
+    problem_type, num_labels = problem_type_of(model.config), model.config.num_labels
+    if problem_type == REGRESSION:
+        values = targets.float().reshape(-1, 1)  # (n, 1)
+    elif problem_type == MULTI_LABEL:
+        values = targets * (1 - 2 * GOLD_LABEL_SMOOTHING) + GOLD_LABEL_SMOOTHING  # (n, C): 1 − ε or ε per label
+    else:
+        values = torch.full((len(targets), num_labels), GOLD_LABEL_SMOOTHING / max(num_labels - 1, 1))
+        values[torch.arange(len(targets)), targets] = 1 - GOLD_LABEL_SMOOTHING
     return torch.cat(queries), values
 
 

@@ -30,8 +30,17 @@ from .modeling_reaugkd import (
     mix_retrieval,
     neighbor_label_distribution,
     retrieval_gate_features,
+    value_predictions,
 )
-from .settings_reaugkd import GATE_SENTINEL, MAX_GATE_PARAMETER, RETRIEVAL_GATE_FEATURES
+from .settings_reaugkd import (
+    GATE_SENTINEL,
+    MAX_GATE_PARAMETER,
+    MULTI_LABEL,
+    REGRESSION,
+    RETRIEVAL_GATE_FEATURES,
+    SINGLE_LABEL,
+    problem_type_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,28 +49,45 @@ logger = logging.getLogger(__name__)
 # disagreement rows worth fitting to.
 GATE_L2 = 1e-3
 GATE_MIN_ROWS = 10
+# What k and β are chosen by, per task type, and whether higher is better. Regression is chosen by squared error: the
+# mixture is a weighted mean of two predictions, and correlation would not see the offset or scale that mixing in the
+# neighbours' values can add; Pearson and Spearman are reported beside it (GLUE's STS-B metrics).
+SELECTION_METRICS = {SINGLE_LABEL: ("accuracy", True), MULTI_LABEL: ("micro_f1", True), REGRESSION: ("mse", False)}
 
 
 @dataclass
 class Predictions:
-    """One split's plain-student probabilities `(N, C)`, retrieved distributions `{k: (N, C)}`, labels `(N,)`, the
-    student's normalised queries `(N, d)` (kept to search another knowledge base without another forward) and the
-    similarity of each query's nearest knowledge-base entry `(N,)` (a feature of the retrieval gate)."""
+    """One split's plain-student predictions in the knowledge base's value space `(N, C)` (`value_predictions`:
+    probabilities, or numbers for regression), retrieved values `{k: (N, C)}`, labels (`(N,)`, or `(N, C)` 0/1 for
+    multi-label), the student's normalised queries `(N, d)` (kept to search another knowledge base without another
+    forward), the similarity of each query's nearest knowledge-base entry `(N,)` (-inf where retrieval found nothing;
+    a feature of the retrieval gate), the task type and the multi-label decision threshold."""
 
     student_probs: torch.Tensor
     retrieved: dict[int, torch.Tensor]
     labels: torch.Tensor
     queries: torch.Tensor | None = None
     top_similarity: torch.Tensor | None = None
+    problem_type: str = SINGLE_LABEL
+    threshold: float = 0.5
+
+    def metrics(self, values: torch.Tensor) -> dict[str, float]:
+        """`task_metrics` of predicted values `(N, C)` against these labels."""
+        return task_metrics(values, self.labels, self.problem_type, self.threshold)
+
+    def mixed(self, knn_k: int, retrieval_weight: float) -> torch.Tensor:
+        """The student mixed with its retrieved values at k and β `(N, C)`: the model's own `mix_probabilities`."""
+        return mix_probabilities(self.student_probs, self.retrieved[knn_k], retrieval_weight, self.top_similarity)
 
     def subset(self, rows: torch.Tensor) -> "Predictions":
         """The predictions of `rows` only."""
-        return Predictions(
-            self.student_probs[rows],
-            {k: probs[rows] for k, probs in self.retrieved.items()},
-            self.labels[rows],
-            None if self.queries is None else self.queries[rows],
-            None if self.top_similarity is None else self.top_similarity[rows],
+        return dataclasses.replace(
+            self,
+            student_probs=self.student_probs[rows],
+            retrieved={k: probs[rows] for k, probs in self.retrieved.items()},
+            labels=self.labels[rows],
+            queries=None if self.queries is None else self.queries[rows],
+            top_similarity=None if self.top_similarity is None else self.top_similarity[rows],
         )
 
 
@@ -90,16 +116,23 @@ def predict(
     """Stream a tokenized split with `labels` through the student (β = 0), batch by batch, then its queries through
     the knowledge base in chunks."""
     model.eval()
+    problem_type = problem_type_of(model.config)
     student_probs, queries = [], []
     batches = padded_batches(dataset, tokenizer, batch_size, model.device)
     for inputs in tqdm(batches, total=-(-len(dataset) // batch_size), desc="Student predictions", leave=False):
         outputs = model(**inputs, retrieval_weight=0.0)
-        student_probs.append(outputs.student_logits.float().softmax(-1).cpu())  # (B, C)
+        student_probs.append(value_predictions(outputs.student_logits, problem_type).cpu())  # (B, C)
         queries.append(outputs.query_embedding.float().cpu())  # (B, d)
     queries = torch.cat(queries)  # (N, d)
     retrieved, top_similarity = retrieved_in_chunks(model.knowledge_base, queries, knn_ks, retrieval_temperature)
     return Predictions(
-        torch.cat(student_probs), retrieved, torch.as_tensor(dataset[LABEL_COLUMN]), queries, top_similarity
+        torch.cat(student_probs),
+        retrieved,
+        torch.as_tensor(dataset[LABEL_COLUMN]),
+        queries,
+        top_similarity,
+        problem_type,
+        model.config.multi_label_threshold,
     )
 
 
@@ -128,11 +161,16 @@ def knn_accuracy(
     knn_ks: list[int],
     retrieval_temperature: float,
     batch_size: int = 1024,
+    threshold: float = 0.5,
 ) -> dict[int, float]:
-    """Accuracy of retrieval alone (β = 1) for each k: how good a query `(N, d)` is, e.g. the student's against the
-    teacher's own projected one."""
+    """The selection metric (`SELECTION_METRICS`: accuracy for classification) of retrieval alone (β = 1) for each k:
+    how good a query `(N, d)` is, e.g. the student's against the teacher's own projected one."""
     retrieved, _ = retrieved_in_chunks(knowledge_base, queries, knn_ks, retrieval_temperature, batch_size)
-    return {k: classification_metrics(probs, labels)["accuracy"] for k, probs in retrieved.items()}
+    metric = SELECTION_METRICS[knowledge_base.problem_type][0]
+    return {
+        k: task_metrics(values, labels, knowledge_base.problem_type, threshold)[metric]
+        for k, values in retrieved.items()
+    }
 
 
 @torch.no_grad()
@@ -157,7 +195,9 @@ def student_keyed_knowledge_base(
         keys[start : start + len(queries)] = queries.float().cpu()
         start += len(queries)
     values = teacher_keyed.values.cpu()  # (N, C)
-    return KnowledgeBase.build(keys, values, teacher_keyed.index_type, **teacher_keyed.index_params)
+    return KnowledgeBase.build(
+        keys, values, teacher_keyed.index_type, teacher_keyed.problem_type, **teacher_keyed.index_params
+    )
 
 
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -173,17 +213,72 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[st
     return {"accuracy": float(np.mean(predictions == labels)), "macro_f1": float(np.mean(f1s))}
 
 
+def multi_label_metrics(probs: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict[str, float]:
+    """Micro-F1 (over every row × label decision), macro-F1 (over the labels present in labels or predictions) and
+    exact match (every label of a row right) of per-label probabilities `(N, C)` cut at `threshold`, against 0/1
+    labels `(N, C)`."""
+    predicted, gold = (probs >= threshold).numpy(), np.asarray(labels) > 0.5
+    tp = (predicted & gold).sum(0)  # (C,)
+    fp, fn = (predicted & ~gold).sum(0), (~predicted & gold).sum(0)  # (C,)
+    present = (tp + fp + fn) > 0
+    per_label = np.where(present, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)  # (C,)
+    micro = 2 * tp.sum() / max(2 * tp.sum() + fp.sum() + fn.sum(), 1)
+    return {
+        "micro_f1": float(micro if present.any() else 1.0),
+        "macro_f1": float(per_label[present].mean() if present.any() else 1.0),
+        "exact_match": float(np.mean((predicted == gold).all(1))),
+    }
+
+
+def regression_metrics(values: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Pearson and Spearman correlation (GLUE's STS-B metrics; 0 for a constant prediction) and the mean squared
+    error of predictions `(N, 1)` against numbers `(N,)`."""
+    predicted, gold = values.reshape(-1).double().numpy(), np.asarray(labels, dtype=np.float64).reshape(-1)
+    return {
+        "pearson": _pearson(predicted, gold),
+        "spearman": _pearson(_average_ranks(predicted), _average_ranks(gold)),
+        "mse": float(np.mean((predicted - gold) ** 2)),
+    }
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = x - x.mean(), y - y.mean()
+    scale = np.sqrt((x**2).sum() * (y**2).sum())
+    return float((x * y).sum() / scale) if scale > 0 else 0.0
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks from 0, ties sharing their mean rank (Spearman's convention)."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    starts = np.cumsum(counts) - counts
+    return (starts + (counts - 1) / 2)[inverse]
+
+
+def task_metrics(
+    values: torch.Tensor, labels: torch.Tensor, problem_type: str = SINGLE_LABEL, threshold: float = 0.5
+) -> dict[str, float]:
+    """The metrics of a task type's predictions `(N, C)` in the value space (`value_predictions`): accuracy and
+    macro-F1; micro/macro-F1 and exact match at `threshold`; or Pearson, Spearman and MSE."""
+    if problem_type == REGRESSION:
+        return regression_metrics(values, labels)
+    if problem_type == MULTI_LABEL:
+        return multi_label_metrics(values, labels, threshold)
+    return classification_metrics(values, labels)
+
+
 def select_retrieval_settings(validation: Predictions, betas: list[float]) -> dict:
-    """Grid over k and β on validation. Ties go to the smaller β (closer to the plain student), then smaller k.
-    Returns the best `knn_k`, `retrieval_weight`, their accuracy and the whole grid."""
+    """Grid over k and β on validation, by the task type's `SELECTION_METRICS` (accuracy for single-label). Ties go
+    to the smaller β (closer to the plain student), then smaller k. Returns the best `knn_k`, `retrieval_weight`,
+    the `metric`'s name and score (under that name), and the whole grid."""
+    metric, higher_is_better = SELECTION_METRICS[validation.problem_type]
+    sign = 1 if higher_is_better else -1
     grid = []
-    for k, retrieved_probs in validation.retrieved.items():
+    for k in validation.retrieved:
         for beta in betas:
-            mixed = mix_probabilities(validation.student_probs, retrieved_probs, beta)
-            accuracy = classification_metrics(mixed, validation.labels)["accuracy"]
-            grid.append({"knn_k": k, "retrieval_weight": beta, "accuracy": accuracy})
-    best = max(grid, key=lambda row: (row["accuracy"], -row["retrieval_weight"], -row["knn_k"]))
-    return {**best, "grid": grid}
+            score = validation.metrics(validation.mixed(k, beta))[metric]
+            grid.append({"knn_k": k, "retrieval_weight": beta, metric: score})
+    best = max(grid, key=lambda row: (sign * row[metric], -row["retrieval_weight"], -row["knn_k"]))
+    return {**best, "metric": metric, "grid": grid}
 
 
 def gated_mixture(predictions: Predictions, knn_k: int, gate: list[float] | torch.Tensor) -> torch.Tensor:
@@ -204,7 +299,7 @@ def fit_retrieval_gate(predictions: Predictions, knn_k: int, retrieval_weight: f
     retrieved = predictions.retrieved[knn_k]  # (N, C)
     features = retrieval_gate_features(predictions.top_similarity, retrieved, predictions.student_probs)  # (N, F)
     retrieved_class, student_class = retrieved.argmax(-1), predictions.student_probs.argmax(-1)  # (N,), (N,)
-    found = retrieved.sum(-1) > 0
+    found = predictions.top_similarity > float("-inf")
     retrieval_right, student_right = retrieved_class == predictions.labels, student_class == predictions.labels
     informative = found & (retrieved_class != student_class) & (retrieval_right | student_right)  # (N,)
     constant = min(max(retrieval_weight, 0.02), 0.98)
@@ -255,9 +350,8 @@ def select_retrieval_gate(validation: Predictions, selection: dict) -> dict:
 
 
 def mixed_metrics(predictions: Predictions, knn_k: int, retrieval_weight: float) -> dict[str, float]:
-    """Accuracy and macro-F1 of the student mixed with its retrieved labels at the given k and β."""
-    mixed = mix_probabilities(predictions.student_probs, predictions.retrieved[knn_k], retrieval_weight)
-    return classification_metrics(mixed, predictions.labels)
+    """The metrics of the student mixed with its retrieved values at the given k and β."""
+    return predictions.metrics(predictions.mixed(knn_k, retrieval_weight))
 
 
 def split_metrics(
@@ -267,18 +361,16 @@ def split_metrics(
     retrieval_weight: float,
     gate: list[float] | None = None,
 ) -> dict:
-    """Accuracy and macro-F1 of the teacher, the plain student (β = 0), the student with the chosen retrieval, and
-    with `gate` the student mixed at the per-query β(x) (`student_retrieval_gated`)."""
-    teacher_probs = torch.from_numpy(np.array(teacher_logits)).softmax(-1)
+    """The metrics (`task_metrics`) of the teacher, the plain student (β = 0), the student with the chosen retrieval,
+    and with `gate` the student mixed at the per-query β(x) (`student_retrieval_gated`)."""
+    teacher_values = value_predictions(torch.from_numpy(np.array(teacher_logits)), predictions.problem_type)
     metrics = {
-        "teacher": classification_metrics(teacher_probs, predictions.labels),
-        "student": classification_metrics(predictions.student_probs, predictions.labels),
+        "teacher": predictions.metrics(teacher_values),
+        "student": predictions.metrics(predictions.student_probs),
         "student_retrieval": mixed_metrics(predictions, knn_k, retrieval_weight),
     }
     if gate is not None:
-        metrics["student_retrieval_gated"] = classification_metrics(
-            gated_mixture(predictions, knn_k, gate), predictions.labels
-        )
+        metrics["student_retrieval_gated"] = predictions.metrics(gated_mixture(predictions, knn_k, gate))
     return metrics
 
 
@@ -295,8 +387,8 @@ def evaluate_student(
     knowledge_base_texts: Dataset | None = None,
     fit_gate: bool = False,
 ) -> dict:
-    """k and β chosen on validation; the kNN accuracy (β = 1) of the student's queries and of the teacher's own
-    projected ones; and the metrics of teacher, student and student + retrieval on each of `splits` (validation and
+    """k and β chosen on validation (`SELECTION_METRICS`); the kNN score (β = 1, `validation_knn_<metric>`) of the
+    student's queries and of the teacher's own projected ones; and the metrics of teacher, student and student + retrieval on each of `splits` (validation and
     test: never train, whose examples are in the knowledge base themselves).
 
     With `knowledge_base_texts` (the knowledge base's rows tokenized for the student, in its order) the student-keyed
@@ -321,16 +413,21 @@ def evaluate_student(
             gate["validation_accuracy_fixed"],
             "used" if gate["used"] else "not used",
         )
-    student_knn = {
-        k: classification_metrics(p, validation.labels)["accuracy"] for k, p in validation.retrieved.items()
-    }
+    metric = selection["metric"]
+    knn_key = f"validation_knn_{metric}"  # validation_knn_accuracy for classification
+    student_knn = {k: validation.metrics(p)[metric] for k, p in validation.retrieved.items()}
     teacher_knn = knn_accuracy(
-        student.knowledge_base, teacher_validation_keys, validation.labels, knn_ks, retrieval_temperature
+        student.knowledge_base,
+        teacher_validation_keys,
+        validation.labels,
+        knn_ks,
+        retrieval_temperature,
+        threshold=validation.threshold,
     )
     metrics = {
         "selection": {key: value for key, value in selection.items() if key != "grid"},
         "validation_grid": selection["grid"],
-        "validation_knn_accuracy": {"student_query": student_knn, "teacher_query": teacher_knn},
+        knn_key: {"student_query": student_knn, "teacher_query": teacher_knn},
         "splits": {
             name: split_metrics(p, teacher_logits[name], k, beta, gate and gate["parameters"])
             for name, p in predictions.items()
@@ -352,9 +449,8 @@ def evaluate_student(
         )
         metrics["selection_student_keys"] = {key: value for key, value in chosen.items() if key != "grid"}
         metrics["validation_grid_student_keys"] = chosen["grid"]
-        metrics["validation_knn_accuracy"]["student_query_student_keys"] = {
-            k: classification_metrics(probs, own["validation"].labels)["accuracy"]
-            for k, probs in own["validation"].retrieved.items()
+        metrics[knn_key]["student_query_student_keys"] = {
+            k: own["validation"].metrics(values)[metric] for k, values in own["validation"].retrieved.items()
         }
         for name, p in own.items():
             metrics["splits"][name]["student_retrieval_student_keys"] = mixed_metrics(

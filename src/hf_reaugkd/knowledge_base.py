@@ -30,7 +30,16 @@ from .faiss_index import (
     serialize_index,
 )
 from .kb_texts import TEXT_TENSORS, decode_texts, encode_texts
-from .settings_reaugkd import DEFAULT_INDEX_PARAMS, TRAINED_INDEX_TYPES, check_index_params, check_index_type
+from .settings_reaugkd import (
+    DEFAULT_INDEX_PARAMS,
+    MULTI_LABEL,
+    REGRESSION,
+    SINGLE_LABEL,
+    TRAINED_INDEX_TYPES,
+    check_index_params,
+    check_index_type,
+    check_problem_type,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -59,12 +68,29 @@ def resolve_index_type(index_type: str, size: int) -> str:
     return index_type
 
 
-def validate_entries(keys: torch.Tensor, values: torch.Tensor, num_labels: int | None = None) -> None:
+def value_predictions(logits: torch.Tensor, problem_type: str, temperature: float = 1.0) -> torch.Tensor:
+    """What a classifier's logits `(B, C)` predict in the knowledge base's value space `(B, C)`, fp32: the class
+    distribution `softmax(logits / T)` (single-label; T softens a teacher's soft labels), one probability per label
+    `sigmoid(logits)` (multi-label), or the number itself (regression). Teacher soft labels, student predictions and
+    their mixture all live in this space, so mixing is one weighted mean for every task type."""
+    logits = logits.float()
+    if problem_type == REGRESSION:
+        return logits
+    if problem_type == MULTI_LABEL:
+        return torch.sigmoid(logits)
+    return torch.softmax(logits / temperature, dim=-1)
+
+
+def validate_entries(
+    keys: torch.Tensor, values: torch.Tensor, num_labels: int | None = None, problem_type: str = SINGLE_LABEL
+) -> None:
     """Raise a ValueError naming what was expected and what was found if `keys`/`values` are not a valid KB.
 
     Keys must be a finite `[N, d]` float tensor with N > 0 whose rows can be normalised (non-zero norm); values a
-    `[N, C]` tensor of probability distributions (non-negative rows summing to 1), with C equal to `num_labels` when
-    given. `build` and `load` both run this, so a KB that builds also loads, and with the same message otherwise.
+    finite `[N, C]` tensor, with C equal to `num_labels` when given, whose rows are what `problem_type` makes them:
+    probability distributions (non-negative, summing to 1) for single-label classification, one probability in
+    [0, 1] per label for multi-label, any number for regression. `build` and `load` both run this, so a KB that builds
+    also loads, and with the same message otherwise.
     """
     if keys.ndim != 2 or values.ndim != 2:
         raise ValueError(
@@ -92,12 +118,23 @@ def validate_entries(keys: torch.Tensor, values: torch.Tensor, num_labels: int |
             f"float32 range), e.g. row {row} with norm {norms[row].item():.3g}: keys are compared by cosine similarity."
         )
     values = values.float()
+    not_finite = (~torch.isfinite(values)).any(dim=1)  # (N,)
+    if problem_type == REGRESSION:
+        bad_rows = not_finite.nonzero().flatten()
+        if len(bad_rows):
+            raise ValueError(f"{len(bad_rows)} knowledge-base values hold NaN or inf, e.g. row {bad_rows[0].item()}.")
+        return
+    if problem_type == MULTI_LABEL:
+        bad_rows = (not_finite | (values < 0).any(dim=1) | (values > 1).any(dim=1)).nonzero().flatten()
+        if len(bad_rows):
+            row = bad_rows[0].item()
+            raise ValueError(
+                f"{len(bad_rows)} knowledge-base values are not per-label probabilities (each in [0, 1]), e.g. row "
+                f"{row}: {values[row].tolist()}."
+            )
+        return
     bad_rows = (
-        (
-            (~torch.isfinite(values)).any(dim=1)
-            | (values < 0).any(dim=1)
-            | ((values.sum(dim=1) - 1).abs() > DISTRIBUTION_ATOL)
-        )
+        (not_finite | (values < 0).any(dim=1) | ((values.sum(dim=1) - 1).abs() > DISTRIBUTION_ATOL))
         .nonzero()
         .flatten()
     )
@@ -140,10 +177,13 @@ class KnowledgeBase(nn.Module):
         index_type: str = "torch",
         index_nbytes: int = 0,
         index_sha256: str | None = None,
+        problem_type: str = SINGLE_LABEL,
         **index_params: int | str,
     ):
         super().__init__()
         check_index_type(index_type)
+        check_problem_type(problem_type)
+        self.problem_type = problem_type  # what a value row is: see `validate_entries`
         if size < 0 or dim < 1 or num_labels < 1 or index_nbytes < 0:
             raise ValueError(
                 "size and index_nbytes must be >= 0, dim and num_labels >= 1, got "
@@ -223,24 +263,32 @@ class KnowledgeBase(nn.Module):
         keys: torch.Tensor,
         values: torch.Tensor,
         index_type: str = "torch",
+        problem_type: str = SINGLE_LABEL,
         **index_params: int | str,
     ) -> "KnowledgeBase":
-        """Make a KB from teacher embeddings `[N, d]` and soft labels `[N, C]`.
+        """Make a KB from teacher embeddings `[N, d]` and soft labels `[N, C]` (per-label probabilities for
+        multi-label, the teacher's predicted number `[N, 1]` for regression: `problem_type`).
 
         Keys are L2-normalised and stored in fp32. `index_type="auto"` picks the backend by size (see
         `resolve_index_type`). For `"hnsw"` and `"ivf"` the FAISS index is trained and filled here and its bytes are
         kept, so loading never retrains it.
         """
-        return cls._build(keys, values, index_type, normalize_rows=0, **index_params)
+        return cls._build(keys, values, index_type, normalize_rows=0, problem_type=problem_type, **index_params)
 
     @classmethod
     def _build(
-        cls, keys: torch.Tensor, values: torch.Tensor, index_type: str, normalize_rows: int, **index_params: int | str
+        cls,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        index_type: str,
+        normalize_rows: int,
+        problem_type: str = SINGLE_LABEL,
+        **index_params: int | str,
     ) -> "KnowledgeBase":
         """`build`, normalising only the keys from row `normalize_rows` on: `add` and `remove` keep the stored rows'
         bytes as they are (normalising a unit vector again moves it by an ulp), so removing the rows an `add` added
         gives back the same knowledge base, bit for bit."""
-        validate_entries(keys, values)
+        validate_entries(keys, values, problem_type=problem_type)
         index_type = resolve_index_type(index_type, len(keys))
         if index_type != "torch":
             require_faiss(index_type)
@@ -253,7 +301,7 @@ class KnowledgeBase(nn.Module):
                 "index_type='hnsw' (what 'auto' builds above 20,000 entries) reached 0.98 or more at every size; or "
                 "raise ivf_nprobe."
             )
-        kb = cls(len(keys), keys.shape[1], values.shape[1], index_type, 0, **index_params)
+        kb = cls(len(keys), keys.shape[1], values.shape[1], index_type, 0, problem_type=problem_type, **index_params)
         block = params["search_block_size"]
         kb.keys[:normalize_rows] = keys[:normalize_rows].detach().float().cpu()
         for start in range(normalize_rows, len(keys), block):  # normalise in blocks: no full-size temporaries
@@ -288,7 +336,7 @@ class KnowledgeBase(nn.Module):
         self._cache_index(self._load_index(repair_index))
 
     def _check_entries(self, num_labels: int | None = None) -> None:
-        validate_entries(self.keys, self.values, num_labels)
+        validate_entries(self.keys, self.values, num_labels, self.problem_type)
         norms = self.keys.float().norm(dim=1)
         if not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
             worst = (norms - 1).abs().argmax().item()
@@ -425,6 +473,7 @@ class KnowledgeBase(nn.Module):
             torch.cat([self.values.cpu(), values.float().cpu()]),
             self.index_type,
             normalize_rows=self.size,
+            problem_type=self.problem_type,
             **self.index_params,
         )
         return grown.set_texts(self.texts + list(texts)) if self.has_texts else grown
@@ -458,6 +507,7 @@ class KnowledgeBase(nn.Module):
             self.values.cpu()[keep],
             self.index_type,
             normalize_rows=int(keep.sum()),
+            problem_type=self.problem_type,
             **self.index_params,
         )
         if self.has_texts:
@@ -470,7 +520,11 @@ class KnowledgeBase(nn.Module):
         tensors = {name: buffer.detach().cpu().contiguous() for name, buffer in self.named_buffers()}
         if self.has_texts:
             tensors.update({name: torch.from_numpy(array) for name, array in encode_texts(self.texts).items()})
-        metadata = {"index_type": self.index_type, "index_params": json.dumps(self.index_params)}
+        metadata = {
+            "index_type": self.index_type,
+            "index_params": json.dumps(self.index_params),
+            "problem_type": self.problem_type,
+        }
         if self.index_sha256 is not None:
             metadata["index_sha256"] = self.index_sha256
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -510,6 +564,7 @@ class KnowledgeBase(nn.Module):
                 metadata["index_type"],
                 len(index_bytes),
                 metadata.get("index_sha256"),
+                metadata.get("problem_type", SINGLE_LABEL),
                 **params,
             )
         except (TypeError, ValueError) as err:  # not JSON, unknown or out-of-range settings
@@ -521,4 +576,4 @@ class KnowledgeBase(nn.Module):
         return kb
 
 
-__all__ = ["KnowledgeBase", "validate_entries"]
+__all__ = ["KnowledgeBase", "validate_entries", "value_predictions"]

@@ -14,6 +14,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .caching import atomic_path
+from .settings_reaugkd import MULTI_LABEL, REGRESSION, SINGLE_LABEL
 
 TAGS = ["reaugkd", "knowledge-distillation", "custom_code", "text-classification"]
 # (metrics key, row label in the evaluation table); "student" is the same checkpoint with β = 0.
@@ -23,8 +24,24 @@ MODEL_ROWS = [
     ("student_retrieval", "Student + retrieval"),
     ("student_retrieval_gated", "Student + retrieval, per-query β(x)"),
 ]
-# (metrics key, model-index metric type, pretty name, metric args)
-METRICS = [("accuracy", "accuracy", "Accuracy", None), ("macro_f1", "f1", "Macro-F1", {"average": "macro"})]
+# Per task type: (metrics key, model-index metric type, pretty name, metric args, a fraction shown as %). Regression
+# reports GLUE's STS-B metrics, correlations in [-1, 1], and the squared error in the labels' unit.
+METRICS = {
+    SINGLE_LABEL: [
+        ("accuracy", "accuracy", "Accuracy", None, True),
+        ("macro_f1", "f1", "Macro-F1", {"average": "macro"}, True),
+    ],
+    MULTI_LABEL: [
+        ("micro_f1", "f1", "Micro-F1", {"average": "micro"}, True),
+        ("macro_f1", "f1", "Macro-F1", {"average": "macro"}, True),
+        ("exact_match", "exact_match", "Exact match", None, True),
+    ],
+    REGRESSION: [
+        ("pearson", "pearsonr", "Pearson", None, False),
+        ("spearman", "spearmanr", "Spearman", None, False),
+        ("mse", "mse", "MSE", None, False),
+    ],
+}
 RETRIEVAL_KEYS = ("knn_k", "retrieval_weight", "retrieval_temperature", "index_type", "kb_size", "kb_dim")
 LOCAL_PATH_PLACEHOLDER = "path/to/checkpoint"
 EXAMPLE_TEXT = "A gripping story with a wonderful cast."
@@ -68,7 +85,10 @@ def _framework_versions() -> dict[str, str]:
 
 
 def _eval_results(
-    metrics: dict[str, dict[str, dict[str, float]]], dataset_name: str | None, model_key: str = "student_retrieval"
+    metrics: dict[str, dict[str, dict[str, float]]],
+    dataset_name: str | None,
+    model_key: str = "student_retrieval",
+    problem_type: str = SINGLE_LABEL,
 ) -> list[EvalResult]:
     """One result per split × metric for the retrieval-augmented student: the model this checkpoint serves."""
     dataset = hub_id(dataset_name) or "custom"
@@ -76,7 +96,7 @@ def _eval_results(
         dataset_name = os.path.basename(os.path.normpath(dataset_name))
     results = []
     for split, per_model in metrics.items():
-        for key, metric_type, pretty_name, metric_args in METRICS:
+        for key, metric_type, pretty_name, metric_args, _ in METRICS[problem_type]:
             if key not in per_model.get(model_key, {}):
                 continue
             results.append(
@@ -95,15 +115,18 @@ def _eval_results(
     return results
 
 
-def _check_inputs(metrics: dict[str, dict[str, dict[str, float]]], retrieval: dict[str, Any]) -> None:
+def _check_inputs(
+    metrics: dict[str, dict[str, dict[str, float]]], retrieval: dict[str, Any], problem_type: str
+) -> None:
     """Fail early instead of rendering blanks (missing retrieval keys) or 8130% (metrics passed as percentages)."""
     missing = [key for key in RETRIEVAL_KEYS if key not in retrieval]
     if missing:
         raise ValueError(f"`retrieval` is missing {missing}")
+    fractions = {key for key, *_, is_fraction in METRICS[problem_type] if is_fraction}
     for split, per_model in metrics.items():
         for model_key, values in per_model.items():
             for name, value in values.items():
-                if not 0.0 <= value <= 1.0:
+                if name in fractions and not 0.0 <= value <= 1.0:
                     raise ValueError(
                         f"metrics[{split!r}][{model_key!r}][{name!r}] = {value} is not a fraction in [0, 1]"
                     )
@@ -122,6 +145,7 @@ def create_model_card(
     num_parameters: int | None = None,
     license: str | None = None,
     language: str | None = "en",
+    problem_type: str = SINGLE_LABEL,
 ) -> ModelCard:
     r"""
     Build the model card of a ReAugKD student: YAML metadata for the Hub and a README with usage, results and settings.
@@ -141,7 +165,8 @@ def create_model_card(
             Label names, as in the model config.
         metrics (`dict`):
             `{split: {model: {"accuracy": a, "macro_f1": f}}}` with splits like `"validation"` / `"test"`, models
-            `"teacher"`, `"student"` (β = 0) and `"student_retrieval"`, and values fractions in [0, 1]. The
+            `"teacher"`, `"student"` (β = 0) and `"student_retrieval"`, and the task type's `METRICS` (accuracy,
+            F1 and exact match as fractions in [0, 1]). The
             model-index reports the model the checkpoint serves by default: `"student_retrieval"`, or
             `"student_retrieval_gated"` when `retrieval["retrieval_gate"]` is set.
         retrieval (`dict`):
@@ -153,11 +178,13 @@ def create_model_card(
             Student parameter count, mentioned in the summary when given.
         license (`str`, *optional*), language (`str`, *optional*, defaults to `"en"`):
             Hub metadata, written when given.
+        problem_type (`str`, *optional*, defaults to single-label classification):
+            The task type (`config.problem_type`): which metrics the card reports and how its snippets read outputs.
 
     Returns:
         `huggingface_hub.ModelCard`: save it with [`save_model_card`] or `card.push_to_hub(...)`.
     """
-    _check_inputs(metrics, retrieval)
+    _check_inputs(metrics, retrieval, problem_type)
     model_name = model_id or f"ReAugKD student of {os.path.basename(os.path.normpath(teacher_model))}"
     card_data = ModelCardData(
         language=language,
@@ -173,6 +200,7 @@ def create_model_card(
             metrics,
             dataset_name,
             "student_retrieval_gated" if retrieval.get("retrieval_gate") else "student_retrieval",
+            problem_type,
         )
         or None,
     )
@@ -189,6 +217,8 @@ def create_model_card(
             dataset_ref=_reference(dataset_name, "datasets/") if dataset_name else None,
             id2label=dict(sorted((int(i), label) for i, label in id2label.items())),
             metrics=metrics,
+            metric_columns=[(key, name, is_fraction) for key, _, name, _, is_fraction in METRICS[problem_type]],
+            problem_type=problem_type,
             model_rows=MODEL_ROWS,
             retrieval=retrieval,
             hyperparameters=hyperparameters,

@@ -11,8 +11,10 @@ Class layout, the transformers way:
   model or a pure kNN classifier over the teacher's KB get exactly that, and the head class below adds the
   classifier, like `BertModel` / `BertForSequenceClassification`.
 - `ReAugKDForSequenceClassification` (behind `AutoModelForSequenceClassification` and `pipeline`):
-  `ReAugKDModel` + classifier; mixes `β · retrieved + (1 − β) · softmax(student_logits)` and returns
-  `logits = log(mixed)`, so the pipeline's softmax yields the mixed probabilities.
+  `ReAugKDModel` + classifier; mixes `β · retrieved + (1 − β) · student` in the knowledge base's value space and
+  returns logits that give the mixture back: `log(mixed)` for single-label classification (softmax of the student's
+  logits; the pipeline's softmax yields the mixed probabilities), `logit(mixed)` for multi-label (a sigmoid per label)
+  and the mixed number itself for regression (`config.problem_type`, see `value_predictions`).
 """
 
 import math
@@ -28,7 +30,7 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_reaugkd import ReAugKDConfig
 from .kb_texts import TEXTS_FILE, encode_texts, texts_sha256
-from .knowledge_base import KnowledgeBase
+from .knowledge_base import KnowledgeBase, value_predictions
 from .loading_reaugkd import (
     LOAD_ATTEMPTS,
     FolderChangedError,
@@ -44,10 +46,14 @@ from .pipeline_reaugkd import ReAugKDTextClassificationPipeline  # noqa: F401 (t
 from .settings_reaugkd import (
     GATE_SENTINEL,
     INDEX_SETTINGS,
+    MULTI_LABEL,
+    REGRESSION,
+    SINGLE_LABEL,
     check_positive_integer,
     check_retrieval_gate,
     check_retrieval_temperature,
     check_retrieval_weight,
+    problem_type_of,
 )
 
 logger = logging.get_logger(__name__)
@@ -88,9 +94,11 @@ class ReAugKDSequenceClassifierOutput(ModelOutput):
     Outputs of `ReAugKDForSequenceClassification`.
 
     Args:
-        loss (`torch.FloatTensor`, *optional*): negative log-likelihood of `labels` under the mixed prediction.
-        logits (`torch.FloatTensor` of shape `(B, C)`): `log(β · retrieved + (1 − β) · student)`; a softmax of
-            these gives back the mixed probabilities (that is what `pipeline` shows).
+        loss (`torch.FloatTensor`, *optional*): the loss of `labels` under the mixed prediction: negative
+            log-likelihood (single-label), binary cross-entropy (multi-label) or squared error (regression).
+        logits (`torch.FloatTensor` of shape `(B, C)`): the mixture `β · retrieved + (1 − β) · student` as logits
+            (`mixture_logits`): their softmax (single-label) or sigmoid (multi-label) gives back the mixed
+            probabilities, which is what `pipeline` shows; for regression `(B, 1)`, the mixed prediction itself.
         student_logits (`torch.FloatTensor` of shape `(B, C)`): the student classifier's own logits.
         retrieved_probs (`torch.FloatTensor` of shape `(B, C)`, *optional*): the retrieved label distribution.
         query_embedding (`torch.FloatTensor` of shape `(B, kb_dim)`): the normalised KB query.
@@ -120,8 +128,10 @@ def neighbor_label_distribution(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The label distribution the retrieved neighbours vote for: `Σ_j softmax(s_j / τ_r) · y_j`.
 
-    Missing hits (id -1, score -inf: an approximate index may find fewer than k) get weight 0; a query with no hit at
-    all gets an all-zero row, which `mix_probabilities` reads as "nothing retrieved". This is the only
+    The values `y_j` are whatever the knowledge base holds: class distributions, per-label probabilities, or the
+    teacher's numbers for regression (the similarity-weighted mean of the neighbours' values). Missing hits (id -1,
+    score -inf: an approximate index may find fewer than k) get weight 0; a query with no hit at all gets an all-zero
+    row, and a top similarity of -inf, which `mix_probabilities` reads as "nothing retrieved". This is the only
     implementation: `forward` and the package's evaluation (the k/β grid on validation) both call it.
 
     Args:
@@ -154,18 +164,29 @@ def mix_probabilities(
     student_probs: torch.Tensor,
     retrieved_probs: torch.Tensor,
     retrieval_weight: float | torch.Tensor,
-    all_found: bool = False,
+    top_similarity: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`β · retrieved + (1 − β) · student` `(B, C)`, with one β or one per query (`(B, 1)`, see
-    `gated_retrieval_weight`); a query for which retrieval found nothing (an all-zero row of `retrieved_probs`) keeps
-    the student's own prediction, a check that `all_found` (every query has hits, see `neighbor_label_distribution`)
-    skips. In fp32, whatever the inputs' dtypes. The only implementation of the mixing."""
+    `gated_retrieval_weight`), for any kind of value (probabilities or regression outputs). A query for which
+    retrieval found nothing (its nearest similarity `top_similarity` `(B,)` is -inf) keeps the student's own
+    prediction; without `top_similarity` every query has hits (an exhaustive search), and the check is skipped. In
+    fp32, whatever the inputs' dtypes. The only implementation of the mixing."""
     student_probs, retrieved_probs = student_probs.float(), retrieved_probs.float()  # lerp takes one dtype
     mixed = torch.lerp(student_probs, retrieved_probs, retrieval_weight)  # (B, C): one op, not four
-    if all_found:
+    if top_similarity is None:
         return mixed
-    found = retrieved_probs.sum(dim=-1, keepdim=True) > 0  # (B, 1)
+    found = (top_similarity > float("-inf")).unsqueeze(-1)  # (B, 1): a comparison exports to ONNX, isfinite not
     return torch.where(found, mixed, student_probs)
+
+
+def mixture_logits(mixed: torch.Tensor, problem_type: str) -> torch.Tensor:
+    """Logits `(B, C)` whose `value_predictions` are `mixed` `(B, C)`: `log p` (softmax gives `p` back), `logit p`
+    (sigmoid does), or the regression output as it is."""
+    if problem_type == REGRESSION:
+        return mixed
+    if problem_type == MULTI_LABEL:
+        return torch.logit(mixed, eps=1e-7)  # eps: a neighbour vote of exactly 0 or 1 stays finite
+    return mixed.clamp_min(torch.finfo(mixed.dtype).tiny).log()
 
 
 def retrieval_gate_features(
@@ -212,7 +233,17 @@ def mix_retrieval(
         gated = gated_retrieval_weight(features, gate)  # (B, 1)
         given = torch.as_tensor(retrieval_weight, dtype=gated.dtype, device=gated.device).reshape(-1, 1)  # (1, 1)
         retrieval_weight = torch.where(given < 0, gated, given)  # (B, 1)
-    return mix_probabilities(student_probs, retrieved_probs, retrieval_weight, all_found)
+    return mix_probabilities(student_probs, retrieved_probs, retrieval_weight, None if all_found else top_similarity)
+
+
+def prediction_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> torch.Tensor:
+    """The loss of gold `labels` under `logits` as `forward` returns them: negative log-likelihood of class ids
+    `(B,)`, binary cross-entropy per label of 0/1 targets `(B, C)`, or the squared error of numbers `(B,)`."""
+    if problem_type == REGRESSION:
+        return nn.functional.mse_loss(logits.squeeze(-1), labels.float())
+    if problem_type == MULTI_LABEL:
+        return nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
+    return nn.functional.nll_loss(logits, labels)
 
 
 def mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -233,6 +264,7 @@ def knowledge_base_from_config(config: ReAugKDConfig) -> KnowledgeBase:
         config.index_type,
         config.index_nbytes,
         config.index_sha256,
+        problem_type_of(config),
         **index_params,
     )
 
@@ -324,6 +356,11 @@ class ReAugKDPreTrainedModel(PreTrainedModel):
             raise ValueError(
                 f"The knowledge base has keys of dim {knowledge_base.dim} and {knowledge_base.num_labels} classes; "
                 f"this model expects kb_dim={config.kb_dim} and num_labels={config.num_labels}."
+            )
+        if knowledge_base.problem_type != problem_type_of(config):
+            raise ValueError(
+                f"The knowledge base holds {knowledge_base.problem_type} values; this model is for "
+                f"{problem_type_of(config)}."
             )
         config.kb_size = knowledge_base.size
         config.index_type = knowledge_base.index_type
@@ -512,7 +549,8 @@ class ReAugKDForSequenceClassification(ReAugKDPreTrainedModel):
         output_neighbors: bool = False,
     ) -> ReAugKDSequenceClassifierOutput | tuple:
         r"""
-        labels (`torch.LongTensor` of shape `(B,)`, *optional*): gold labels for the returned NLL loss.
+        labels (`torch.Tensor`, *optional*): gold labels for the returned loss: class ids `(B,)` (single-label),
+            0/1 per label `(B, C)` (multi-label) or numbers `(B,)` (regression).
         knn_k, retrieval_weight, retrieval_temperature (*optional*): per-call overrides of the config's k, β, τ_r.
             `retrieval_weight=0` skips retrieval: the output is the plain student. A given `retrieval_weight` also
             replaces the per-query β(x) of `config.retrieval_gate`.
@@ -539,23 +577,25 @@ class ReAugKDForSequenceClassification(ReAugKDPreTrainedModel):
             retrieve=beta > 0 or gate is not None or output_neighbors,
         )
         student_logits = self.classifier(self.dropout(outputs.sentence_embedding))  # (B, C)
+        problem_type = problem_type_of(self.config)
         if beta > 0 or gate is not None:
-            student_probs = torch.softmax(student_logits.float(), dim=-1)  # (B, C)
-            mixed_probs = mix_retrieval(
-                student_probs,
+            mixed = mix_retrieval(
+                value_predictions(student_logits, problem_type),
                 outputs.retrieved_probs,
                 outputs.neighbor_scores[:, 0],
                 GATE_SENTINEL if gate is not None else beta,
                 gate,
                 all_found=self.knowledge_base.exhaustive,
             )  # (B, C)
-            logits = mixed_probs.clamp_min(torch.finfo(mixed_probs.dtype).tiny).log()  # (B, C)
-        else:
+            logits = mixture_logits(mixed, problem_type)  # (B, C)
+        elif problem_type == SINGLE_LABEL:
             logits = torch.log_softmax(student_logits.float(), dim=-1)  # (B, C)
+        else:
+            logits = student_logits.float()  # (B, C): already the logits (or the number) of the prediction
 
         loss = None
         if labels is not None:
-            loss = nn.functional.nll_loss(logits, labels.to(logits.device))
+            loss = prediction_loss(logits, labels.to(logits.device), problem_type)
         output = ReAugKDSequenceClassifierOutput(
             loss=loss,
             logits=logits,
@@ -579,6 +619,9 @@ __all__ = [
     "gated_retrieval_weight",
     "mix_probabilities",
     "mix_retrieval",
+    "mixture_logits",
+    "prediction_loss",
+    "value_predictions",
     "retrieval_gate_features",
     "neighbor_label_distribution",
     "ReAugKDModel",

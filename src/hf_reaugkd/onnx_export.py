@@ -48,7 +48,7 @@ from .onnx_pipeline import (
     QUANTIZED_ONNX_FILE,
     knowledge_base_sha256,
 )
-from .settings_reaugkd import GATE_SENTINEL
+from .settings_reaugkd import GATE_SENTINEL, SINGLE_LABEL, problem_type_of
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +136,11 @@ def export_onnx(
         raise InputError(f"--max_knn_k must be an integer >= 1, got {max_knn_k!r}")
     if model.config.kb_size == 0:
         raise InputError(f"{model_dir} has no knowledge base: there is nothing to retrieve from in the graph.")
+    if problem_type_of(model.config) != SINGLE_LABEL:
+        raise InputError(
+            f"The ONNX graph serves single-label classifiers; {model_dir} is a {model.config.problem_type} model. "
+            "Serve it with transformers' pipeline (trust_remote_code=True)."
+        )
     model_dir = Path(model_dir)
     graph_bytes = model.config.kb_size * model.config.kb_dim * 5  # fp32 keys + their int8 copy, per graph at most
     if graph_bytes > MAX_GRAPH_BYTES:

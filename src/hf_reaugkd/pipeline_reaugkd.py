@@ -1,12 +1,16 @@
 """`pipeline("text-classification", model=<ReAugKD checkpoint>, trust_remote_code=True)`.
 
 This file travels with saved checkpoints as remote code (`config.custom_pipelines` names it). It is the stock
-`TextClassificationPipeline` — same `[{"label", "score"}]` output, the scores being the mixed probabilities — with:
+`TextClassificationPipeline` — same `[{"label", "score"}]` output, the scores being the mixed prediction — with:
+- the output of the task type (`config.problem_type`): the best class's probability, every label's probability with
+  `predicted` at `config.multi_label_threshold` (multi-label; all labels unless `top_k` is given), or the predicted
+  number (regression);
 - long inputs truncated by default to what the encoder can take (no crash on a 2,000-token text);
 - per-call `knn_k`, `retrieval_weight` and `retrieval_temperature`, as in the model's `forward`;
 - `neighbors=K`: each result also lists the K best of the knowledge-base entries that drove the prediction
-  (row id, similarity, weight, the teacher's label and label distribution, and its text when the knowledge base
-  stores texts), and the student-only and retrieved distributions.
+  (row id, similarity, weight, the teacher's label and label distribution — its labels and per-label
+  probabilities, or its number —, and its text when the knowledge base stores texts), and the student-only and
+  retrieved predictions.
 """
 
 from typing import Any
@@ -15,7 +19,13 @@ import torch
 from transformers import TextClassificationPipeline
 from transformers.pipelines.text_classification import ClassificationFunction
 
-from .settings_reaugkd import check_positive_integer
+from .knowledge_base import value_predictions
+from .settings_reaugkd import MULTI_LABEL, REGRESSION, check_positive_integer, problem_type_of
+
+# The scores of the mixture in each task type: `forward`'s logits are log-probabilities (single-label), per-label
+# logits (multi-label) or the number itself (regression), whatever the config's num_labels would make the stock
+# pipeline apply (it takes one label for a sigmoid).
+SCORE_FUNCTIONS = {MULTI_LABEL: ClassificationFunction.SIGMOID, REGRESSION: ClassificationFunction.NONE}
 
 
 def max_input_length(config, tokenizer) -> int:
@@ -27,6 +37,10 @@ def max_input_length(config, tokenizer) -> int:
 class ReAugKDTextClassificationPipeline(TextClassificationPipeline):
     """Text classification with a retrieval-augmented student; see the module docstring."""
 
+    def check_model_type(self, supported_models) -> None:
+        """Nothing to check: the model is this checkpoint's remote code, never in transformers' task mapping (the
+        stock check would log that it is "not supported")."""
+
     def _sanitize_parameters(
         self,
         neighbors: int | None = None,
@@ -35,10 +49,11 @@ class ReAugKDTextClassificationPipeline(TextClassificationPipeline):
         retrieval_temperature: float | None = None,
         **kwargs,
     ):
+        problem_type = problem_type_of(self.model.config)
+        if problem_type == MULTI_LABEL and "top_k" not in kwargs:
+            kwargs["top_k"] = None  # every label's score: a multi-label prediction is a set
         preprocess, _, postprocess = super()._sanitize_parameters(**kwargs)
-        # The logits are log-probabilities of the mixture: softmax gives it back, whatever the config's num_labels or
-        # problem_type would make the stock pipeline apply (a sigmoid for one label or multi-label).
-        postprocess.setdefault("function_to_apply", ClassificationFunction.SOFTMAX)
+        postprocess.setdefault("function_to_apply", SCORE_FUNCTIONS.get(problem_type, ClassificationFunction.SOFTMAX))
         if "truncation" not in preprocess:
             preprocess["truncation"] = True
             preprocess.setdefault("max_length", max_input_length(self.model.config, self.tokenizer))
@@ -58,15 +73,20 @@ class ReAugKDTextClassificationPipeline(TextClassificationPipeline):
         return self.model(**model_inputs, **forward_params)
 
     def postprocess(self, model_outputs, neighbors: int | None = None, **kwargs):
+        config = self.model.config
+        problem_type = problem_type_of(config)
         result = super().postprocess(model_outputs, **kwargs)
+        if problem_type == MULTI_LABEL:
+            for item in [result] if isinstance(result, dict) else result:
+                item["predicted"] = item["score"] >= config.multi_label_threshold
         if neighbors is None:
             return result
-        id2label = self.model.config.id2label
+        id2label = config.id2label
         knowledge_base = self.model.knowledge_base
         explained = {} if isinstance(result, dict) else {"scores": result}
         if isinstance(result, dict):
             explained.update(result)
-        student = model_outputs["student_logits"][0].float().softmax(-1)  # (C,)
+        student = value_predictions(model_outputs["student_logits"][:1], problem_type)[0]  # (C,)
         explained["student_scores"] = {id2label[i]: p for i, p in enumerate(student.tolist())}
         retrieved = model_outputs["retrieved_probs"]
         explained["retrieved_scores"] = {id2label[i]: p for i, p in enumerate(retrieved[0].tolist())}
@@ -79,14 +99,25 @@ class ReAugKDTextClassificationPipeline(TextClassificationPipeline):
         ):
             if row < 0:  # a missing hit of an approximate index
                 continue
-            soft_label = knowledge_base.values[row].float().cpu()  # (C,)
+            value = knowledge_base.values[row].float().cpu()  # (C,)
+            if problem_type == REGRESSION:
+                entry = {"value": value[0].item()}
+            elif problem_type == MULTI_LABEL:
+                entry = {
+                    "labels": [id2label[i] for i, p in enumerate(value.tolist()) if p >= config.multi_label_threshold],
+                    "label_scores": {id2label[i]: p for i, p in enumerate(value.tolist())},
+                }
+            else:
+                entry = {
+                    "label": id2label[int(torch.argmax(value))],
+                    "label_distribution": {id2label[i]: p for i, p in enumerate(value.tolist())},
+                }
             rows.append(
                 {
                     "id": row,
                     "similarity": similarity,
                     "weight": weight,
-                    "label": id2label[int(torch.argmax(soft_label))],
-                    "label_distribution": {id2label[i]: p for i, p in enumerate(soft_label.tolist())},
+                    **entry,
                     **({"text": knowledge_base.texts[row]} if knowledge_base.has_texts else {}),
                 }
             )

@@ -23,6 +23,13 @@ MAX_GATE_PARAMETER = 1e6
 # the default β of an exported graph that serves one (any β in [0, 1] given at run time replaces it).
 GATE_SENTINEL = -1.0
 
+# The task types, as transformers names them (`PretrainedConfig.problem_type`). They decide what a knowledge-base value
+# is and how it is mixed: a class distribution (softmax), one probability per label (sigmoid), or the teacher's number.
+SINGLE_LABEL = "single_label_classification"
+MULTI_LABEL = "multi_label_classification"
+REGRESSION = "regression"
+PROBLEM_TYPES = (SINGLE_LABEL, MULTI_LABEL, REGRESSION)
+
 INDEX_TYPES = ("torch", "flat", "hnsw", "ivf")
 TRAINED_INDEX_TYPES = ("hnsw", "ivf")  # stored serialized; exact indexes are rebuilt from the keys
 SEARCH_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
@@ -93,6 +100,16 @@ def check_retrieval_gate(gate) -> None:
             f"retrieval_gate must be {size} numbers (a weight per feature of {RETRIEVAL_GATE_FEATURES}, then a bias), "
             f"each within ±{MAX_GATE_PARAMETER:g}, got {gate!r}"
         )
+
+
+def problem_type_of(config) -> str:
+    """A config's task type; configs saved before regression and multi-label support have none: single-label."""
+    return getattr(config, "problem_type", None) or SINGLE_LABEL
+
+
+def check_problem_type(problem_type: str) -> None:
+    if problem_type not in PROBLEM_TYPES:
+        raise ValueError(f"problem_type must be one of {list(PROBLEM_TYPES)}, got {problem_type!r}")
 
 
 def check_index_type(index_type: str) -> None:

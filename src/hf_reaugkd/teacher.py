@@ -40,10 +40,13 @@ from .arguments import ModelArguments, TeacherArguments
 from .caching import atomic_path, fingerprint, model_fingerprint
 from .data import TEACHER_KEYS, TEACHER_LOGITS, TEACHER_NEIGHBORS, TaskData, padded_batches, tokenize
 from .errors import InputError
-from .knowledge_base import KnowledgeBase
-from .losses import supervised_contrastive_loss
+from .evaluation import SELECTION_METRICS, task_metrics
+from .knowledge_base import KnowledgeBase, value_predictions
+from .losses import pair_weights, supervised_contrastive_loss
+from .losses.supervised_contrastive import REGRESSION_BANDWIDTH
 from .modeling_reaugkd import mean_pool
 from .reporting import expected_notices
+from .settings_reaugkd import REGRESSION, SINGLE_LABEL
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ TEACHER_MIN_STEPS = 50
 AUTO_BUDGET_STEPS = 1000
 AUTO_BUDGET_EPOCHS = (3, 20)
 AUTO_BUDGET_PATIENCE = 3
-TEACHER_BUDGET_FILE = "teacher_budget.json"  # in the fine-tuned teacher's folder: the epoch kept and its accuracy
+TEACHER_BUDGET_FILE = "teacher_budget.json"  # in the fine-tuned teacher's folder: the epoch kept and its score
 
 
 class StackedRows:
@@ -111,15 +114,25 @@ def transfer_outputs(outputs: dict[str, TeacherOutputs]) -> TeacherOutputs:
 # 1. Teacher fine-tuning ------------------------------------------------------------------------------------
 
 
-def needs_finetuning(teacher: str, label_names: list[str]) -> bool:
+def needs_finetuning(teacher: str, label_names: list[str], problem_type: str = SINGLE_LABEL) -> bool:
     """False when the teacher already classifies exactly these labels (it is used as is).
 
     A teacher with task-specific label names that differ from the data's raises: its head predicts other
-    classes. A generic head (`LABEL_0`, ...) or none means the teacher still needs fine-tuning.
+    classes. A generic head (`LABEL_0`, ...) or none means the teacher still needs fine-tuning. A trained head must
+    also fit the task type: one output is a regression head, several under `problem_type` multi-label are per-label
+    sigmoids (transformers' `config.problem_type`).
     """
     config = AutoConfig.from_pretrained(teacher)
     names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
     is_classifier = any(arch.endswith("ForSequenceClassification") for arch in config.architectures or [])
+    if is_classifier and names and not all(name.startswith("LABEL_") for name in names):
+        head = config.problem_type or (REGRESSION if len(names) == 1 else SINGLE_LABEL)
+        if head != problem_type:
+            raise InputError(
+                f"The teacher {teacher} has a {head} head ({len(names)} outputs), but the data is a {problem_type} "
+                "task. Pass a teacher trained for this task type, an encoder checkpoint to fine-tune, or "
+                "--problem_type if the task type was read wrongly from the labels."
+            )
     if names == label_names:
         return not is_classifier  # an encoder saved with the task's labels still needs a trained head
     if sorted(names) == sorted(label_names) and is_classifier:
@@ -175,7 +188,8 @@ def finetune_teacher(
     max_seq_length: int,
     work_dir: Path,
 ) -> Path:
-    """Fine-tune the teacher with cross-entropy on the train split; return the saved teacher's folder."""
+    """Fine-tune the teacher on the train split with its task type's loss (cross-entropy, binary cross-entropy per
+    label, or squared error: transformers' `problem_type`); return the saved teacher's folder."""
     name = teacher_args.teacher_model_name_or_path
     # what changes the trained weights besides the teacher's own flags: seed, precision, and the global batch
     precision = {
@@ -197,9 +211,10 @@ def finetune_teacher(
             num_labels=len(data.label_names),
             id2label=dict(enumerate(data.label_names)),
             label2id={label: i for i, label in enumerate(data.label_names)},
+            problem_type=data.problem_type,
             ignore_mismatched_sizes=True,  # a generic head of another size (LABEL_0..2 on a 2-label task) is replaced
         )
-    logger.info("teacher: fine-tuning %s with a new %d-label head", name, len(data.label_names))
+    logger.info("teacher: fine-tuning %s with a new %d-output %s head", name, len(data.label_names), data.problem_type)
     train = tokenize(
         data.splits["train"],
         tokenizer,
@@ -222,6 +237,7 @@ def finetune_teacher(
         batch = teacher_args.teacher_per_device_train_batch_size * teacher_args.teacher_gradient_accumulation_steps
         steps_per_epoch = math.ceil(len(train) / (batch * max(student_args.world_size, 1)))
         low, high = AUTO_BUDGET_EPOCHS
+        metric, higher_is_better = SELECTION_METRICS[data.problem_type]  # as the student's k and β are chosen
         budget = {
             "num_train_epochs": min(max(math.ceil(AUTO_BUDGET_STEPS / steps_per_epoch), low), high),
             "eval_strategy": "epoch",
@@ -229,7 +245,8 @@ def finetune_teacher(
             "save_only_model": True,
             "save_total_limit": 1,
             "load_best_model_at_end": True,
-            "metric_for_best_model": "accuracy",
+            "metric_for_best_model": metric,
+            "greater_is_better": higher_is_better,
             "per_device_eval_batch_size": student_args.per_device_eval_batch_size,
         }
     with expected_notices():  # the special-token alignment notice
@@ -239,7 +256,7 @@ def finetune_teacher(
             train_dataset=train,
             eval_dataset=validation,
             processing_class=tokenizer,
-            compute_metrics=_accuracy if budget else None,
+            compute_metrics=_metrics_of(data.problem_type) if budget else None,
             callbacks=[EarlyStoppingCallback(AUTO_BUDGET_PATIENCE)] if budget else None,
         )
     trainer.train()
@@ -263,20 +280,29 @@ def finetune_teacher(
     return path
 
 
-def _accuracy(prediction) -> dict[str, float]:
-    return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+def _metrics_of(problem_type: str):
+    """Trainer's `compute_metrics` for the auto budget: the package's own metrics of the task type."""
+
+    def compute(prediction) -> dict[str, float]:
+        values = value_predictions(torch.from_numpy(np.asarray(prediction.predictions)), problem_type)
+        return task_metrics(values, torch.from_numpy(np.asarray(prediction.label_ids)), problem_type)
+
+    return compute
 
 
 def _chosen_epoch(state, budget: dict) -> dict:
-    """What the auto budget kept: the epoch of the best validation accuracy, that accuracy, and the cap."""
-    evaluations = [entry for entry in state.log_history if "eval_accuracy" in entry]
-    best = max(evaluations, key=lambda entry: entry["eval_accuracy"])  # the first of equals: Trainer keeps it too
+    """What the auto budget kept: the epoch of the best validation score, the metric, its score, and the cap."""
+    metric = budget["metric_for_best_model"]
+    sign = 1 if budget["greater_is_better"] else -1
+    evaluations = [entry for entry in state.log_history if f"eval_{metric}" in entry]
+    best = max(evaluations, key=lambda entry: sign * entry[f"eval_{metric}"])  # the first of equals, as Trainer
     return {
         "epochs_cap": budget["num_train_epochs"],
         "epochs_run": round(evaluations[-1]["epoch"]),
         "best_epoch": round(best["epoch"]),
         "best_optimizer_steps": best["step"],
-        "validation_accuracy": best["eval_accuracy"],
+        "metric": metric,
+        f"validation_{metric}": best[f"eval_{metric}"],
     }
 
 
@@ -377,10 +403,16 @@ def train_teacher_projection(
     learning_rate: float = 1e-3,
     batch_size: int = 256,
     seed: int = 42,
+    problem_type: str = SINGLE_LABEL,
 ) -> nn.Linear:
     """Train a linear head `H → kb_dim` on frozen teacher embeddings `(N, H)` with the supervised contrastive
-    loss, so that same-label examples cluster in the knowledge-base space. Random batches are read from the
-    (memory-mapped) embeddings, so memory does not grow with N; it takes seconds, the teacher is not run again."""
+    loss, so that same-label examples cluster in the knowledge-base space: for multi-label and regression labels,
+    pairs are positives by their label-set overlap or target distance (`losses.pair_weights`). Random batches are
+    read from the (memory-mapped) embeddings, so memory does not grow with N; it takes seconds, the teacher is not
+    run again."""
+    bandwidth = 1.0
+    if problem_type == REGRESSION:  # a kernel width in the targets' own unit
+        bandwidth = REGRESSION_BANDWIDTH * labels.float().std().clamp_min(1e-6).item()
     generator = torch.Generator().manual_seed(seed)
     projection = nn.Linear(embeddings.shape[1], kb_dim)
     with torch.no_grad():
@@ -394,7 +426,8 @@ def train_teacher_projection(
             batch = order[start : start + batch_size].sort().values  # sorted rows: sequential reads of the file
             inputs = torch.from_numpy(embeddings[batch.numpy()])  # (b, H)
             keys = nn.functional.normalize(projection(inputs), dim=-1)  # (b, kb_dim)
-            loss = supervised_contrastive_loss(keys, labels[batch], temperature)
+            positives = pair_weights(labels[batch], problem_type, bandwidth)  # (b, b)
+            loss = supervised_contrastive_loss(keys, labels[batch], temperature, positives)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -415,12 +448,15 @@ def project(projection: nn.Linear, embeddings: np.ndarray | StackedRows) -> torc
 # 3. Knowledge base ------------------------------------------------------------------------------------------
 
 
-def soft_labels(logits: np.ndarray | StackedRows, temperature: float) -> torch.Tensor:
-    """`softmax(teacher_logits / T)` `(N, C)`, chunk by chunk."""
+def soft_labels(
+    logits: np.ndarray | StackedRows, temperature: float, problem_type: str = SINGLE_LABEL
+) -> torch.Tensor:
+    """The knowledge-base values of teacher logits `(N, C)`, chunk by chunk: `softmax(logits / T)`, the per-label
+    `sigmoid(logits)` or the predicted number (`value_predictions`)."""
     values = torch.empty(logits.shape)
     for start in range(0, len(logits), CHUNK_ROWS):
         chunk = torch.from_numpy(np.array(logits[start : start + CHUNK_ROWS]))  # (chunk, C)
-        values[start : start + len(chunk)] = torch.softmax(chunk / temperature, dim=-1)
+        values[start : start + len(chunk)] = value_predictions(chunk, problem_type, temperature)
     return values
 
 
@@ -432,6 +468,7 @@ def knowledge_base_stage(
     temperature: float,
     seed: int,
     work_dir: Path,
+    problem_type: str = SINGLE_LABEL,
 ) -> tuple[nn.Linear, KnowledgeBase]:
     """Train the projection head and build the knowledge base over the transfer set (a cached stage): the train
     split's rows, then the unlabelled texts' (`outputs["unlabeled"]`) when there are any.
@@ -444,6 +481,7 @@ def knowledge_base_stage(
         train_outputs.fingerprint, kb_dim, model_args.projection_num_epochs, model_args.projection_learning_rate,
         model_args.projection_temperature, temperature, model_args.index_type, model_args.index_params,
         seed, *([len(transfer.logits)] if transfer is not train_outputs else []),
+        *([problem_type] if problem_type != SINGLE_LABEL else []),
     )  # fmt: skip
     path = work_dir / f"knowledge-base-{key}"
     if path.exists():
@@ -457,10 +495,11 @@ def knowledge_base_stage(
             num_epochs=model_args.projection_num_epochs,
             learning_rate=model_args.projection_learning_rate,
             seed=seed,
+            problem_type=problem_type,
         )
         keys = project(projection, transfer.embeddings)  # (N, kb_dim)
-        values = soft_labels(transfer.logits, temperature)  # (N, C)
-        kb = KnowledgeBase.build(keys, values, model_args.index_type, **model_args.index_params)
+        values = soft_labels(transfer.logits, temperature, problem_type)  # (N, C)
+        kb = KnowledgeBase.build(keys, values, model_args.index_type, problem_type, **model_args.index_params)
         del keys
         with atomic_path(path, directory=True) as tmp:
             save_projection(projection, tmp / "projection.safetensors")

@@ -8,6 +8,8 @@ from transformers import Trainer
 from .data import TEACHER_KEYS, TEACHER_LOGITS, TEACHER_NEIGHBORS, UNLABELED
 from .knowledge_base import KnowledgeBase
 from .losses import distillation_loss, own_key_cosine_loss, own_key_loss, relational_loss
+from .modeling_reaugkd import prediction_loss
+from .settings_reaugkd import SINGLE_LABEL, problem_type_of
 from .training_args import ReAugKDTrainingArguments
 
 
@@ -29,7 +31,9 @@ class ReAugKDTrainer(Trainer):
     relational target keeps that self term, and the own-key loss makes it the positive.
 
     Rows with label -100 (unlabelled texts the teacher labelled) get every loss but cross-entropy, which is the mean
-    over the batch's labelled rows (0, not NaN, for a batch without any).
+    over the batch's labelled rows (0, not NaN, for a batch without any). For multi-label and regression students
+    (`config.problem_type`) the distillation and gold-label losses are binary cross-entropy and squared error
+    (`distillation_loss`, `prediction_loss`); their rows are all labelled.
     """
 
     args: ReAugKDTrainingArguments
@@ -56,11 +60,12 @@ class ReAugKDTrainer(Trainer):
         neighbor_ids = inputs.pop(TEACHER_NEIGHBORS, None)  # (B, N)
         outputs = model(**inputs, retrieval_weight=0.0)
         args = self.args
+        problem_type = problem_type_of(self.model.config)  # self.model: never wrapped (DDP)
 
         parts = {}
         if args.distillation_weight > 0:
             parts["distillation"] = distillation_loss(
-                outputs.student_logits, teacher_logits, args.distillation_temperature
+                outputs.student_logits, teacher_logits, args.distillation_temperature, problem_type
             )
         if args.relational_weight > 0 or args.own_key_weight > 0:
             keys = self.accelerator.gather(teacher_keys.contiguous())  # (world × B, d), rank-major
@@ -77,7 +82,9 @@ class ReAugKDTrainer(Trainer):
                 parts["own_key"] = own_key_loss(outputs.query_embedding, keys, own, args.own_key_temperature)
         if args.own_key_cosine_weight > 0:
             parts["own_key_cosine"] = own_key_cosine_loss(outputs.query_embedding, teacher_keys)
-        if args.ce_weight > 0:
+        if args.ce_weight > 0 and problem_type != SINGLE_LABEL:
+            parts["ce"] = prediction_loss(outputs.student_logits, labels, problem_type)
+        elif args.ce_weight > 0:
             labelled = labels != UNLABELED  # (B,)
             total = torch.nn.functional.cross_entropy(
                 outputs.student_logits.float(), labels, ignore_index=UNLABELED, reduction="sum"
