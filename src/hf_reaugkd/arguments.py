@@ -279,8 +279,7 @@ class DataTrainingArguments:
         default=None,
         metadata={
             "help": "single_label_classification, multi_label_classification or regression. Default: read from "
-            "the labels (numbers that are not a few integers: regression).",
-            "choices": [None, "single_label_classification", "multi_label_classification", "regression"],
+            "the labels (numbers that are not a few integers: regression)."
         },
     )
     unlabeled_file: str | None = field(
