@@ -6,81 +6,13 @@ import json
 
 import pytest
 import torch
-from conftest import WORDS, pipeline_args, run_fresh_python, write_task
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    AutoModel,
-    BertConfig,
-    DebertaV2Config,
-    DistilBertConfig,
-    LlamaConfig,
-    LlamaModel,
-    ModernBertConfig,
-    MPNetConfig,
-    PreTrainedTokenizerFast,
-    RobertaConfig,
-)
+from conftest import encoder_config, llm_tokenizer, pipeline_args, run_fresh_python, tiny_llama, write_task
+from transformers import AutoModel
 
 from hf_reaugkd.distill import main
 from hf_reaugkd.teacher import load_teacher, teacher_batches
 
-SIZE = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 37, "pad_token_id": 0}
-
-
-def encoder_config(architecture: str, vocab_size: int):
-    """A tiny random config of `architecture`, with more layers than the student keeps (the pipeline keeps 1)."""
-    if architecture == "bert":
-        return BertConfig(vocab_size=vocab_size, num_hidden_layers=2, max_position_embeddings=64, **SIZE)
-    if architecture == "distilbert":
-        return DistilBertConfig(vocab_size=vocab_size, n_layers=2, dim=32, n_heads=2, hidden_dim=37, pad_token_id=0)
-    if architecture == "roberta":  # positions start after the padding id
-        return RobertaConfig(vocab_size=vocab_size, num_hidden_layers=2, max_position_embeddings=66, **SIZE)
-    if architecture == "deberta-v2":
-        return DebertaV2Config(vocab_size=vocab_size, num_hidden_layers=2, max_position_embeddings=64, **SIZE)
-    if architecture == "mpnet":
-        return MPNetConfig(vocab_size=vocab_size, num_hidden_layers=2, max_position_embeddings=66, **SIZE)
-    # ModernBERT: 3 layers of global, sliding, sliding attention (`layer_types`), which truncation must cut too
-    return ModernBertConfig(
-        vocab_size=vocab_size,
-        num_hidden_layers=3,
-        max_position_embeddings=64,
-        local_attention=8,
-        bos_token_id=2,
-        eos_token_id=3,
-        cls_token_id=2,
-        sep_token_id=3,
-        **{**SIZE, "intermediate_size": 64},
-    )
-
-
 ARCHITECTURES = ("bert", "distilbert", "roberta", "deberta-v2", "mpnet", "modernbert")
-
-
-def llm_tokenizer() -> PreTrainedTokenizerFast:
-    """A Llama-style tokenizer: a begin and an end token, no padding token, and padding on the left."""
-    vocab = {token: i for i, token in enumerate(["<unk>", "<s>", "</s>", *WORDS])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", padding_side="left"
-    )
-
-
-def tiny_llama(vocab_size: int) -> LlamaModel:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=None,
-    )
-    return LlamaModel(config)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,18 @@ import random
 
 import pytest
 import torch
-from conftest import FILLER, NEGATIVE, POSITIVE, pipeline_args, run_fresh_python, tiny_encoder
-from transformers import BertForSequenceClassification
+from conftest import (
+    FILLER,
+    NEGATIVE,
+    POSITIVE,
+    encoder_config,
+    llm_tokenizer,
+    pipeline_args,
+    run_fresh_python,
+    tiny_encoder,
+    tiny_llama,
+)
+from transformers import AutoModel, BertForSequenceClassification
 
 from hf_reaugkd import editing
 from hf_reaugkd.data import load_task_data
@@ -45,11 +55,14 @@ def write_tasks(root) -> None:
         write_rows(root / "multi" / f"{split}.csv", "text,label", multi)
 
 
-def task_args(root, kind: str, *extra: str) -> list[str]:
-    args = pipeline_args(root, root / kind / "out", "--store_kb_texts", *extra)
+def task_args(root, kind: str, *extra: str, out: str = "out") -> list[str]:
+    args = pipeline_args(root, root / kind / out, "--store_kb_texts", *extra)
     for split in ("train", "validation", "test"):  # this task's files instead of the shared task's
         args[args.index(str(root / f"{split}.csv"))] = str(root / kind / f"{split}.csv")
     return args
+
+
+MODERN_OUT = "out-llama-modernbert"  # a Llama teacher's run into a ModernBERT student, beside the BERT pair's `out`
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +74,25 @@ def distilled(tmp_path_factory, tiny_tokenizer):
     for name, seed in (("teacher", 1), ("student", 2)):
         tiny_encoder(seed=seed).save_pretrained(root / name)
         tiny_tokenizer.save_pretrained(root / name)
+    torch.manual_seed(0)  # and today's pair: a decoder LLM teacher into a ModernBERT student
+    AutoModel.from_config(encoder_config("modernbert", tiny_tokenizer.vocab_size)).save_pretrained(root / "modernbert")
+    tiny_tokenizer.save_pretrained(root / "modernbert")
+    llama_tokenizer = llm_tokenizer()
+    tiny_llama(len(llama_tokenizer)).save_pretrained(root / "llama")
+    llama_tokenizer.save_pretrained(root / "llama")
+    modern = (
+        "--teacher_model_name_or_path",
+        str(root / "llama"),
+        "--student_model_name_or_path",
+        str(root / "modernbert"),
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         main(task_args(root, "regression"))
         main(task_args(root, "multi", "--label_separator", ";"))
+        main(task_args(root, "regression", *modern, out=MODERN_OUT))
+        main(task_args(root, "multi", "--label_separator", ";", *modern, out=MODERN_OUT))
     finally:
         torch.set_num_threads(threads)
     return root
@@ -99,29 +126,35 @@ def test_both_serve_in_a_fresh_process_without_the_package(distilled):
         import json, torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
         results = {{}}
-        for kind in ("regression", "multi"):
-            path = {str(distilled)!r} + "/" + kind + "/out/model"
+        for kind, out in [(k, o) for k in ("regression", "multi") for o in ("out", {MODERN_OUT!r})]:
+            path = {str(distilled)!r} + "/" + kind + "/" + out + "/model"
             classifier = pipeline("text-classification", model=path, trust_remote_code=True)
             model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True).eval()
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
             text = "the movie was great fun music"
             with torch.no_grad():
                 logits = model(**tokenizer([text], return_tensors="pt")).logits[0].tolist()
-            results[kind] = [classifier(text), classifier(text, neighbors=2), logits, model.config.multi_label_threshold]
+            results[kind + "/" + out] = [
+                classifier(text), classifier(text, neighbors=2), logits, model.config.multi_label_threshold,
+                json.load(open(path + "/config.json"))["encoder_config"]["model_type"],
+            ]
         print(json.dumps(results))
         """,
         distilled,
-    )
-    (served,), explained, logits, _ = got["regression"]  # one text in, one result out
-    assert served["label"] == "label" and served["score"] == pytest.approx(logits[0], abs=1e-5)  # the number itself
-    assert explained[0]["neighbors"] and all(isinstance(row["value"], float) for row in explained[0]["neighbors"])
-    (served,), explained, logits, threshold = got["multi"]
-    assert sorted(item["label"] for item in served) == ["music", "negative", "positive"]  # every label: top_k=None
-    for item in served:
-        probability = torch.sigmoid(torch.tensor(logits[["music", "negative", "positive"].index(item["label"])]))
-        assert item["score"] == pytest.approx(probability.item(), abs=1e-5)
-        assert item["predicted"] == (item["score"] >= threshold)
-    assert all("labels" in row and "label_scores" in row for row in explained[0]["neighbors"])
+    )  # fmt: skip
+    for out, student_type in (("out", "bert"), (MODERN_OUT, "modernbert")):
+        (served,), explained, logits, _, model_type = got[f"regression/{out}"]  # one text in, one result out
+        assert model_type == student_type
+        assert served["label"] == "label" and served["score"] == pytest.approx(logits[0], abs=1e-5)  # the number
+        assert explained[0]["neighbors"] and all(isinstance(row["value"], float) for row in explained[0]["neighbors"])
+        (served,), explained, logits, threshold, model_type = got[f"multi/{out}"]
+        assert model_type == student_type
+        assert sorted(item["label"] for item in served) == ["music", "negative", "positive"]  # every label
+        for item in served:
+            probability = torch.sigmoid(torch.tensor(logits[["music", "negative", "positive"].index(item["label"])]))
+            assert item["score"] == pytest.approx(probability.item(), abs=1e-5)
+            assert item["predicted"] == (item["score"] >= threshold)
+        assert all("labels" in row and "label_scores" in row for row in explained[0]["neighbors"])
 
 
 def test_kb_add_with_gold_labels_is_what_retrieval_then_returns(distilled, tmp_path):
@@ -129,9 +162,10 @@ def test_kb_add_with_gold_labels_is_what_retrieval_then_returns(distilled, tmp_p
     and k = 1 the prediction is that value (the number; the smoothed label set)."""
     import shutil
 
-    for kind, label, expected in (("regression", "4.25", None), ("multi", "positive;music", ["music", "positive"])):
-        model_dir = tmp_path / kind
-        shutil.copytree(distilled / kind / "out" / "model", model_dir)
+    cases = (("regression", "4.25", None), ("multi", "positive;music", ["music", "positive"]))
+    for (kind, label, expected), out in [(case, out) for case in cases for out in ("out", MODERN_OUT)]:
+        model_dir = tmp_path / kind / out
+        shutil.copytree(distilled / kind / out / "model", model_dir)
         text = "scene plot music fun fun"
         rows = tmp_path / f"{kind}.csv"
         write_rows(rows, "text,label", [f"{text},{label}"])
