@@ -302,24 +302,35 @@ def markdown(table: list[dict]) -> str:
 
 
 def plot(table: list[dict], path: Path) -> None:
+    """Accuracy against the number of new rows, per shift: the new domain (top) and the original test split (bottom,
+    forgetting). Markers and dashes differ per fix, so fixes that score alike stay visible."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = sorted({e["shift"] for e in table})
-    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.6), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=True):
-        for fix in FIXES:
-            rows = sorted((e for e in table if e["shift"] == name and e["fix"] == fix), key=lambda e: e["n_rows"])
-            if fix == "none" and rows:
-                ax.axhline(100 * rows[0]["new_domain_test"], color="grey", linestyle="--", label="none")
-            elif rows:
-                ax.errorbar(
-                    [e["n_rows"] for e in rows], [100 * e["new_domain_test"] for e in rows],
-                    yerr=[100 * e["new_domain_test_std"] for e in rows], marker="o", capsize=3, label=fix,
-                )  # fmt: skip
-        ax.set(title=name, xlabel="new labelled rows", ylabel="new-domain test accuracy (%)", xscale="log")
+    fig, axes = plt.subplots(2, len(names), figsize=(4.5 * len(names), 6.4), squeeze=False, sharex="col")
+    styles = dict(zip(FIXES[1:], ("o-", "s--", "^-", "D-", "v-"), strict=True))
+    for column, name in enumerate(names):
+        sizes = sorted({e["n_rows"] for e in table if e["shift"] == name and e["fix"] != "none"})
+        for row, metric in enumerate(("new_domain_test", "original_test")):
+            ax = axes[row][column]
+            for fix in FIXES:
+                rows = sorted((e for e in table if e["shift"] == name and e["fix"] == fix), key=lambda e: e["n_rows"])
+                if fix == "none" and rows:
+                    ax.axhline(100 * rows[0][metric], color="grey", linestyle=":", label="none")
+                elif rows:
+                    ax.errorbar(
+                        [e["n_rows"] for e in rows], [100 * e[metric] for e in rows], fmt=styles[fix],
+                        yerr=[100 * e[f"{metric}_std"] for e in rows], capsize=3, label=fix, alpha=0.85,
+                    )  # fmt: skip
+            ax.set_xscale("log")
+            ax.set_xticks(sizes, [str(n) for n in sizes])
+            ax.minorticks_off()
+            ax.set_ylabel(("new-domain" if row == 0 else "original") + " test accuracy (%)")
+            ax.set_title(name if row == 0 else f"{name}: forgetting")
+        axes[1][column].set_xlabel("new labelled rows")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
