@@ -320,3 +320,45 @@ def test_retune_chooses_only_among_the_ks_it_is_given(saved_with_texts):
     assert (
         result["after"]["knn_k"] == grid[0] and json.loads((model_dir / "config.json").read_text())["knn_k"] == grid[0]
     )
+
+
+def test_gold_rows_are_found_by_their_own_texts_not_by_every_query(saved_with_texts):
+    """A gold row is keyed by its text's query minus the mean query the pipeline recorded: the text itself finds it,
+    while the test split's texts (nothing like the new rows) keep their teacher-keyed neighbours. Keyed by raw
+    queries, which share a common direction, the same rows would be nearly every test query's nearest neighbour."""
+    root, model_dir = saved_with_texts
+    config = json.loads((model_dir / "config.json").read_text())
+    assert len(config["query_mean"]) == config["kb_dim"]
+    # the task's words, in runs no training text has (each training text is three filler words and one sentiment)
+    new_texts = [
+        "actor actor actor actor actor",
+        "scene scene scene",
+        "plot story plot story",
+        "the the the the",
+        "movie",
+    ]
+    ids = editing.add_texts(model_dir, new_texts, ["positive"] * len(new_texts))
+    own = predictions(model_dir, new_texts)
+    assert own.neighbor_ids[:, 0].tolist() == ids
+    with (root / "test.csv").open() as f:
+        test_texts = [row["text"] for row in csv.DictReader(f)]
+    nearest = predictions(model_dir, test_texts).neighbor_ids[:, 0]
+    share = (nearest >= ids[0]).float().mean().item()  # 5 rows of 101: found by chance ~5% of the time
+    assert share < 0.25, f"the new rows are the nearest neighbour of {share:.0%} of the test queries"
+
+
+def test_a_checkpoint_without_a_query_mean_measures_it_on_its_stored_texts_or_says_what_to_do(saved_with_texts):
+    _, model_dir = saved_with_texts
+    recorded = json.loads((model_dir / "config.json").read_text())["query_mean"]
+    config = json.loads((model_dir / "config.json").read_text())
+    config["query_mean"] = None  # as an earlier hf-reaugkd saved it
+    (model_dir / "config.json").write_text(json.dumps(config))
+    measured = editing.record_query_mean(model_dir)
+    assert json.loads((model_dir / "config.json").read_text())["query_mean"] == measured
+    # measured on the training texts, recorded on validation: the same domain, so nearly the same direction
+    assert torch.nn.functional.cosine_similarity(torch.tensor(measured), torch.tensor(recorded), dim=0) > 0.9
+    config["kb_has_texts"] = False
+    (model_dir / "config.json").write_text(json.dumps(config))
+    (model_dir / "knowledge_base_texts.safetensors").unlink()
+    with pytest.raises(InputError, match="records no query_mean .* add the rows with --teacher"):
+        editing.add_texts(model_dir, ["great"], ["positive"])

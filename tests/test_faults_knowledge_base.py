@@ -312,6 +312,12 @@ def test_config_rejects_a_malformed_checksum():
         ReAugKDConfig(index_sha256="abc")  # strict config validation wraps the ValueError
 
 
+@pytest.mark.parametrize("query_mean", [[0.1] * 7, [0.1] * 7 + [float("nan")]])
+def test_config_rejects_a_query_mean_of_the_wrong_size_or_not_finite(query_mean):
+    with pytest.raises(Exception, match="query_mean must be 8 finite numbers"):
+        ReAugKDConfig(kb_dim=8, query_mean=query_mean)
+
+
 @pytest.mark.parametrize(
     ("setting", "value"),
     [("hnsw_m", 1), ("hnsw_m", 10**9), ("ivf_nprobe", 0), ("ivf_nprobe", -1), ("hnsw_ef_search", 0),

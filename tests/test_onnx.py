@@ -162,18 +162,27 @@ def test_per_query_gate_is_the_default_and_a_given_beta_replaces_it(tiny_tokeniz
 
 def test_kb_add_exports_again_with_the_recorded_settings(exported, tiny_tokenizer, tmp_path):
     """After `kb add` the folder's graphs (fp32 and int8, as exported) serve the new knowledge base: the runtime loads
-    them, and a query finds its own added row."""
+    them, the fp32 graph answers as the edited PyTorch model does, and both find the added row among the text's
+    neighbours."""
     _, source = exported
     directory = tmp_path / "model"
     shutil.copytree(source, directory)
+    config = json.loads((directory / "config.json").read_text())
+    # this random student's knowledge base is random keys: give it queries with no common direction to take out, so a
+    # gold row is keyed along its own query and is found by it (the keying itself: test_editing.py)
+    config["query_mean"] = [0.0] * config["kb_dim"]
+    (directory / "config.json").write_text(json.dumps(config))
+    text = "awful boring awful"
     with (tmp_path / "rows.csv").open("w", newline="") as f:
-        csv.writer(f).writerows([["text", "label"], ["awful boring awful", "positive"]])
+        csv.writer(f).writerows([["text", "label"], [text, "positive"]])
     (new_id,) = editing.add_rows(directory, tmp_path / "rows.csv")
+    assert new_id == 60 and json.loads((directory / "config.json").read_text())["kb_size"] == 61
+    reference = torch_pipeline(editing.load_student(directory)[0], tiny_tokenizer)(text, neighbors=8)
+    assert_same_results(ONNXTextClassificationPipeline(directory)(text, neighbors=8), reference, atol=1e-5)
     for quantized in (False, True):
-        result = ONNXTextClassificationPipeline(directory, quantized=quantized)("awful boring awful", neighbors=1)
-        assert result[0]["neighbors"][0]["id"] == new_id == 60
-        assert result[0]["neighbors"][0]["text"] == "awful boring awful"
-    assert json.loads((directory / "config.json").read_text())["kb_size"] == 61
+        result = ONNXTextClassificationPipeline(directory, quantized=quantized)(text, neighbors=8)
+        assert result[0]["neighbors"][0]["id"] == new_id
+        assert result[0]["neighbors"][0]["text"] == text
 
 
 def test_untraceable_encoder_fails_with_one_line(tiny_tokenizer, tmp_path, monkeypatch):

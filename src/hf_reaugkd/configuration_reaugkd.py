@@ -5,6 +5,7 @@ library only), declares the retrieval and index settings' defaults, ranges and c
 knowledge base, the command line and the ONNX runtime share.
 """
 
+import math
 import re
 from typing import Literal
 
@@ -83,6 +84,11 @@ class ReAugKDConfig(PreTrainedConfig):
             `"multi_label_classification"` (one probability per label, sigmoid) or `"regression"` (`num_labels=1`:
             the teacher's predicted number, and the mixed prediction is a number too). The per-query gate is for
             single-label classification only: its features are class-distribution entropies.
+        query_mean (`list[float]`, *optional*):
+            The mean of the student's normalised queries on the validation split (`kb_dim` numbers), recorded by the
+            pipeline. `kb add` without a teacher keys a gold row by its text's query minus this mean: the queries
+            share a common direction, so a raw query is closer to every other query than any teacher key is, and a
+            row keyed by one would be every query's nearest neighbour. Inference never reads it.
         multi_label_threshold (`float`, defaults to 0.5):
             A label is predicted when its mixed probability reaches this (multi-label; the pipeline marks such labels
             `predicted`, and F1 / exact match are computed with it).
@@ -124,6 +130,7 @@ class ReAugKDConfig(PreTrainedConfig):
     hnsw_ef_search: int = INDEX_SETTINGS["hnsw_ef_search"].default
     ivf_nlist: int = INDEX_SETTINGS["ivf_nlist"].default
     ivf_nprobe: int = INDEX_SETTINGS["ivf_nprobe"].default
+    query_mean: list[float] | None = None
     multi_label_threshold: float | int = 0.5
     classifier_dropout: float | int = 0.1
     initializer_range: float = 0.02
@@ -174,6 +181,10 @@ class ReAugKDConfig(PreTrainedConfig):
                     f"retrieval_gate is for single-label classification (its features are class-distribution "
                     f"entropies); this config is for {self.problem_type}."
                 )
+        if self.query_mean is not None and (
+            len(self.query_mean) != self.kb_dim or not all(math.isfinite(x) for x in self.query_mean)
+        ):
+            raise ValueError(f"query_mean must be {self.kb_dim} finite numbers (kb_dim), got {len(self.query_mean)}.")
         if problem_type_of(self) == REGRESSION and self.num_labels != 1:
             raise ValueError(f"A regression config has one output (num_labels=1), got num_labels={self.num_labels}.")
         if not 0 < self.multi_label_threshold < 1:

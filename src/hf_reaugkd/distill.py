@@ -20,7 +20,7 @@ from .arguments import DataTrainingArguments, ModelArguments, TeacherArguments, 
 from .caching import remove_stale_temporaries, write_json
 from .data import LABEL_COLUMN, load_task_data, load_unlabeled_texts, texts_of
 from .errors import InputError
-from .evaluation import evaluate_student
+from .evaluation import evaluate_student, query_mean
 from .model_card import create_model_card, hub_id
 from .modeling_reaugkd import ReAugKDForSequenceClassification
 from .reporting import expected_notices, setup_logging, stage
@@ -195,6 +195,10 @@ def run(
             training_args.per_device_eval_batch_size,
             knowledge_base_texts=splits["train"] if model_args.evaluate_student_keyed_kb else None,
             fit_gate=model_args.retrieval_gate and data.problem_type == SINGLE_LABEL,  # β(x) weighs class votes
+        )
+        # where `kb add` without a teacher centres the queries that key gold rows
+        student.config.query_mean = query_mean(
+            student, splits["validation"], tokenizer, training_args.per_device_eval_batch_size
         )
     metrics["world_size"] = training_args.world_size  # processes that trained the student
     if (budget := teacher_budget(teacher_path)) is not None:  # --teacher_num_train_epochs auto chose the epoch

@@ -7,8 +7,14 @@ Where the keys and soft labels of new rows come from:
   then indistinguishable from the ones distilled.
 - **without a teacher**: the rows' gold labels, smoothed (`1 − ε` on the gold class, `ε` spread over the others;
   per label `1 − ε` / `ε` for multi-label; the number itself for regression), keyed by the student's own query
-  `normalize(W_s · h_s(x))`. Use it to fix a deployment from labelled examples
-  alone (a new sub-topic, corrected mistakes); the student's query lands near its own key, so these rows are found.
+  made to look like a teacher key: `normalize(μ_k + s · normalize(q(x) − μ_q))`, the teacher keys' mean direction
+  `μ_k` plus the part of the query specific to its text (the query minus the mean query on the training domain,
+  `config.query_mean`) at the keys' typical distance `s` from their mean. Use it to fix a deployment from labelled
+  examples alone (a new sub-topic, corrected mistakes). Keyed by the raw query, a row would not be a memory: the
+  student's queries share a common direction (the mean of unit queries has norm 0.72 on the drift benchmark's
+  rotten_tomatoes student), so a raw query is closer to any other query than any teacher key is, and 100 rows keyed
+  that way were the nearest neighbour of every original test query (benchmarks/drift.py). Shaped like teacher keys,
+  the rows are found by their own texts and texts like them, not by every query.
 
 Each edit rewrites the saved model folder atomically (config shapes, weights and index together), so it loads in a
 fresh process and can be pushed as it is; a failed edit leaves the folder as it was. A folder with an exported ONNX
@@ -30,7 +36,6 @@ from .data import (
     LABEL_COLUMN,
     check_filled,
     label_name,
-    padded_batches,
     read_data_file,
     row_location,
     texts_of,
@@ -41,8 +46,10 @@ from .evaluation import (
     gated_mixture,
     mixed_metrics,
     predict,
+    query_mean,
     select_retrieval_gate,
     select_retrieval_settings,
+    student_queries,
 )
 from .knowledge_base import KnowledgeBase, value_predictions
 from .modeling_reaugkd import ReAugKDForSequenceClassification
@@ -63,6 +70,7 @@ from .teacher import (
 logger = logging.getLogger(__name__)
 
 GOLD_LABEL_SMOOTHING = 0.1  # soft enough that one gold row does not outvote a teacher's confident neighbours
+QUERY_MEAN_ROWS = 2000  # stored texts that measure an old checkpoint's query mean: ample for a mean of kb_dim numbers
 
 
 def load_student(model_dir: str | Path) -> tuple[ReAugKDForSequenceClassification, object]:
@@ -423,11 +431,14 @@ def _split_labels(cell: str, separator: str | None) -> list[str]:
 def _gold_rows(
     model, tokenizer, rows: Dataset, columns: tuple[str, str | None], targets: torch.Tensor, batch_size: int
 ):
-    """Keys from the student's own queries, values from the gold `targets` (`_gold_targets`): a smoothed class
-    distribution, smoothed per-label probabilities, or the number."""
+    """Keys shaped like teacher keys from the student's own queries (see the module docstring), values from the gold
+    `targets` (`_gold_targets`): a smoothed class distribution, smoothed per-label probabilities, or the number."""
     encoded = tokenize(rows, tokenizer, *columns, max_input_length(model.config, tokenizer), "Tokenizing")
-    batches = padded_batches(encoded, tokenizer, batch_size)
-    queries = [model(**inputs, retrieval_weight=0.0).query_embedding for inputs in batches]  # (b, d) each
+    queries = torch.cat(list(student_queries(model, encoded, tokenizer, batch_size, "Gold keys")))  # (n, d)
+    center = torch.tensor(_query_mean(model, tokenizer, batch_size))  # (d,)
+    residuals = torch.nn.functional.normalize(queries - center, dim=-1)  # (n, d): what is specific to each text
+    key_mean, key_spread = _key_moments(model.knowledge_base.keys)  # (d,), scalar
+    keys = torch.nn.functional.normalize(key_mean + key_spread * residuals, dim=-1)  # (n, d)
     problem_type, num_labels = problem_type_of(model.config), model.config.num_labels
     if problem_type == REGRESSION:
         values = targets.float().reshape(-1, 1)  # (n, 1)
@@ -436,7 +447,48 @@ def _gold_rows(
     else:
         values = torch.full((len(targets), num_labels), GOLD_LABEL_SMOOTHING / max(num_labels - 1, 1))
         values[torch.arange(len(targets)), targets] = 1 - GOLD_LABEL_SMOOTHING
-    return torch.cat(queries), values
+    return keys, values
+
+
+def _key_moments(keys: torch.Tensor, chunk_rows: int = 65536) -> tuple[torch.Tensor, float]:
+    """The keys' mean `(d,)` and the mean distance of a key from it, in chunks of rows (memory `chunk_rows × d`). An
+    empty knowledge base has no common direction: mean 0, spread 1."""
+    if len(keys) == 0:
+        return torch.zeros(keys.shape[1]), 1.0
+    mean = sum(chunk.double().sum(0) for chunk in keys.split(chunk_rows)) / len(keys)  # (d,)
+    spread = sum((chunk.double() - mean).norm(dim=-1).sum() for chunk in keys.split(chunk_rows)) / len(keys)
+    return mean.float(), float(spread)
+
+
+def record_query_mean(model_dir: str | Path, batch_size: int = 64) -> list[float]:
+    """Measure and save the query mean of a checkpoint distilled before the pipeline recorded it (from its stored
+    texts, as a gold edit would on its first add), so that later gold edits do not spend the pass."""
+    model, tokenizer = load_student(model_dir)
+    if model.config.query_mean is None:
+        _query_mean(model, tokenizer, batch_size)
+        _rewrite(model_dir, model, model.knowledge_base)
+    return model.config.query_mean
+
+
+def _query_mean(model, tokenizer, batch_size: int) -> list[float]:
+    """The config's `query_mean`; for a checkpoint distilled before it was recorded, the mean over up to
+    `QUERY_MEAN_ROWS` of the knowledge base's stored texts (evenly spaced; a pair's two lines read as one text), set
+    on the config so the edit saves it."""
+    if model.config.query_mean is not None:
+        return model.config.query_mean
+    knowledge_base = model.knowledge_base
+    if not knowledge_base.has_texts:
+        raise InputError(
+            "Gold rows are keyed by the student's queries minus their mean on the training domain, and this model "
+            "records no query_mean (distilled by an earlier hf-reaugkd) and stores no texts to measure it on: add "
+            "the rows with --teacher, or distil again."
+        )
+    step = max(1, knowledge_base.size // QUERY_MEAN_ROWS)
+    sample = Dataset.from_dict({"text": knowledge_base.texts[::step][:QUERY_MEAN_ROWS]})
+    encoded = tokenize(sample, tokenizer, "text", None, max_input_length(model.config, tokenizer), "Tokenizing")
+    model.config.query_mean = query_mean(model, encoded, tokenizer, batch_size)
+    logger.info("measured the query mean on %d stored texts; it is saved with this edit", len(sample))
+    return model.config.query_mean
 
 
 def _rewrite(model_dir: str | Path, model: ReAugKDForSequenceClassification, knowledge_base: KnowledgeBase) -> None:

@@ -13,6 +13,7 @@ the same code with the same student queries.
 import dataclasses
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,6 +175,37 @@ def knn_accuracy(
 
 
 @torch.no_grad()
+def student_queries(
+    model: ReAugKDForSequenceClassification,
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int = 64,
+    desc: str = "Student queries",
+) -> Iterator[torch.Tensor]:
+    """The student's normalised queries `(B, d)` of a tokenized dataset, batch by batch, in its row order, on the CPU."""
+    model.eval()
+    batches = padded_batches(dataset, tokenizer, batch_size, model.device)
+    for inputs in tqdm(batches, total=-(-len(dataset) // batch_size), desc=desc, leave=False):
+        yield model(**inputs, retrieval_weight=0.0).query_embedding.float().cpu()  # (B, d)
+
+
+def query_mean(
+    model: ReAugKDForSequenceClassification,
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int = 64,
+) -> list[float]:
+    """The mean of the student's queries over a tokenized dataset (`config.query_mean`), streamed: memory `O(d)`."""
+    total, count = torch.zeros(model.config.kb_dim, dtype=torch.float64), 0
+    for queries in student_queries(model, dataset, tokenizer, batch_size, "Query mean"):
+        total += queries.double().sum(0)  # (d,)
+        count += len(queries)
+    if count == 0:
+        raise ValueError("The mean query needs at least one row.")
+    return (total / count).tolist()
+
+
+@torch.no_grad()
 def student_keyed_knowledge_base(
     model: ReAugKDForSequenceClassification,
     dataset: Dataset,
@@ -183,17 +215,10 @@ def student_keyed_knowledge_base(
     """The model's knowledge base re-keyed by the student's own normalised queries of the same rows `(N, d)` (the
     tokenized knowledge-base texts, in its row order); the values stay the teacher's soft labels, and the index type
     and settings are the same. Streams one student pass; holds a second `N × (d + C)` knowledge base in memory."""
-    model.eval()
     teacher_keyed = model.knowledge_base
     if len(dataset) != teacher_keyed.size:
         raise ValueError(f"Expected the knowledge base's {teacher_keyed.size} rows, got a dataset of {len(dataset)}.")
-    keys = torch.empty(len(dataset), teacher_keyed.dim)  # (N, d)
-    start = 0
-    batches = padded_batches(dataset, tokenizer, batch_size, model.device)
-    for inputs in tqdm(batches, total=-(-len(dataset) // batch_size), desc="Student keys", leave=False):
-        queries = model(**inputs, retrieval_weight=0.0).query_embedding  # (B, d)
-        keys[start : start + len(queries)] = queries.float().cpu()
-        start += len(queries)
+    keys = torch.cat(list(student_queries(model, dataset, tokenizer, batch_size, "Student keys")))  # (N, d)
     values = teacher_keyed.values.cpu()  # (N, C)
     return KnowledgeBase.build(
         keys, values, teacher_keyed.index_type, teacher_keyed.problem_type, **teacher_keyed.index_params
