@@ -13,9 +13,10 @@ Shifts (all data fetched from PyPI wheels by `hf_reaugkd.assets`, pinned by SHA-
 
 The new domain's rows are split once (seed 13) into test, validation and a pool; each seed draws n rows from the
 pool. Fixes, each starting from the deployed student: (a) `none`; (b) `kb_gold`: `kb add` with the gold labels, no
-teacher (rows keyed by the student's queries shaped like teacher keys, see `hf_reaugkd.editing`); (b')
-`kb_gold_mixed`: the same rows added, with k and β chosen on the new domain's validation rows plus as many rows of the original validation split (a deployment still serves the original domain; retuning on new rows
-alone rewards any bias towards their labels, and the original test split pays for it); (c) `kb_teacher`: `kb add
+teacher (rows keyed by the student's centred queries, see `hf_reaugkd.editing`); (b')
+`kb_gold_mixed`: the same rows added, with k and β chosen on the new domain's validation rows plus as many rows
+of the original validation split (a deployment still serves the original domain; retuning on new rows alone
+rewards any bias towards their labels, and the original test split pays for it); (c) `kb_teacher`: `kb add
 --teacher`; (d) `finetune`: the student fine-tuned on the rows (cross-entropy, 5 epochs, learning rate from 1e-5,
 3e-5, 1e-4 chosen on the new domain's validation rows); (e) `redistill`: the whole distillation again (teacher
 outputs, projection head, knowledge base, student) with the rows added to the training set, from the fine-tuned
@@ -377,7 +378,7 @@ def main() -> None:
         name: {"new_domain_rows": {split: len(prepared[name][1][split]) for split in ("test", "validation", "pool")},
                "original_test_rows": len(prepared[name][0]["splits"]["test"]),
                "base_train_rows": len(prepared[name][0]["splits"]["train"]), "n_rows": prepared[name][2],
-               "gold_keys": "teacher-key moments"}  # a record of gold keys made another way is not reused
+               "gold_keys": "centred queries"}  # a record of gold keys made another way is not reused
         for name in args.shifts
     }  # fmt: skip
     earlier = json.loads(args.output.read_text()) if args.output.is_file() else {}

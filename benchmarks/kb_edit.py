@@ -7,7 +7,7 @@ base, measure, then remove them and get the original predictions back.
 The slice is one class's sub-topic: rows of LABEL whose text contains KEYWORD (default `tech:music`, BBC's
 digital-music and iPod stories, easy to mistake for entertainment). All slice rows are held out of the distillation
 (teacher, knowledge base, student). Half of the training split's slice rows are then added with `kb add` (gold
-labels, keyed by the student's own query: the labelled examples a deployment collects); the other half and the
+labels, no teacher: the labelled examples a deployment collects); the other half and the
 validation/test slice rows are the evaluation slice, never seen. Reported: accuracy on the evaluation slice and on
 the rest of the test split, before the edit, after it, and after `kb remove` of the added rows (which must restore
 every prediction exactly). Output: `results/kb_edit.json` and a table.

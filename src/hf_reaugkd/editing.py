@@ -7,14 +7,13 @@ Where the keys and soft labels of new rows come from:
   then indistinguishable from the ones distilled.
 - **without a teacher**: the rows' gold labels, smoothed (`1 − ε` on the gold class, `ε` spread over the others;
   per label `1 − ε` / `ε` for multi-label; the number itself for regression), keyed by the student's own query
-  made to look like a teacher key: `normalize(μ_k + s · normalize(q(x) − μ_q))`, the teacher keys' mean direction
-  `μ_k` plus the part of the query specific to its text (the query minus the mean query on the training domain,
-  `config.query_mean`) at the keys' typical distance `s` from their mean. Use it to fix a deployment from labelled
-  examples alone (a new sub-topic, corrected mistakes). Keyed by the raw query, a row would not be a memory: the
-  student's queries share a common direction (the mean of unit queries has norm 0.72 on the drift benchmark's
-  rotten_tomatoes student), so a raw query is closer to any other query than any teacher key is, and 100 rows keyed
-  that way were the nearest neighbour of every original test query (benchmarks/drift.py). Shaped like teacher keys,
-  the rows are found by their own texts and texts like them, not by every query.
+  centred: `normalize(q(x) − μ_q)`, where `μ_q` is the mean query on the training domain (`config.query_mean`). Use
+  it to fix a deployment from labelled examples alone (a new sub-topic, corrected mistakes). Keyed by the raw query,
+  a row would not be a memory but a hub: the student's queries share a common direction (the mean of unit queries has
+  norm 0.72 on the drift benchmark's rotten_tomatoes student), so a raw query is closer to any other query than any
+  teacher key is, and 100 rows keyed that way were the nearest neighbour of every original test query
+  (benchmarks/drift.py). Centring, the standard cure for hubs in nearest-neighbour search (Suzuki et al., EMNLP
+  2013), keeps what is specific to the text: its own text and texts like it find the row, the others do not.
 
 Each edit rewrites the saved model folder atomically (config shapes, weights and index together), so it loads in a
 fresh process and can be pushed as it is; a failed edit leaves the folder as it was. A folder with an exported ONNX
@@ -431,14 +430,12 @@ def _split_labels(cell: str, separator: str | None) -> list[str]:
 def _gold_rows(
     model, tokenizer, rows: Dataset, columns: tuple[str, str | None], targets: torch.Tensor, batch_size: int
 ):
-    """Keys shaped like teacher keys from the student's own queries (see the module docstring), values from the gold
+    """Keys from the student's own queries, centred (see the module docstring), values from the gold
     `targets` (`_gold_targets`): a smoothed class distribution, smoothed per-label probabilities, or the number."""
     encoded = tokenize(rows, tokenizer, *columns, max_input_length(model.config, tokenizer), "Tokenizing")
     queries = torch.cat(list(student_queries(model, encoded, tokenizer, batch_size, "Gold keys")))  # (n, d)
     center = torch.tensor(_query_mean(model, tokenizer, batch_size))  # (d,)
-    residuals = torch.nn.functional.normalize(queries - center, dim=-1)  # (n, d): what is specific to each text
-    key_mean, key_spread = _key_moments(model.knowledge_base.keys)  # (d,), scalar
-    keys = torch.nn.functional.normalize(key_mean + key_spread * residuals, dim=-1)  # (n, d)
+    keys = torch.nn.functional.normalize(queries - center, dim=-1)  # (n, d): what is specific to each text
     problem_type, num_labels = problem_type_of(model.config), model.config.num_labels
     if problem_type == REGRESSION:
         values = targets.float().reshape(-1, 1)  # (n, 1)
@@ -448,16 +445,6 @@ def _gold_rows(
         values = torch.full((len(targets), num_labels), GOLD_LABEL_SMOOTHING / max(num_labels - 1, 1))
         values[torch.arange(len(targets)), targets] = 1 - GOLD_LABEL_SMOOTHING
     return keys, values
-
-
-def _key_moments(keys: torch.Tensor, chunk_rows: int = 65536) -> tuple[torch.Tensor, float]:
-    """The keys' mean `(d,)` and the mean distance of a key from it, in chunks of rows (memory `chunk_rows × d`). An
-    empty knowledge base has no common direction: mean 0, spread 1."""
-    if len(keys) == 0:
-        return torch.zeros(keys.shape[1]), 1.0
-    mean = sum(chunk.double().sum(0) for chunk in keys.split(chunk_rows)) / len(keys)  # (d,)
-    spread = sum((chunk.double() - mean).norm(dim=-1).sum() for chunk in keys.split(chunk_rows)) / len(keys)
-    return mean.float(), float(spread)
 
 
 def record_query_mean(model_dir: str | Path, batch_size: int = 64) -> list[float]:
