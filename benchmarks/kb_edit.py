@@ -79,7 +79,7 @@ def main() -> None:
         distill(
             [
                 "--teacher_model_name_or_path", minilm, "--student_model_name_or_path", minilm,
-                "--student_num_layers", "3", "--max_seq_length", str(MAX_LENGTH),
+                "--student_num_layers", "3", "--max_seq_length", str(MAX_LENGTH), "--teacher_num_train_epochs", "3",
                 "--train_file", str(data_dir / "train.csv"), "--validation_file", str(data_dir / "validation.csv"),
                 "--test_file", str(data_dir / "test.csv"), "--output_dir", str(args.work_dir / "out"),
                 "--num_train_epochs", "3", "--per_device_train_batch_size", "32", "--learning_rate", "1e-4",

@@ -452,7 +452,8 @@ def drift_rows(results_dir: Path) -> list[Row]:
     setting = (
         f"[Drift]({SECTION}drift-the-knowledge-base-against-fine-tuning-and-distilling-again): a deployed 3-layer "
         f"MiniLM-L6 student meets {len(shifts)} shifted domains; new labelled rows {sizes}; {len(seeds)} row samples, "
-        f"distilling again {len(redistill_seeds)} seed ({source('drift.json', report)})"
+        f"distilling again {len(redistill_seeds)} seed{'s' if len(redistill_seeds) > 1 else ''} "
+        f"({source('drift.json', report)})"
     )
     forgetting = tuple(
         seeds_check(f"{name} `{fix}`", [change(name, fix, at[name], s, "original_test") for s in seeds], -0.2)
