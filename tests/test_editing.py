@@ -349,9 +349,8 @@ def test_gold_rows_are_found_by_their_own_texts_not_by_every_query(saved_with_te
 
 def test_a_checkpoint_without_a_query_mean_measures_it_on_its_stored_texts_or_says_what_to_do(saved_with_texts):
     _, model_dir = saved_with_texts
-    recorded = json.loads((model_dir / "config.json").read_text())["query_mean"]
     config = json.loads((model_dir / "config.json").read_text())
-    config["query_mean"] = None  # as an earlier hf-reaugkd saved it
+    recorded, config["query_mean"] = config["query_mean"], None  # as an earlier hf-reaugkd saved it
     (model_dir / "config.json").write_text(json.dumps(config))
     measured = editing.record_query_mean(model_dir)
     assert json.loads((model_dir / "config.json").read_text())["query_mean"] == measured

@@ -162,8 +162,8 @@ def test_per_query_gate_is_the_default_and_a_given_beta_replaces_it(tiny_tokeniz
 
 def test_kb_add_exports_again_with_the_recorded_settings(exported, tiny_tokenizer, tmp_path):
     """After `kb add` the folder's graphs (fp32 and int8, as exported) serve the new knowledge base: the runtime loads
-    them, the fp32 graph answers as the edited PyTorch model does, and both find the added row among the text's
-    neighbours."""
+    them, the fp32 graph answers as the edited PyTorch model does, and both find the added row as the text's nearest
+    neighbour."""
     _, source = exported
     directory = tmp_path / "model"
     shutil.copytree(source, directory)

@@ -432,9 +432,9 @@ def _gold_rows(
 ):
     """Keys from the student's own queries, centred (see the module docstring), values from the gold
     `targets` (`_gold_targets`): a smoothed class distribution, smoothed per-label probabilities, or the number."""
+    center = torch.tensor(_query_mean(model, tokenizer, batch_size))  # (d,): first, so a model without one fails fast
     encoded = tokenize(rows, tokenizer, *columns, max_input_length(model.config, tokenizer), "Tokenizing")
     queries = torch.cat(list(student_queries(model, encoded, tokenizer, batch_size, "Gold keys")))  # (n, d)
-    center = torch.tensor(_query_mean(model, tokenizer, batch_size))  # (d,)
     keys = torch.nn.functional.normalize(queries - center, dim=-1)  # (n, d): what is specific to each text
     problem_type, num_labels = problem_type_of(model.config), model.config.num_labels
     if problem_type == REGRESSION:

@@ -218,7 +218,11 @@ def student_keyed_knowledge_base(
     teacher_keyed = model.knowledge_base
     if len(dataset) != teacher_keyed.size:
         raise ValueError(f"Expected the knowledge base's {teacher_keyed.size} rows, got a dataset of {len(dataset)}.")
-    keys = torch.cat(list(student_queries(model, dataset, tokenizer, batch_size, "Student keys")))  # (N, d)
+    keys = torch.empty(len(dataset), teacher_keyed.dim)  # (N, d): filled in place, no second copy of the batches
+    start = 0
+    for queries in student_queries(model, dataset, tokenizer, batch_size, "Student keys"):
+        keys[start : start + len(queries)] = queries
+        start += len(queries)
     values = teacher_keyed.values.cpu()  # (N, C)
     return KnowledgeBase.build(
         keys, values, teacher_keyed.index_type, teacher_keyed.problem_type, **teacher_keyed.index_params
