@@ -455,11 +455,21 @@ def drift_rows(results_dir: Path) -> list[Row]:
         f"distilling again {len(redistill_seeds)} seed{'s' if len(redistill_seeds) > 1 else ''} "
         f"({source('drift.json', report)})"
     )
+    memory_fixes = ("kb_gold", "kb_gold_mixed")
     forgetting = tuple(
         seeds_check(f"{name} `{fix}`", [change(name, fix, at[name], s, "original_test") for s in seeds], -0.2)
         for name in shifts
-        for fix in ("kb_gold", "kb_gold_mixed")
+        for fix in memory_fixes
     )
+    memory_cells = {
+        (name, fix): [cells[name, fix, at[name], s] for s in seeds] for name in shifts for fix in memory_fixes
+    }
+    forgetting += tuple(  # the rows' own effect: the same k and β as with them, on the student without them
+        seeds_check(f"{name} `{fix}` rows alone", [c["original_test"] - c["original_test_without_rows"] for c in found],
+                    -0.2)
+        for (name, fix), found in memory_cells.items()
+        if all("original_test_without_rows" in c for c in found)
+    )  # fmt: skip
     tuned = ", ".join(
         f"{name} {signed(100 * report['goals'][name]['finetune_original_test_change'], 1)}" for name in shifts
     )
@@ -483,7 +493,8 @@ def drift_rows(results_dir: Path) -> list[Row]:
             (seeds_check("mean over shifts", shares, 90.0, ratio=True),),
             f"distilling again gains {signed(100 * redistill_gain, 2)} points on average"),
         Row(setting, "`kb add` (gold) loses ≤ 0.2 point on the original test split", forgetting,
-            f"fine-tuning's change: {tuned}; `kb_gold_mixed` chooses k, β on new + original validation rows"),
+            f"fine-tuning's change: {tuned}; `kb_gold_mixed` chooses k, β on new + original validation rows; "
+            "rows alone: the fixed student against itself without the new rows at the k and β it chose"),
         Row(setting, "`kb add` (gold) takes ≤ 1% of distilling again's wall time", tuple(timing),
             "`kb add` seconds / distilling again's seconds on the same rows, median and range over the row samples"),
         Row(setting, "with 25 rows, `kb add` (gold) beats fine-tuning on the new domain (> 0 point)", small,
