@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import shutil
 
 import pytest
@@ -310,6 +311,20 @@ def test_dedupe_keeps_a_known_text_given_another_label(saved_with_texts):
     stored = config["id2label"][str(kb.values[0].argmax().item())]
     other = "negative" if stored == "positive" else "positive"
     assert editing.add_texts(model_dir, [kb.texts[0], kb.texts[0]], [stored, other], dedupe=True) == [96]
+
+
+def test_retune_on_rows_of_one_label_warns(saved_with_texts, caplog):
+    """Rows that all carry one label (a new sub-topic's validation rows) reward any lean towards it: retune says so
+    and names the label; rows of every label pass without a word."""
+    root, model_dir = saved_with_texts
+    with (root / "validation.csv").open(newline="") as f:
+        rows = [(row["text"], row["label"]) for row in csv.DictReader(f)]
+    write_rows(root / "positive.csv", [row for row in rows if row[1] == "positive"])
+    with caplog.at_level(logging.WARNING, logger="hf_reaugkd.editing"):
+        editing.retune(model_dir, root / "validation.csv", [1], [0.0, 1.0], fit_gate=False)
+        assert "are labelled" not in caplog.text
+        editing.retune(model_dir, root / "positive.csv", [1], [0.0, 1.0], fit_gate=False)
+    assert "rows of the rows file" in caplog.text and "are labelled 'positive'" in caplog.text
 
 
 def test_retune_chooses_only_among_the_ks_it_is_given(saved_with_texts):
