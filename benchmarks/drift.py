@@ -48,6 +48,14 @@ from hf_reaugkd.distill import main as distill
 
 FIXES = ("none", "kb_gold", "kb_gold_mixed", "kb_teacher", "finetune", "redistill")
 MEMORY_FIXES = ("kb_gold", "kb_gold_mixed")  # the goals' fixes: `kb add` with gold labels
+CELL_FIGURES = (
+    "new_domain_test",
+    "original_test",
+    "original_test_without_rows",
+    "seconds",
+    "knn_k",
+    "retrieval_weight",
+)
 FINETUNE_LEARNING_RATES = (1e-5, 3e-5, 1e-4)
 FINETUNE_EPOCHS = 5
 BASE_TRAIN_ROWS = 3000
@@ -247,15 +255,8 @@ def summarize(results: list[dict]) -> dict:
     table = []
     for (name, fix, n_rows), rows in sorted(groups.items()):
         entry = {"shift": name, "fix": fix, "n_rows": n_rows, "seeds": [r["seed"] for r in rows]}
-        for key in (
-            "new_domain_test",
-            "original_test",
-            "original_test_without_rows",
-            "seconds",
-            "knn_k",
-            "retrieval_weight",
-        ):
-            if any(key not in r for r in rows):  # measured for the memory fixes only
+        for key in CELL_FIGURES:
+            if any(key not in r for r in rows):  # `original_test_without_rows`: the memory fixes only
                 continue
             values = [r[key] for r in rows]
             entry[key] = statistics.mean(values)
