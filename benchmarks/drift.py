@@ -111,10 +111,11 @@ def distill_args(data_dir: Path, output_dir: Path, teacher: str, max_length: int
 
 @torch.no_grad()
 def accuracy(model_dir: Path, rows: list[Row], max_length: int, setting: dict | None = None) -> float:
-    """Accuracy of the saved student with its saved k and β, or with `setting`'s `knn_k` and `retrieval_weight`."""
+    """Accuracy of the saved student with its saved k and β, or with `setting`'s `knn_k` and fixed `retrieval_weight`."""
     model, tokenizer = editing.load_student(model_dir)
     if setting is not None:
         model.config.knn_k, model.config.retrieval_weight = setting["knn_k"], setting["retrieval_weight"]
+        model.config.retrieval_gate = None
     correct = 0
     texts, gold = zip(*rows, strict=True)
     for start, inputs in zip(range(0, len(rows), 64), batches(tokenizer, list(texts), 64, max_length), strict=True):
@@ -375,7 +376,8 @@ def main() -> None:
     parser.add_argument("--redistill_seeds", nargs="+", type=int, default=None, help="Default: --seeds")
     parser.add_argument(
         "--measure_again", nargs="+", default=[], choices=FIXES[1:],
-        help="fixes whose cells in the record are measured again rather than reused (after a change to them)",
+        help="fixes whose cells in the record are measured again, not reused (cells cached under --work_dir are "
+        "resumed: delete them first)",
     )  # fmt: skip
     parser.add_argument("--work_dir", type=Path, default=Path(__file__).parent / "runs" / "drift")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "drift.json")
