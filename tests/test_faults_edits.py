@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -337,7 +338,8 @@ def test_a_full_disk_during_kb_add_is_one_line_naming_the_folder(model_dir, caps
     err = cli_error(["kb", "add", model_dir, "--file", rows], capsys)
     assert f"No space left on the device to write {model_dir}; it was left as it was" in err
     assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
-    assert [p.name for p in model_dir.parent.iterdir() if p.name.startswith(".")] == []
+    # no temporary left; the edit lock's file stays (removing it would let two edits hold two files)
+    assert [p.name for p in model_dir.parent.iterdir() if p.name.startswith(".")] == [".model.lock"]
 
 
 def test_a_really_full_disk_during_kb_add(model_dir, tmp_path, capsys):
@@ -418,3 +420,80 @@ def test_a_config_read_before_an_edit_loads_the_edited_folder(model_dir):
             model.knowledge_base.texts, model.knowledge_base.values.argmax(dim=1).tolist(), strict=True
         )
     )
+
+
+# 7. Edits of one folder at the same moment lose nothing ---------------------------------------------------------------
+
+
+def slow_loads(monkeypatch, seconds: float = 0.5):
+    """Every edit dwells between loading the folder and writing it: two unserialized edits then both read the folder
+    before either writes, as two `kb add` processes did."""
+    load = editing.load_student
+
+    def load_then_wait(model_dir):
+        loaded = load(model_dir)
+        time.sleep(seconds)
+        return loaded
+
+    monkeypatch.setattr(editing, "load_student", load_then_wait)
+
+
+def test_concurrent_edits_of_one_folder_keep_every_writers_rows(model_dir, tmp_path, monkeypatch):
+    """Two `kb add` processes adding 2 rows each to one folder both reported their ids, and the folder ended with the
+    rows of one of them (load → modify → swap, unlocked). Here two threads add and a third removes, each taking its
+    time after loading: every reported row is there at the end, and the removed one is not."""
+    slow_loads(monkeypatch)
+    reported, errors = {}, []
+
+    def add(name):
+        try:
+            reported[name] = editing.add_texts(model_dir, [f"{name} one", f"{name} two"], ["positive", "negative"])
+        except Exception as err:  # the assertion below shows it
+            errors.append(err)
+
+    def remove():
+        try:
+            editing.remove_rows(model_dir, ids=[0])
+        except Exception as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=add, args=(name,)) for name in ("writer a", "writer b")]
+    threads.append(threading.Thread(target=remove))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    model, _ = editing.load_student(model_dir)
+    texts = model.knowledge_base.texts
+    assert model.knowledge_base.size == 24 + 4 - 1, texts
+    assert {"writer a one", "writer a two", "writer b one", "writer b two"} <= set(texts)
+    assert not any(text.endswith(" row 0") for text in texts)
+
+
+def test_an_edit_waits_for_the_lock_of_another_process(model_dir, tmp_path):
+    """The lock is the OS's, so another process holding it (here a child holding it for 2 s) makes an edit wait, and
+    the edit then reads what that process left."""
+    held = tmp_path / "held"
+    code = textwrap.dedent(
+        """
+        import sys, time
+        from pathlib import Path
+        from hf_reaugkd.caching import folder_lock
+        with folder_lock(sys.argv[1]):
+            Path(sys.argv[2]).touch()
+            time.sleep(2)
+        """
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(model_dir), str(held)])
+    try:
+        deadline = time.monotonic() + 60
+        while not held.exists():
+            assert holder.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        start = time.monotonic()
+        editing.add_texts(model_dir, ["waited"], ["positive"])
+        waited = time.monotonic() - start
+    finally:
+        holder.wait(timeout=60)
+    assert holder.returncode == 0 and waited > 1.0, waited

@@ -116,7 +116,9 @@ def test_runtime_refuses_out_of_range_settings(exported):
     _, directory = exported
     onnx_pipeline = ONNXTextClassificationPipeline(directory)
     for call, message in [
-        ({"knn_k": 9}, "from 1 to 8"),
+        ({"knn_k": 9}, r"more neighbours than this export serves \(8\).*--max_knn_k 9"),
+        ({"knn_k": 0}, "knn_k must be an integer >= 1"),
+        ({"top_k": "2"}, "top_k must be an integer >= 1"),
         ({"knn_k": True}, "knn_k"),
         ({"retrieval_weight": float("nan")}, r"\[0, 1\]"),
         ({"retrieval_weight": "0.5"}, r"\[0, 1\]"),

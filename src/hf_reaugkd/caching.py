@@ -10,6 +10,7 @@ import ctypes
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -19,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import InputError
+
+logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20  # files are hashed in 1 MiB reads: memory stays flat for multi-GB checkpoints
 
@@ -99,6 +102,35 @@ def atomic_path(path: str | os.PathLike, directory: bool = False) -> Iterator[Pa
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+@contextmanager
+def folder_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold the edit lock of the folder `path` for the block: an edit loads the folder, changes it and swaps in a
+    new one whole, so two edits at once would each swap in their own version, and the rows of one would be lost.
+
+    The lock is `flock` on a file beside the folder (`.NAME.lock`: inside, the swap would move it away), which every
+    process and thread that edits takes, and which the OS releases when its holder dies: a killed edit never leaves
+    it held. A second edit waits for the first, and says so.
+    """
+    path = Path(path)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock
+        logger.warning("No file locks on this platform: do not edit %s from two processes at once.", path)
+        yield
+        return
+    lock_file = path.parent / f".{path.name}.lock"
+    with open(lock_file, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("Waiting for another edit of %s to finish (it holds %s).", path, lock_file)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _out_of_space(err: BaseException | None) -> bool:

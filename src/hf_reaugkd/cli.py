@@ -137,10 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         from .data import load_hub_split
 
         if args.command == "export":
-            from .onnx_export import export_onnx
-
-            model, tokenizer = editing.load_student(args.model)
-            for path in export_onnx(model, tokenizer, args.model, args.quantize, args.opset, args.max_knn_k):
+            for path in editing.export(args.model, args.quantize, args.opset, args.max_knn_k):
                 print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
         elif args.kb == "info":
             print(json.dumps(editing.knowledge_base_info(args.model), indent=2))

@@ -18,6 +18,7 @@ from .settings_reaugkd import (
     REGRESSION,
     SINGLE_LABEL,
     check_index_params,
+    check_num_labels,
     check_positive_integer,
     check_retrieval_gate,
     check_retrieval_temperature,
@@ -137,6 +138,10 @@ class ReAugKDConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         num_labels = kwargs.get("num_labels")
+        # before transformers sizes a label map from it
+        for count in (num_labels, None if self.id2label is None else len(self.id2label)):
+            if count is not None:
+                check_num_labels(count)
         if self.id2label is not None and num_labels is not None and len(self.id2label) != num_labels:
             # transformers would warn and rename every class LABEL_i
             raise ValueError(

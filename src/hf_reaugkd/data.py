@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .caching import fingerprint, hash_files
 from .errors import InputError
-from .settings_reaugkd import MULTI_LABEL, PROBLEM_TYPES, REGRESSION, SINGLE_LABEL
+from .settings_reaugkd import MAX_TEXT_CHARS, MULTI_LABEL, PROBLEM_TYPES, REGRESSION, SINGLE_LABEL
 
 logger = logging.getLogger(__name__)
 
@@ -352,8 +352,9 @@ def load_hub_split(name: str, config_name: str | None, split: str, flag: str = "
 def check_filled(
     split: Dataset, columns: list[str], description: str, label_column: str | None = None, path: str | None = None
 ) -> None:
-    """Refuse a text column that is not text, and a missing or blank text (or label) with the column and the file's
-    line (`path`) or the row, streaming `CHECK_BATCH_SIZE` rows at once."""
+    """Refuse a text column that is not text, a missing or blank text (or label), and a text over `MAX_TEXT_CHARS`
+    characters (before it is tokenized whole or stored in a knowledge base) with the column and the file's line
+    (`path`) or the row, streaming `CHECK_BATCH_SIZE` rows at once."""
     for column in columns:
         dtype = getattr(split.features[column], "dtype", None)
         if column != label_column and dtype not in ("string", "large_string"):
@@ -367,6 +368,12 @@ def check_filled(
                     kind = "label" if column == label_column else "text"
                     where = row_location(path, start + offset)
                     raise InputError(f"Empty {kind} in column {column!r}, {where} of the {description}.")
+                if column != label_column and len(value) > MAX_TEXT_CHARS:
+                    raise InputError(
+                        f"The text in column {column!r}, {row_location(path, start + offset)} of the {description}, "
+                        f"is {len(value):,} characters long; texts are limited to {MAX_TEXT_CHARS:,} (the model reads "
+                        "its first few hundred tokens): shorten it or leave it out."
+                    )
 
 
 def load_unlabeled_texts(

@@ -18,10 +18,12 @@ Where the keys and soft labels of new rows come from:
 Each edit rewrites the saved model folder atomically (config shapes, weights and index together), so it loads in a
 fresh process and can be pushed as it is; a failed edit leaves the folder as it was. A folder with an exported ONNX
 graph (`hf-reaugkd export`) is exported again in the same rewrite, with the settings recorded in the graph: the
-graph holds the knowledge base, so the old one would serve the old rows.
+graph holds the knowledge base, so the old one would serve the old rows. Edits of one folder run one at a time
+(`caching.folder_lock`, across processes and threads): each reads the folder as the previous one left it.
 """
 
 import dataclasses
+import functools
 import logging
 import shutil
 from pathlib import Path
@@ -30,7 +32,7 @@ import torch
 from datasets import ClassLabel, Dataset, Features, Value
 from transformers import AutoTokenizer
 
-from .caching import atomic_path
+from .caching import atomic_path, folder_lock
 from .data import (
     LABEL_COLUMN,
     check_filled,
@@ -72,6 +74,18 @@ GOLD_LABEL_SMOOTHING = 0.1  # soft enough that one gold row does not outvote a t
 QUERY_MEAN_ROWS = 2000  # stored texts that measure an old checkpoint's query mean: ample for a mean of kb_dim numbers
 
 
+def one_edit_at_a_time(edit):
+    """Run `edit(model_dir, ...)` holding `model_dir`'s edit lock, from loading the folder to swapping in the new one:
+    an edit that loaded the folder before another swapped its own in would write the other's rows away."""
+
+    @functools.wraps(edit)
+    def locked(model_dir, *args, **kwargs):
+        with folder_lock(model_dir):
+            return edit(model_dir, *args, **kwargs)
+
+    return locked
+
+
 def load_student(model_dir: str | Path) -> tuple[ReAugKDForSequenceClassification, object]:
     """The saved student (with its knowledge base) and its tokenizer, in eval mode."""
     model = ReAugKDForSequenceClassification.from_pretrained(model_dir).eval()
@@ -106,6 +120,7 @@ def knowledge_base_info(model_dir: str | Path) -> dict:
     return info
 
 
+@one_edit_at_a_time
 @torch.no_grad()
 def add_rows(
     model_dir: str | Path,
@@ -220,6 +235,7 @@ def _label_of(values: torch.Tensor, problem_type: str, threshold: float, is_valu
     return (values.argmax(dim=1) if is_value else values).tolist()
 
 
+@one_edit_at_a_time
 @torch.no_grad()
 def retune(
     model_dir: str | Path,
@@ -292,6 +308,7 @@ def retune(
     return result
 
 
+@one_edit_at_a_time
 def remove_rows(model_dir: str | Path, ids: list[int] | None = None, where_label: str | None = None) -> list[int]:
     """Remove rows by id, or every row the teacher labels `where_label` (its argmax class; for multi-label, a label at
     or above the threshold); return the removed ids."""
@@ -312,6 +329,16 @@ def remove_rows(model_dir: str | Path, ids: list[int] | None = None, where_label
         ids = labelled.nonzero().flatten().tolist()
     _rewrite(model_dir, model, kb.remove(ids))
     return sorted(set(ids))
+
+
+@one_edit_at_a_time
+def export(model_dir: str | Path, quantize: str = "none", opset: int | None = None, max_knn_k: int = DEFAULT_MAX_KNN_K):
+    """`hf-reaugkd export`: write `model_dir`'s ONNX graph(s) (`onnx_export.export_onnx`), under the folder's edit lock
+    (a graph written while an edit swaps the folder would land beside the other knowledge base). Returns the paths."""
+    from .onnx_export import export_onnx
+
+    model, tokenizer = load_student(model_dir)
+    return export_onnx(model, tokenizer, model_dir, quantize, opset, max_knn_k)
 
 
 def _teacher_rows(model, model_dir: Path, teacher: str | Path, rows, columns: tuple[str, str | None], batch_size: int):
@@ -455,6 +482,7 @@ def _gold_rows(
     return keys, values
 
 
+@one_edit_at_a_time
 def record_query_mean(model_dir: str | Path, batch_size: int = 64) -> list[float]:
     """Measure and save the query mean of a checkpoint distilled before the pipeline recorded it (from its stored
     texts, as a gold edit would on its first add), so that later gold edits do not spend the pass."""

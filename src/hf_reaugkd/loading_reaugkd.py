@@ -19,8 +19,6 @@ from .kb_texts import TEXTS_FILE, decode_texts, read_texts_file
 
 logger = logging.get_logger(__name__)
 
-# A local folder whose files disagree is read this many times before that is an error (an edit replaces it whole).
-LOAD_ATTEMPTS = 3
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 # What a config says of the knowledge base stored beside it, not of how to use it: a config passed to `from_pretrained`
 # takes these from the folder when it is read again.
@@ -119,3 +117,14 @@ def with_stored_kb_fields(config: ReAugKDConfig, source) -> ReAugKDConfig:
     for name in STORED_KB_FIELDS:
         setattr(config, name, getattr(stored, name))
     return config
+
+
+def non_finite_tensors(model: torch.nn.Module) -> list[str]:
+    """The names of the model's floating-point weights that hold a NaN or an infinity: they would serve NaN scores.
+    The knowledge base's buffers are left to `KnowledgeBase.validate`, which names the rows."""
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return [
+        name
+        for name, tensor in named
+        if "knowledge_base." not in name and tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    ]

@@ -32,12 +32,12 @@ from .configuration_reaugkd import ReAugKDConfig
 from .kb_texts import TEXTS_FILE, encode_texts, texts_sha256
 from .knowledge_base import KnowledgeBase, value_predictions
 from .loading_reaugkd import (
-    LOAD_ATTEMPTS,
     FolderChangedError,
     checkpoint_shapes,
     describe_shape_mismatch,
     is_reaugkd_config,
     kb_shape_mismatches,
+    non_finite_tensors,
     shape_mismatches,
     texts_loader,
     with_stored_kb_fields,
@@ -46,6 +46,7 @@ from .pipeline_reaugkd import ReAugKDTextClassificationPipeline  # noqa: F401 (t
 from .settings_reaugkd import (
     GATE_SENTINEL,
     INDEX_SETTINGS,
+    LOAD_ATTEMPTS,
     MULTI_LABEL,
     REGRESSION,
     SINGLE_LABEL,
@@ -326,6 +327,13 @@ class ReAugKDPreTrainedModel(PreTrainedModel):
             mismatches = mismatches or shape_mismatches(cls, config, shapes) or ["see the load report above"]
             raise error(describe_shape_mismatch(config, source, mismatches)) from err
         model = loaded[0] if isinstance(loaded, tuple) else loaded
+        non_finite = non_finite_tensors(model)
+        if non_finite:
+            raise ValueError(
+                f"The weights of {source} hold NaN or infinite values in {', '.join(non_finite[:5])}"
+                f"{f' (and {len(non_finite) - 5} more)' if len(non_finite) > 5 else ''}: the model would answer NaN. "
+                "The checkpoint is corrupt (or was trained into NaN): save or download it again."
+            )
         if model.config.kb_size > 0:
             knowledge_base = model.knowledge_base
             try:

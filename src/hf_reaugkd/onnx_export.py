@@ -16,8 +16,9 @@ knowledge base's keys (stored in the graph) → neighbour vote → mixing, with 
   `retrieval_weight` (float); both default to the config's values (graph initializers ONNX Runtime lets a caller
   override). With a per-query gate in the config, the default β is `GATE_SENTINEL` (-1): any β in [0, 1] replaces it.
   Neighbour columns past `knn_k` hold id -1 (weight 0).
-- **Nothing stale**: the graph's metadata records `knowledge_base_sha256` of the folder it was exported into, which the
-  runtime compares (`onnx_pipeline.py`); `kb add` / `kb remove` export again with the recorded settings.
+- **Nothing stale**: `onnx/export.json` records the export's settings, each graph file's SHA-256 and the hash of what
+  the graphs serve from the folder (`onnx_pipeline.read_served_folder`), which the runtime compares; `kb add` /
+  `kb remove` / `kb retune` export again with the recorded settings.
 """
 
 import contextlib
@@ -30,9 +31,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .caching import atomic_path
+from .caching import atomic_path, hash_files
 from .errors import InputError
 from .exact_search import RESCORE_EXTRA
+from .loading_reaugkd import non_finite_tensors
 from .modeling_reaugkd import (
     ReAugKDForSequenceClassification,
     mix_retrieval,
@@ -40,13 +42,12 @@ from .modeling_reaugkd import (
 )
 from .onnx_pipeline import (
     DEFAULT_MAX_KNN_K,
-    EXPORT_SETTINGS_KEY,
-    KB_SHA256_KEY,
+    EXPORT_FILE,
     ONNX_DIR,
     ONNX_FILE,
     OUTPUT_NAMES,
     QUANTIZED_ONNX_FILE,
-    knowledge_base_sha256,
+    read_served_folder,
 )
 from .settings_reaugkd import GATE_SENTINEL, SINGLE_LABEL, problem_type_of
 
@@ -54,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("none", "int8")
 MAX_GRAPH_BYTES = 3 * 2**29  # 1.5 GiB of knowledge base, under protobuf's 2 GiB with the encoder beside it
+# Similarities closer than this are a tie: fp32 rounding of a dot product of unit vectors is ~1e-7 per term.
+TIE_TOLERANCE = 1e-5
 # The example batch traced: neither 0 nor 1 (which the exporter would specialize), unlike any other dimension.
 EXAMPLE_BATCH, EXAMPLE_LENGTH = 3, 7
 
@@ -141,6 +144,12 @@ def export_onnx(
             f"The ONNX graph serves single-label classifiers; {model_dir} is a {model.config.problem_type} model. "
             "Serve it with transformers' pipeline (trust_remote_code=True)."
         )
+    non_finite = non_finite_tensors(model)
+    if non_finite:
+        raise InputError(
+            f"The model to export holds NaN or infinite weights ({', '.join(non_finite[:5])}): it would answer NaN. "
+            "Export a model whose training did not diverge."
+        )
     model_dir = Path(model_dir)
     graph_bytes = model.config.kb_size * model.config.kb_dim * 5  # fp32 keys + their int8 copy, per graph at most
     if graph_bytes > MAX_GRAPH_BYTES:
@@ -152,7 +161,7 @@ def export_onnx(
     model = model.eval().float()
     max_knn_k = max(max_knn_k, model.config.knn_k)
     settings = {"quantize": quantize, "opset": opset, "max_knn_k": max_knn_k}
-    metadata = {KB_SHA256_KEY: knowledge_base_sha256(model_dir), EXPORT_SETTINGS_KEY: json.dumps(settings)}
+    served_sha256 = read_served_folder(model_dir).sha256
     defaults = {
         "knn_k": torch.tensor(min(model.config.knn_k, max_knn_k), dtype=torch.int64),
         "retrieval_weight": torch.tensor(
@@ -162,22 +171,21 @@ def export_onnx(
     }
     with atomic_path(model_dir / ONNX_DIR, directory=True) as out, tempfile.TemporaryDirectory() as scratch:
         written = [out / ONNX_FILE]
-        _export_graph(ServingGraph(model, max_knn_k), tokenizer, written[0], defaults, metadata, opset, onnx)
+        _export_graph(ServingGraph(model, max_knn_k), tokenizer, written[0], defaults, opset, onnx)
         if quantize == "int8":
             candidates = max_knn_k + max(max_knn_k, RESCORE_EXTRA[torch.int8])  # as the torch int8 scan
             fp32 = Path(scratch) / "rescoring.onnx"
-            _export_graph(ServingGraph(model, max_knn_k, candidates), tokenizer, fp32, defaults, metadata, opset, onnx)
+            _export_graph(ServingGraph(model, max_knn_k, candidates), tokenizer, fp32, defaults, opset, onnx)
             written.append(out / QUANTIZED_ONNX_FILE)
             quantize_dynamic(fp32, written[1])
-            quantized = onnx.load(written[1])
-            _set_metadata(quantized, {**metadata, "hf_reaugkd.quantization": "int8"})
-            onnx.save(quantized, written[1])
+        graphs = {path.name: hash_files([path]) for path in written}
+        record = {"settings": settings, "served_sha256": served_sha256, "graphs": graphs}
+        (out / EXPORT_FILE).write_text(json.dumps(record, indent=2))
     return [model_dir / ONNX_DIR / path.name for path in written]
 
 
-def _export_graph(graph: ServingGraph, tokenizer, path: Path, defaults: dict, metadata: dict, opset, onnx) -> None:
-    """Trace `graph` with dynamic batch and length, make `knn_k` / `retrieval_weight` overridable defaults, record
-    `metadata`, and check that the file runs in ONNX Runtime as the module does on a batch other than the traced
+def _export_graph(graph: ServingGraph, tokenizer, path: Path, defaults: dict, opset, onnx) -> None:
+    """Trace `graph` with dynamic batch and length, make `knn_k` / `retrieval_weight` overridable defaults, and check that the file runs in ONNX Runtime as the module does on a batch other than the traced
     one."""
     names = [name for name in tokenizer.model_input_names if name in ("input_ids", "attention_mask", "token_type_ids")]
     example = tokenizer(
@@ -209,32 +217,45 @@ def _export_graph(graph: ServingGraph, tokenizer, path: Path, defaults: dict, me
     model = onnx.load(str(path))
     for name, value in defaults.items():  # an initializer named like an input is that input's default
         model.graph.initializer.append(onnx.numpy_helper.from_array(value.numpy(), name))
-    _set_metadata(model, metadata)
     onnx.save(model, str(path))
     _check_against_torch(graph, tokenizer, path, names)
 
 
 def _check_against_torch(graph: ServingGraph, tokenizer, path: Path, names: list[str]) -> None:
     """Run the written graph in ONNX Runtime on a batch and length other than the traced ones and compare it with the
-    module it was traced from: an exporter that specialized a shape or baked a value fails here, not in serving."""
+    module it was traced from: an exporter that specialized a shape or baked a value fails here, not in serving.
+
+    Keys with equal similarity (the same text added twice) may come out in any order in either runtime, so the
+    neighbours are compared by similarity: rank by rank, and each id ONNX returns has the similarity of its rank. The
+    probabilities are compared on the rows where no tie straddles the k-th place (there, either vote is right)."""
     import onnxruntime
 
     texts = ["hello world", "a longer example sentence than the traced one, to change the length", "x", "y z", "w"]
     inputs = tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
-    knn_k, beta = torch.tensor(min(3, graph.max_knn_k)), torch.tensor(0.5)
+    k = min(3, graph.max_knn_k)
+    knn_k, beta = torch.tensor(k), torch.tensor(0.5)
     with torch.no_grad():
         expected = graph(**{name: inputs[name] for name in names}, knn_k=knn_k, retrieval_weight=beta)
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feeds = {name: inputs[name].numpy() for name in names} | {"knn_k": knn_k.numpy(), "retrieval_weight": beta.numpy()}
-    found = session.run(list(OUTPUT_NAMES), feeds)
-    difference = float(abs(torch.from_numpy(found[0]) - expected[0]).max())
-    same_ids = torch.equal(torch.from_numpy(found[3]), expected[3])
-    if difference > 1e-4 or not same_ids:
+    found = [torch.from_numpy(output) for output in session.run(list(OUTPUT_NAMES), feeds)]
+    probabilities, ids, similarities, query = expected[0], expected[3], expected[4], expected[6]
+    similarity_gap = float((found[4][:, :k] - similarities[:, :k]).abs().max())  # rank by rank
+    own = (graph.keys[found[3][:, :k]] * query.unsqueeze(1)).sum(-1)  # (B, k): each returned id's similarity
+    id_gap = float((own - similarities[:, :k]).abs().max())
+    ranked = (query @ graph.keys.T).sort(dim=1, descending=True).values  # (B, N)
+    tied = torch.zeros(len(ids), dtype=torch.bool)  # (B,): a tie straddles the k-th place
+    if ranked.shape[1] > k:
+        tied = (ranked[:, k - 1] - ranked[:, k]).abs() <= TIE_TOLERANCE
+    gaps = (found[0] - probabilities).abs().max(dim=1).values[~tied]  # (B',)
+    probability_gap = float(gaps.max()) if len(gaps) else 0.0
+    if max(similarity_gap, id_gap) > TIE_TOLERANCE or probability_gap > 1e-4:
         raise InputError(
             f"The exported graph {path.name} disagrees with the model on a batch of {len(texts)} (max |Δp| "
-            f"{difference:.2e}, same neighbour ids: {same_ids}): the exporter specialized something it should not have."
+            f"{probability_gap:.2e}, neighbour similarities off by {max(similarity_gap, id_gap):.2e}): the exporter "
+            "specialized something it should not have."
         )
 
 
@@ -253,15 +274,6 @@ def _quiet():
         finally:
             for each, level in zip(noisy, levels, strict=True):
                 each.setLevel(level)
-
-
-def _set_metadata(model, metadata: dict[str, str]) -> None:
-    kept = [entry for entry in model.metadata_props if entry.key not in metadata]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
-    for key, value in metadata.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
 
 
 def _import_exporter():
@@ -283,15 +295,13 @@ def _import_exporter():
 
 
 def exported_settings(model_dir: str | Path) -> dict | None:
-    """The settings the folder's graph was exported with (`quantize`, `opset`, `max_knn_k`), or None if none is.
-    Raises `InputError` when the exporter is not installed."""
-    path = Path(model_dir) / ONNX_DIR / ONNX_FILE
-    if not path.is_file():
-        return None
-    onnx, _ = _import_exporter()  # the settings are read to export again: that needs the whole exporter
-    model = onnx.load(str(path), load_external_data=False)
-    found = {entry.key: entry.value for entry in model.metadata_props}
-    return json.loads(found[EXPORT_SETTINGS_KEY]) if EXPORT_SETTINGS_KEY in found else {}
+    """The settings the folder's graphs were exported with (`quantize`, `opset`, `max_knn_k`), or None if there are
+    none. Raises `InputError` when the exporter is not installed (the settings are read to export again)."""
+    record = Path(model_dir) / ONNX_DIR / EXPORT_FILE
+    _import_exporter()
+    if not record.is_file():
+        return None if not (Path(model_dir) / ONNX_DIR / ONNX_FILE).is_file() else {}
+    return json.loads(record.read_text()).get("settings", {})
 
 
 __all__ = ["ServingGraph", "export_onnx", "exported_settings"]

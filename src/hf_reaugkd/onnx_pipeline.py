@@ -11,28 +11,47 @@ result the way `pipeline("text-classification", model=..., trust_remote_code=Tru
 >>> classifier("A gorgeous, witty, seductive movie.", neighbors=2)
 ```
 
-A graph is bound to the knowledge base it was exported with: its metadata records the knowledge base's content hash
-(`knowledge_base_sha256`), and a folder whose knowledge base no longer hashes the same (a `kb add` by an older
-version, a copied-in `model.safetensors`) is refused rather than served with another knowledge base's neighbour ids.
+A graph is bound to everything it serves: `onnx/export.json` (written with the graphs) records each graph file's
+SHA-256 and one over what the runtime serves from the folder beside it: the weights (the knowledge base and the
+weights the graph was exported from), the knowledge base's texts, the tokenizer and the config's fields that change
+an answer (`UNSERVED_CONFIG_FIELDS` are the others). A folder where any of these differs from the export (a
+`retrieval_weight` set in config.json, other classifier weights, a graph whose initializers were altered, a copied-in
+`model.safetensors`) is refused rather than served with answers the PyTorch model would not give. The runtime reads
+each file once and serves what it hashed, so a folder replaced by an edit halfway through the reads is read again.
 """
 
 import hashlib
 import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .kb_texts import TEXTS_FILE, decode_texts, load_texts
-from .settings_reaugkd import check_retrieval_weight
+from .kb_texts import TEXT_TENSORS, TEXTS_FILE, decode_texts, load_texts
+from .settings_reaugkd import (
+    LOAD_ATTEMPTS,
+    MAX_TEXT_CHARS,
+    check_positive_integer,
+    check_retrieval_weight,
+    check_top_k,
+)
 
 ONNX_DIR = "onnx"  # the layout optimum and transformers.js read on the Hub: onnx/model.onnx, onnx/model_quantized.onnx
 ONNX_FILE = "model.onnx"
 QUANTIZED_ONNX_FILE = "model_quantized.onnx"
-# ONNX metadata_props written by the exporter and read here.
-KB_SHA256_KEY = "hf_reaugkd.knowledge_base_sha256"
-EXPORT_SETTINGS_KEY = "hf_reaugkd.export"  # JSON: quantize, opset, max_knn_k (what a re-export repeats)
-KB_TENSORS = ("reaugkd.knowledge_base.keys", "reaugkd.knowledge_base.values")
+EXPORT_FILE = "export.json"  # in ONNX_DIR: {"settings", "served_sha256", "graphs": {file: sha256}}
+WEIGHTS_FILE, WEIGHTS_INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what the runtime tokenizes with
+# Config fields that change no answer of the graph: bookkeeping, `query_mean` (read by `kb add` only) and the index
+# settings (the graph always scans exactly). Any other field, a new one too, binds the graph.
+UNSERVED_CONFIG_FIELDS = frozenset(
+    {"transformers_version", "_name_or_path", "architectures", "auto_map", "custom_pipelines", "dtype", "torch_dtype",
+     "query_mean", "index_type", "index_nbytes", "index_sha256", "search_block_size", "search_query_block_size",
+     "search_dtype", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe"}
+)  # fmt: skip
+KB_VALUES = "reaugkd.knowledge_base.values"  # the soft labels that explanations show
 DEFAULT_MAX_KNN_K = (
     32  # the largest runtime k of an export: k beyond the config's without a re-export, at a negligible cost
 )
@@ -48,7 +67,7 @@ OUTPUT_NAMES = (
 
 
 class StaleGraphError(ValueError):
-    """The exported graph does not belong to the knowledge base in its folder."""
+    """The exported graph does not belong to the folder it is in (or was altered since its export)."""
 
 
 def _import_onnxruntime():
@@ -62,48 +81,89 @@ def _import_onnxruntime():
     return onnxruntime
 
 
-def _weight_files(model_dir: Path) -> dict[str, Path]:
-    """Which weights file holds each knowledge-base tensor (one `model.safetensors`, or shards with an index)."""
-    index_file = model_dir / "model.safetensors.index.json"
-    if index_file.is_file():
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-        return {name: model_dir / weight_map[name] for name in KB_TENSORS if name in weight_map}
-    return dict.fromkeys(KB_TENSORS, model_dir / "model.safetensors")
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
-def knowledge_base_sha256(model_dir: str | Path) -> str:
-    """SHA-256 of what a served prediction depends on in the knowledge base: the stored keys and soft labels (their
-    bytes as saved) and, when stored, the entries' texts file. Read from the folder, never from a config that could
-    disagree with it; with numpy and safetensors only, so the runtime and the exporter compute it alike."""
-    return _digest(*_read_knowledge_base(Path(model_dir)))
+def _inside(model_dir: Path, name: object, source: str) -> Path:
+    """`model_dir / name` for a file name a checkpoint gives: a bare name, never a path out of the folder (an
+    untrusted index could name `../elsewhere` or `/etc/passwd`)."""
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise ValueError(f"{source} names {name!r}: a checkpoint's files must be file names in its own folder.")
+    return model_dir / name
 
 
-def _read_knowledge_base(model_dir: Path) -> tuple[dict[str, np.ndarray], bytes | None]:
-    """The knowledge base's keys and soft labels, and the texts file's bytes (`None` when it stores no texts)."""
+def _weight_files(model_dir: Path) -> tuple[list[Path], dict[str, Path]]:
+    """The weights files (one `model.safetensors`, or the index and the shards it names) and which holds the
+    knowledge base's soft labels."""
+    index_file = model_dir / WEIGHTS_INDEX_FILE
+    if not index_file.is_file():
+        return [model_dir / WEIGHTS_FILE], {KB_VALUES: model_dir / WEIGHTS_FILE}
+    weight_map = json.loads(index_file.read_text()).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index_file} has no weight_map.")
+    shards = {name: _inside(model_dir, name, str(index_file)) for name in sorted(set(weight_map.values()))}
+    return [index_file, *shards.values()], {KB_VALUES: shards[weight_map[KB_VALUES]]} if KB_VALUES in weight_map else {}
+
+
+def served_config(config: dict) -> dict:
+    """The config's fields that change the graph's answers (all but `UNSERVED_CONFIG_FIELDS`)."""
+    return {key: value for key, value in config.items() if key not in UNSERVED_CONFIG_FIELDS}
+
+
+@dataclass
+class ServedFolder:
+    """What the runtime serves from a model folder, each file read once, and the SHA-256 that binds them."""
+
+    sha256: str
+    config: dict
+    soft_labels: np.ndarray  # (N, C)
+    texts_file: bytes | None
+    tokenizer_files: dict[str, bytes]
+
+
+def read_served_folder(model_dir: str | Path) -> ServedFolder:
+    """Read what the runtime serves from `model_dir` (see the module docstring) and hash it: the exporter records the
+    hash, the runtime compares it. The weights are hashed as they stream by, and the knowledge base's tensors hashed
+    again as they are kept, so a file replaced between those two reads changes the hash instead of going unseen. With
+    numpy and safetensors only, so the runtime and the exporter compute it alike."""
     from safetensors import safe_open
 
-    tensors = {}
-    for name, path in _weight_files(model_dir).items():
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{model_dir} has no weights file {path.name} (expected the knowledge base there)."
-            )
-        with safe_open(path, framework="numpy") as f:
-            if name not in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                raise ValueError(f"{path} holds no {name}: not a ReAugKD student with a knowledge base.")
-            tensors[name] = f.get_tensor(name)
-    texts = model_dir / TEXTS_FILE
-    return tensors, texts.read_bytes() if texts.is_file() else None
-
-
-def _digest(tensors: dict[str, np.ndarray], texts_file: bytes | None) -> str:
+    model_dir = Path(model_dir)
     digest = hashlib.sha256()
-    for name, tensor in tensors.items():
-        digest.update(f"{name}:{tensor.dtype}:{tensor.shape}".encode())
-        digest.update(np.ascontiguousarray(tensor).tobytes())
-    if texts_file is not None:
-        digest.update(texts_file)
-    return digest.hexdigest()
+
+    def read(path: Path, required: bool = True) -> bytes | None:
+        if not path.is_file():
+            if required:
+                raise FileNotFoundError(f"{model_dir} has no {path.name}.")
+            digest.update(f"{path.name}: none\n".encode())
+            return None
+        data = path.read_bytes()
+        digest.update(f"{path.name}: {len(data)}\n".encode())
+        digest.update(data)
+        return data
+
+    config = json.loads(read(model_dir / "config.json"))
+    digest.update(json.dumps(served_config(config), sort_keys=True).encode())
+    files, kb_files = _weight_files(model_dir)
+    for path in files:
+        if not path.is_file():
+            raise FileNotFoundError(f"{model_dir} has no weights file {path.name} (expected the knowledge base there).")
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    name = KB_VALUES
+    if name not in kb_files:
+        raise ValueError(f"{model_dir}'s weights hold no {name}: not a ReAugKD student with a knowledge base.")
+    with safe_open(kb_files[name], framework="numpy") as f:
+        if name not in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            raise ValueError(f"{kb_files[name]} holds no {name}: not a ReAugKD student with a knowledge base.")
+        soft_labels = f.get_tensor(name)  # (N, C)
+    digest.update(f"{name}:{soft_labels.dtype}:{soft_labels.shape}".encode())
+    digest.update(np.ascontiguousarray(soft_labels).tobytes())
+    texts_file = read(model_dir / TEXTS_FILE, required=False)
+    tokenizer_files = {name: read(model_dir / name, required=False) for name in TOKENIZER_FILES}
+    return ServedFolder(digest.hexdigest(), config, soft_labels, texts_file, tokenizer_files)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -132,46 +192,43 @@ class ONNXTextClassificationPipeline:
         from tokenizers import Tokenizer
 
         self.model_dir = model_dir = Path(model_dir)
-        graph = model_dir / ONNX_DIR / (QUANTIZED_ONNX_FILE if quantized else ONNX_FILE)
-        if not graph.is_file():
-            flag = " --quantize int8" if quantized else ""
-            raise FileNotFoundError(
-                f"{graph} does not exist: export the model first with `hf-reaugkd export {model_dir}{flag}`."
-            )
+        graph, served, settings = _read_export(model_dir, QUANTIZED_ONNX_FILE if quantized else ONNX_FILE)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: knn_k and β are inputs with defaults, which it warns about
         if num_threads is not None:
             options.intra_op_num_threads = num_threads
-        self.session = ort.InferenceSession(str(graph), options, providers=providers or ["CPUExecutionProvider"])
-        metadata = self.session.get_modelmeta().custom_metadata_map
-        # read once, with the graph: an edit of the folder after loading cannot pair these ids with other rows
-        tensors, texts_file = _read_knowledge_base(model_dir)
-        found = _digest(tensors, texts_file)
-        if metadata.get(KB_SHA256_KEY) != found:
-            raise StaleGraphError(
-                f"{graph} was exported from another knowledge base than the one in {model_dir} (graph: "
-                f"{metadata.get(KB_SHA256_KEY, 'no hash recorded')}, folder: {found}): its neighbour ids would point at "
-                f"the wrong rows. Re-export it with `hf-reaugkd export {model_dir}"
-                f"{' --quantize int8' if quantized else ''}`."
-            )
-        self.config = json.loads((model_dir / "config.json").read_text())
+        self.session = ort.InferenceSession(graph, options, providers=providers or ["CPUExecutionProvider"])
+        self.config = served.config
         self.id2label = {int(i): label for i, label in self.config["id2label"].items()}
-        self.max_knn_k = int(json.loads(metadata[EXPORT_SETTINGS_KEY])["max_knn_k"])
+        self._soft_labels = served.soft_labels  # (N, C), as read with the graph's hash
+        if self._soft_labels.ndim != 2 or self._soft_labels.shape[1] != len(self.id2label):
+            raise ValueError(
+                f"{model_dir}'s knowledge base holds soft labels of shape {list(self._soft_labels.shape)}; the config "
+                f"names {len(self.id2label)} labels."
+            )
+        self.kb_size = len(self._soft_labels)
+        self.max_knn_k = min(settings["max_knn_k"], self.kb_size)
         self.input_names = [node.name for node in self.session.get_inputs()]
-        self.tokenizer = self._load_tokenizer(Tokenizer, model_dir)
-        self._soft_labels, self._texts_file, self._texts = tensors[KB_TENSORS[1]], texts_file, None
+        self.tokenizer = self._load_tokenizer(Tokenizer, served.tokenizer_files)
+        self._texts, self._encoded_texts = None, None
+        if served.texts_file is not None:
+            self._encoded_texts = load_texts(served.texts_file, model_dir / TEXTS_FILE)
+            count = len(self._encoded_texts[TEXT_TENSORS[0]]) - 1
+            if count != self.kb_size:
+                raise ValueError(
+                    f"{model_dir / TEXTS_FILE} holds {count} texts for {self.kb_size} knowledge-base rows: it is not "
+                    "the texts file of this knowledge base."
+                )
 
-    def _load_tokenizer(self, tokenizer_class, model_dir: Path):
+    def _load_tokenizer(self, tokenizer_class, files: dict[str, bytes | None]):
         """The saved fast tokenizer, truncating as the PyTorch pipeline does (to the encoder's positions or the
         tokenizer's limit, whichever is smaller) and padding batches on the tokenizer's side."""
-        tokenizer_file = model_dir / "tokenizer.json"
-        if not tokenizer_file.is_file():
+        if files["tokenizer.json"] is None:
             raise FileNotFoundError(
-                f"{model_dir} has no tokenizer.json: the ONNX runtime needs a fast tokenizer's file."
+                f"{self.model_dir} has no tokenizer.json: the ONNX runtime needs a fast tokenizer's file."
             )
-        tokenizer = tokenizer_class.from_file(str(tokenizer_file))
-        settings_file = model_dir / "tokenizer_config.json"
-        settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+        tokenizer = tokenizer_class.from_str(files["tokenizer.json"].decode("utf-8"))
+        settings = json.loads(files["tokenizer_config.json"]) if files["tokenizer_config.json"] is not None else {}
         limits = [settings.get("model_max_length"), self.config["encoder_config"].get("max_position_embeddings")]
         limits = [int(limit) for limit in limits if isinstance(limit, int | float) and 0 < limit < 1e9]
         tokenizer.no_truncation()
@@ -189,6 +246,7 @@ class ONNXTextClassificationPipeline:
 
     def _encode(self, inputs: list) -> dict[str, np.ndarray]:
         pairs = [(item["text"], item.get("text_pair")) if isinstance(item, dict) else (item, None) for item in inputs]
+        pairs = [(text[:MAX_TEXT_CHARS], pair and pair[:MAX_TEXT_CHARS]) for text, pair in pairs]  # before tokenizing
         if any(pair is not None for _, pair in pairs):
             encodings = self.tokenizer.encode_batch([(text, pair) if pair else text for text, pair in pairs])
         else:
@@ -201,11 +259,16 @@ class ONNXTextClassificationPipeline:
         return {name: np.asarray(features[name], dtype=np.int64) for name in self.input_names if name in features}
 
     def _retrieval_inputs(self, knn_k: int | None, retrieval_weight: float | None) -> dict[str, np.ndarray]:
+        """Per-call k and β as graph inputs, accepted as the PyTorch model accepts them: k an integer >= 1, clamped to
+        the knowledge base's size; a k the graph is too narrow for is refused with the flag that widens it."""
         inputs = {}
         if knn_k is not None:
-            if isinstance(knn_k, bool) or not isinstance(knn_k, int) or not 1 <= knn_k <= self.max_knn_k:
+            check_positive_integer("knn_k", knn_k)
+            knn_k = min(knn_k, self.kb_size)
+            if knn_k > self.max_knn_k:
                 raise ValueError(
-                    f"knn_k must be an integer from 1 to {self.max_knn_k} (the export's --max_knn_k), got {knn_k!r}"
+                    f"knn_k={knn_k} is more neighbours than this export serves ({self.max_knn_k}): export again with "
+                    f"`hf-reaugkd export {self.model_dir} --max_knn_k {knn_k}`."
                 )
             inputs["knn_k"] = np.asarray(knn_k, dtype=np.int64)
         if retrieval_weight is not None:
@@ -220,7 +283,7 @@ class ONNXTextClassificationPipeline:
         the neighbour columns cut to the `knn_k` in use."""
         feeds = {**self._encode(inputs), **self._retrieval_inputs(knn_k, retrieval_weight)}
         outputs = dict(zip(OUTPUT_NAMES, self.session.run(list(OUTPUT_NAMES), feeds), strict=True))
-        k = knn_k if knn_k is not None else int((outputs["neighbor_ids"][0] >= 0).sum())
+        k = int(feeds["knn_k"]) if "knn_k" in feeds else int((outputs["neighbor_ids"][0] >= 0).sum())
         for name in ("neighbor_ids", "neighbor_similarities", "neighbor_weights"):
             outputs[name] = outputs[name][:, :k]
         return outputs
@@ -248,8 +311,9 @@ class ONNXTextClassificationPipeline:
         """
         if neighbors is not None and (isinstance(neighbors, bool) or not isinstance(neighbors, int) or neighbors < 1):
             raise ValueError(f"neighbors must be an integer >= 1, got {neighbors!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        check_positive_integer("batch_size", batch_size)
+        if top_k != "legacy":
+            check_top_k(top_k)
         single = not isinstance(inputs, list)
         items = [inputs] if single else inputs
         results = []
@@ -306,11 +370,50 @@ class ONNXTextClassificationPipeline:
     def _knowledge_base_rows(self) -> tuple[np.ndarray, list[str] | None]:
         """The soft labels and texts the neighbour explanations show, as read with the graph; the texts are decoded
         on the first `neighbors` call."""
-        if self._texts is None and self._texts_file is not None:
-            source = self.model_dir / TEXTS_FILE
-            self._texts = decode_texts(load_texts(self._texts_file, source), source)
-            self._texts_file = None
+        if self._texts is None and self._encoded_texts is not None:
+            self._texts = decode_texts(self._encoded_texts, self.model_dir / TEXTS_FILE)
+            self._encoded_texts = None
         return self._soft_labels, self._texts
 
 
-__all__ = ["ONNXTextClassificationPipeline", "StaleGraphError", "knowledge_base_sha256"]
+def _read_export(model_dir: Path, graph_name: str) -> tuple[bytes, ServedFolder, dict]:
+    """The graph's bytes, what it serves from the folder and its export settings, read as one consistent snapshot:
+    an edit replaces the folder whole, so reads that straddle a replacement disagree with the export's hashes and are
+    made again (up to `LOAD_ATTEMPTS` times, as the PyTorch loader does) before the graph is called stale."""
+    for attempt in range(1, LOAD_ATTEMPTS + 1):
+        try:
+            return _read_export_once(model_dir, graph_name)
+        except (StaleGraphError, FileNotFoundError):
+            if attempt == LOAD_ATTEMPTS:
+                raise
+            time.sleep(0.05 * attempt)
+    raise AssertionError("unreachable: the last attempt raises")
+
+
+def _read_export_once(model_dir: Path, graph_name: str) -> tuple[bytes, ServedFolder, dict]:
+    graph_path, export_path = model_dir / ONNX_DIR / graph_name, model_dir / ONNX_DIR / EXPORT_FILE
+    reexport = f"Re-export it with `hf-reaugkd export {model_dir}{' --quantize int8' if graph_name != ONNX_FILE else ''}`."
+    if not graph_path.is_file():
+        raise FileNotFoundError(f"{graph_path} does not exist: export the model first. {reexport[3:]}")
+    try:
+        export = json.loads(export_path.read_bytes())
+        settings, graphs, served_sha256 = export["settings"], export["graphs"], export["served_sha256"]
+        check_positive_integer("max_knn_k", settings["max_knn_k"])
+    except FileNotFoundError:
+        raise StaleGraphError(f"{export_path} is missing: the graph's export is incomplete. {reexport}") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise StaleGraphError(f"{export_path} is not a valid export record ({err!r}). {reexport}") from None
+    graph = graph_path.read_bytes()
+    served = read_served_folder(model_dir)
+    if graphs.get(graph_name) != _sha256(graph):
+        raise StaleGraphError(f"{graph_path} is not the graph that was exported (its SHA-256 differs). {reexport}")
+    if served_sha256 != served.sha256:
+        raise StaleGraphError(
+            f"{graph_path} was exported from other weights, knowledge base, texts, tokenizer or config settings than "
+            f"those in {model_dir} now (export: {served_sha256}, folder: {served.sha256}): it would not give the "
+            f"answers the model gives. {reexport}"
+        )
+    return graph, served, settings
+
+
+__all__ = ["ONNXTextClassificationPipeline", "StaleGraphError", "read_served_folder"]

@@ -5,7 +5,8 @@ This file travels with saved checkpoints as remote code (`config.custom_pipeline
 - the output of the task type (`config.problem_type`): the best class's probability, every label's probability with
   `predicted` at `config.multi_label_threshold` (multi-label; all labels unless `top_k` is given), or the predicted
   number (regression);
-- long inputs truncated by default to what the encoder can take (no crash on a 2,000-token text);
+- long inputs truncated by default to what the encoder can take (no crash on a 2,000-token text), and cut to
+  `MAX_TEXT_CHARS` characters before tokenizing (a 1 GB text is not tokenized whole);
 - per-call `knn_k`, `retrieval_weight` and `retrieval_temperature`, as in the model's `forward`;
 - `neighbors=K`: each result also lists the K best of the knowledge-base entries that drove the prediction
   (row id, similarity, weight, the teacher's label and label distribution — its labels and per-label
@@ -20,7 +21,14 @@ from transformers import TextClassificationPipeline
 from transformers.pipelines.text_classification import ClassificationFunction
 
 from .knowledge_base import value_predictions
-from .settings_reaugkd import MULTI_LABEL, REGRESSION, check_positive_integer, problem_type_of
+from .settings_reaugkd import (
+    MAX_TEXT_CHARS,
+    MULTI_LABEL,
+    REGRESSION,
+    check_positive_integer,
+    check_top_k,
+    problem_type_of,
+)
 
 # The scores of the mixture in each task type: `forward`'s logits are log-probabilities (single-label), per-label
 # logits (multi-label) or the number itself (regression), whatever the config's num_labels would make the stock
@@ -32,6 +40,17 @@ def max_input_length(config, tokenizer) -> int:
     """The most tokens the student's encoder takes: its position embeddings, or the tokenizer's limit if smaller."""
     positions = getattr(config.encoder_config, "max_position_embeddings", None) or tokenizer.model_max_length
     return min(tokenizer.model_max_length, positions)
+
+
+def cut_to_max_chars(inputs):
+    """A text (or the texts of a `{"text", "text_pair"}` dict or a pair list) cut to `MAX_TEXT_CHARS` characters."""
+    if isinstance(inputs, str):
+        return inputs[:MAX_TEXT_CHARS]
+    if isinstance(inputs, dict):
+        return {key: cut_to_max_chars(value) for key, value in inputs.items()}
+    if isinstance(inputs, list | tuple):
+        return type(inputs)(cut_to_max_chars(value) for value in inputs)
+    return inputs
 
 
 class ReAugKDTextClassificationPipeline(TextClassificationPipeline):
@@ -50,6 +69,8 @@ class ReAugKDTextClassificationPipeline(TextClassificationPipeline):
         **kwargs,
     ):
         problem_type = problem_type_of(self.model.config)
+        if "top_k" in kwargs:
+            check_top_k(kwargs["top_k"])
         if problem_type == MULTI_LABEL and "top_k" not in kwargs:
             kwargs["top_k"] = None  # every label's score: a multi-label prediction is a set
         preprocess, _, postprocess = super()._sanitize_parameters(**kwargs)
@@ -68,6 +89,9 @@ class ReAugKDTextClassificationPipeline(TextClassificationPipeline):
         if neighbors is not None:
             postprocess["neighbors"] = neighbors
         return preprocess, forward, postprocess
+
+    def preprocess(self, inputs, **tokenizer_kwargs):
+        return super().preprocess(cut_to_max_chars(inputs), **tokenizer_kwargs)
 
     def _forward(self, model_inputs: dict, **forward_params) -> Any:
         return self.model(**model_inputs, **forward_params)

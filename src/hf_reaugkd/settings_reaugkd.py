@@ -23,6 +23,20 @@ MAX_GATE_PARAMETER = 1e6
 # the default β of an exported graph that serves one (any β in [0, 1] given at run time replaces it).
 GATE_SENTINEL = -1.0
 
+# The most classes a config may declare. transformers builds a label map of `num_labels` entries before anything else
+# (3.3 GB and 93 s for 3M), so a crafted config could size that allocation; a knowledge base stores N × num_labels soft
+# labels, so even 10,000 rows of 100,000 classes are 4 GB: no task this method serves declares more.
+MAX_NUM_LABELS = 100_000
+# The longest text (in characters) a pipeline reads or `kb add` stores. The student reads at most its
+# max_position_embeddings tokens (512 for BERT-like encoders), and WordPiece / BPE tokens are a few characters (a word
+# over 100 is one unknown token), so a text is cut here, before tokenizing, long after the tokens the model reads:
+# a 1 GB cell would otherwise be tokenized whole (6 GB) and stored verbatim.
+MAX_TEXT_CHARS = 100_000
+
+# A local folder whose files disagree is read this many times before that is an error: an edit replaces the folder
+# whole, so a load that straddles one reads a consistent folder the next time.
+LOAD_ATTEMPTS = 3
+
 # The task types, as transformers names them (`PretrainedConfig.problem_type`). They decide what a knowledge-base value
 # is and how it is mixed: a class distribution (softmax), one probability per label (sigmoid), or the teacher's number.
 SINGLE_LABEL = "single_label_classification"
@@ -137,3 +151,15 @@ def check_index_params(params: dict[str, int | str]) -> None:
             or not setting.low <= value <= setting.high
         ):
             raise ValueError(f"{name} must be an integer in [{setting.low}, {setting.high}], got {value!r}")
+
+
+def check_num_labels(num_labels) -> None:
+    """Refuse a class count that is not an integer in [1, MAX_NUM_LABELS], before anything is sized from it."""
+    if isinstance(num_labels, bool) or not isinstance(num_labels, numbers.Integral) or not 1 <= num_labels <= MAX_NUM_LABELS:
+        raise ValueError(f"num_labels must be an integer from 1 to {MAX_NUM_LABELS:,}, got {num_labels!r}")
+
+
+def check_top_k(top_k) -> None:
+    """The pipelines' `top_k`: an integer >= 1 (that many labels, best first) or None (every label)."""
+    if top_k is not None:
+        check_positive_integer("top_k", top_k)
