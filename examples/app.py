@@ -66,7 +66,8 @@ def build_app(model_dir: str | Path) -> gr.Blocks:
             note,
         )
 
-    def add(text: str, label: str, added: list[int]):
+    # A session remembers what it added by content, (text, label): row ids shift when another session removes a row.
+    def add(text: str, label: str, added: list[list[str]]):
         try:
             if not text or not text.strip():
                 raise InputError("Type a text to add.")
@@ -74,14 +75,19 @@ def build_app(model_dir: str | Path) -> gr.Blocks:
         except (InputError, ValueError) as err:
             return (*predict(text)[:4], f"Not added: {err}", added)
         student.reload()
-        return (*predict(text)[:4], f"Added as knowledge-base row {ids[0]} ({label}).", added + ids)
+        return (*predict(text)[:4], f"Added as knowledge-base row {ids[0]} ({label}).", [*added, [text, label]])
 
-    def remove(text: str, added: list[int]):
+    def remove(text: str, added: list[list[str]]):
         if not added:
             return (*predict(text)[:4], "Nothing added in this session to remove.", added)
-        editing.remove_rows(student.model_dir, ids=added)
+        try:
+            removed = editing.remove_rows(student.model_dir, texts_with_labels=[tuple(row) for row in added])
+        except (InputError, ValueError) as err:
+            return (*predict(text)[:4], f"Not removed: {err}", added)
         student.reload()
-        return (*predict(text)[:4], f"Removed rows {added}: the knowledge base is as it was.", [])
+        gone = len(added) - len(removed)
+        note = f"; {gone} were no longer there" if gone else ""
+        return (*predict(text)[:4], f"Removed this session's rows ({len(removed)}{note}).", [])
 
     with gr.Blocks(title="hf-reaugkd: a student that retrieves") as app:
         gr.Markdown(

@@ -147,7 +147,7 @@ def test_type_predict_add_and_remove_in_a_browser(app, browser):
     assert text in page.neighbour_texts()[0]
 
     page.click("remove")
-    page.until(lambda: "Removed rows [96]" in page.message(), "the row to be removed")
+    page.until(lambda: "Removed this session's rows (1)" in page.message(), "the row to be removed")
     page.until(lambda: page.prediction().startswith(before), "the prediction to be restored")
     assert json.loads((model_dir / "config.json").read_text())["kb_size"] == 96
 

@@ -309,14 +309,23 @@ def retune(
 
 
 @one_edit_at_a_time
-def remove_rows(model_dir: str | Path, ids: list[int] | None = None, where_label: str | None = None) -> list[int]:
-    """Remove rows by id, or every row the teacher labels `where_label` (its argmax class; for multi-label, a label at
-    or above the threshold); return the removed ids."""
+def remove_rows(
+    model_dir: str | Path,
+    ids: list[int] | None = None,
+    where_label: str | None = None,
+    texts_with_labels: list[tuple[str, str]] | None = None,
+) -> list[int]:
+    """Remove rows by id, every row the teacher labels `where_label` (its argmax class; for multi-label, a label at
+    or above the threshold), or by content: for each `(text, label)` of `texts_with_labels`, the last row that stores
+    that text with that label (ids shift when any row is removed, so an id remembered before another edit can name
+    another row; content cannot). Returns the removed ids; a `(text, label)` that no row holds is skipped."""
     model, _ = load_student(model_dir)
     kb = model.knowledge_base
-    if (ids is None) == (where_label is None):
-        raise InputError("Give either ids or where_label.")
-    if where_label is not None:
+    if sum(given is not None for given in (ids, where_label, texts_with_labels)) != 1:
+        raise InputError("Give one of ids, where_label or texts_with_labels.")
+    if texts_with_labels is not None:
+        ids = _rows_holding(model, texts_with_labels)
+    elif where_label is not None:
         if kb.problem_type == REGRESSION:
             raise InputError("A regression knowledge base holds numbers, not labels: remove its rows by --ids.")
         label2id = {label: i for i, label in model.config.id2label.items()}
@@ -327,8 +336,29 @@ def remove_rows(model_dir: str | Path, ids: list[int] | None = None, where_label
         else:
             labelled = kb.values.argmax(dim=1) == label2id[where_label]  # (N,)
         ids = labelled.nonzero().flatten().tolist()
-    _rewrite(model_dir, model, kb.remove(ids))
+    if ids:
+        _rewrite(model_dir, model, kb.remove(ids))
     return sorted(set(ids))
+
+
+def _rows_holding(model, texts_with_labels: list[tuple[str, str]]) -> list[int]:
+    """For each `(text, label)`, the last row not taken yet whose stored text is `text` and whose label
+    (`_label_of`) is `label`."""
+    knowledge_base = model.knowledge_base
+    if not knowledge_base.has_texts:
+        raise InputError("Rows are found by their texts, and this knowledge base stores none (--store_kb_texts).")
+    if problem_type_of(model.config) != SINGLE_LABEL:
+        raise InputError("Rows are found by text and label in a single-label model; remove the others by --ids.")
+    label2id = {label: i for i, label in model.config.id2label.items()}
+    problem_type, threshold = problem_type_of(model.config), model.config.multi_label_threshold
+    stored = list(zip(knowledge_base.texts, _label_of(knowledge_base.values, problem_type, threshold, True), strict=True))
+    taken = []
+    for text, label in texts_with_labels:
+        wanted = (text, label2id.get(label))
+        row = next((i for i in reversed(range(len(stored))) if stored[i] == wanted and i not in taken), None)
+        if row is not None:
+            taken.append(row)
+    return taken
 
 
 @one_edit_at_a_time

@@ -143,7 +143,7 @@ def read_served_folder(model_dir: str | Path) -> ServedFolder:
         digest.update(data)
         return data
 
-    config = json.loads(read(model_dir / "config.json"))
+    config = json.loads((model_dir / "config.json").read_bytes())  # hashed by its served fields, not its bytes
     digest.update(json.dumps(served_config(config), sort_keys=True).encode())
     files, kb_files = _weight_files(model_dir)
     for path in files:
