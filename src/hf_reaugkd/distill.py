@@ -28,6 +28,7 @@ from .saving import push_saved, save_student
 from .settings_reaugkd import SINGLE_LABEL, problem_type_of
 from .teacher import (
     finetune_teacher,
+    knowledge_base_neighbors,
     knowledge_base_stage,
     needs_finetuning,
     project,
@@ -117,7 +118,7 @@ def run(
             teacher_path = finetune_teacher(teacher_args, data, training_args, data_args.max_seq_length, work_dir)
     else:
         logger.info("teacher: %s already classifies %s, used as is", teacher_name, data.label_names)
-    with stage("teacher outputs"), training_args.main_process_first(desc="teacher outputs"):
+    with stage("teacher outputs"):  # every process computes its share of the rows
         outputs = teacher_outputs(
             teacher_path,
             data,
@@ -151,16 +152,14 @@ def run(
     tokenizer = AutoTokenizer.from_pretrained(student_name)
     set_seed(training_args.seed)
     student = _new_student(model_args, student_name, id2label, kb_dim, tokenizer, data.problem_type)
+    neighbors = {  # each process searches its share of the rows
+        name: knowledge_base_neighbors(kb, keys[name], training_args.relational_neighbors, own_rows=name == "train")
+        for name in keys
+        if training_args.relational_neighbors and name != "test"
+    }
     with training_args.main_process_first(desc="student training data"):  # one rank writes the caches
         splits = student_training_data(
-            data,
-            outputs,
-            keys,
-            kb,
-            tokenizer,
-            data_args.max_seq_length,
-            training_args.relational_neighbors,
-            projection,
+            data, outputs, keys, kb, tokenizer, data_args.max_seq_length, neighbors, projection
         )
     with expected_notices():  # the special-token alignment notice
         trainer = ReAugKDTrainer(

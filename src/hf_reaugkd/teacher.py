@@ -39,6 +39,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from .arguments import ModelArguments, TeacherArguments
 from .caching import atomic_path, fingerprint, model_fingerprint
 from .data import TEACHER_KEYS, TEACHER_LOGITS, TEACHER_NEIGHBORS, TaskData, padded_batches, tokenize
+from .distributed import fill_stage, on_every_rank, shard, stage_exists
 from .errors import InputError
 from .evaluation import SELECTION_METRICS, task_metrics
 from .knowledge_base import KnowledgeBase, value_predictions
@@ -328,45 +329,47 @@ def teacher_outputs(
 ) -> dict[str, TeacherOutputs]:
     """Logits and last-layer embeddings (`teacher_batches`) of the teacher for every split, and for the unlabelled
     texts (as `"unlabeled"`) when there are any (a cached stage). The teacher runs in `dtype` (bf16 halves an LLM
-    teacher's memory on a GPU); its outputs are stored in fp32."""
+    teacher's memory on a GPU); its outputs are stored in fp32. Under `torchrun` / `accelerate launch` every process
+    computes its `distributed.shard` of each split into the same memory-mapped files (`distributed.fill_stage`): the
+    same batches as one process, so the same bytes, and no process waits for another's whole pass."""
     precision = [str(dtype)] if dtype != torch.float32 else []
-    pooling = ["last-token"] if pools_last_token(AutoConfig.from_pretrained(teacher_path)) else []  # else mean
+    config = AutoConfig.from_pretrained(teacher_path)
+    pooling = ["last-token"] if pools_last_token(config) else []  # else mean
     key = fingerprint(model_fingerprint(teacher_path), data.content_fingerprint, max_seq_length, *precision, *pooling)
     path = work_dir / f"teacher-outputs-{key}"
     splits = {**data.splits, **({"unlabeled": data.unlabeled} if data.unlabeled is not None else {})}
-    if path.exists():
-        logger.info("teacher outputs: reused %s", path)
-    else:
+
+    def allocate(tmp: Path) -> None:
+        for name, split in splits.items():
+            for kind, width in (("logits", config.num_labels), ("embeddings", config.hidden_size)):
+                np.lib.format.open_memmap(tmp / f"{name}-{kind}.npy", "w+", np.float32, (len(split), width))
+
+    def fill(tmp: Path) -> None:  # this process's shard of every split
         teacher, tokenizer = load_teacher(teacher_path, dtype=dtype)
         teacher = teacher.to(device).eval()
-        with atomic_path(path, directory=True) as tmp:
-            for name, split in splits.items():
-                encoded = tokenize(
-                    split,
-                    tokenizer,
-                    data.text_column,
-                    data.text_pair_column,
-                    max_seq_length,
-                    f"Tokenizing {name} for the teacher",
-                )
-                logits = np.lib.format.open_memmap(
-                    tmp / f"{name}-logits.npy", mode="w+", dtype=np.float32, shape=(len(split), teacher.num_labels)
-                )
-                embeddings = np.lib.format.open_memmap(
-                    tmp / f"{name}-embeddings.npy",
-                    mode="w+",
-                    dtype=np.float32,
-                    shape=(len(split), teacher.config.hidden_size),
-                )
-                start = 0
-                for batch_logits, pooled in teacher_batches(teacher, tokenizer, encoded, batch_size, desc=name):
-                    end = start + len(pooled)
-                    logits[start:end] = batch_logits.numpy()
-                    embeddings[start:end] = pooled.numpy()
-                    start = end
-                logits.flush()
-                embeddings.flush()
-                del logits, embeddings
+        for name, split in splits.items():
+            rows = shard(len(split), batch_size)
+            if not rows:
+                continue
+            description = f"Tokenizing {name} for the teacher"
+            encoded = tokenize(split.select(rows), tokenizer, data.text_column, data.text_pair_column,
+                               max_seq_length, description)  # fmt: skip
+            logits = np.load(tmp / f"{name}-logits.npy", mmap_mode="r+")
+            embeddings = np.load(tmp / f"{name}-embeddings.npy", mmap_mode="r+")
+            start = rows.start
+            for batch_logits, pooled in teacher_batches(teacher, tokenizer, encoded, batch_size, desc=name):
+                end = start + len(pooled)
+                logits[start:end] = batch_logits.numpy()
+                embeddings[start:end] = pooled.numpy()
+                start = end
+            logits.flush()
+            embeddings.flush()
+            del logits, embeddings
+
+    if stage_exists(path):
+        logger.info("teacher outputs: reused %s", path)
+    else:
+        fill_stage(path, allocate, fill)
     return {
         name: TeacherOutputs(
             logits=np.load(path / f"{name}-logits.npy", mmap_mode="r"),
@@ -571,26 +574,32 @@ def knowledge_base_neighbors(
     knowledge_base: KnowledgeBase, keys: torch.Tensor, num_neighbors: int, own_rows: bool
 ) -> torch.Tensor:
     """The `num_neighbors` nearest knowledge-base rows `(N, num_neighbors)` of teacher keys `(N, d)`, searched chunk
-    by chunk. With `own_rows` (the keys are the knowledge base's own, row i = key i) row i's own id is dropped
-    wherever it comes back: not assumed first, since duplicate keys tie with it and an approximate index may not
-    return it at all. Rows with a missing hit (-1, approximate indexes) are searched again exactly."""
+    by chunk, each process its `distributed.shard` of the chunks (every process gets them all). With `own_rows` (the
+    keys are the knowledge base's own, row i = key i) row i's own id is dropped wherever it comes back: not assumed
+    first, since duplicate keys tie with it and an approximate index may not return it at all. Rows with a missing hit
+    (-1, approximate indexes) are searched again exactly."""
     if num_neighbors >= knowledge_base.size:
         raise InputError(
             f"relational_neighbors={num_neighbors} needs a knowledge base of more entries; it has {knowledge_base.size}."
         )
-    neighbors = torch.empty(len(keys), num_neighbors, dtype=torch.long)
-    for start in tqdm(range(0, len(keys), CHUNK_ROWS), desc="Knowledge-base neighbours", leave=False):
-        chunk = keys[start : start + CHUNK_ROWS]  # (chunk, d)
-        _, ids = knowledge_base.search(chunk, num_neighbors + 1)  # (chunk, n + 1)
-        missing = (ids < 0).any(dim=1)  # (chunk,)
-        if missing.any():
-            ids[missing] = knowledge_base.search_exact(chunk[missing].to(knowledge_base.keys), num_neighbors + 1)[1]
-        if own_rows:
-            rows = torch.arange(start, start + len(chunk)).unsqueeze(1)  # (chunk, 1)
-            others_first = (ids == rows).int().argsort(dim=1, stable=True)  # rank order kept, self last
-            ids = ids.gather(1, others_first)
-        neighbors[start : start + len(chunk)] = ids[:, :num_neighbors]
-    return neighbors
+    rows = shard(len(keys), CHUNK_ROWS)
+
+    def search_shard() -> torch.Tensor:
+        neighbors = torch.empty(len(rows), num_neighbors, dtype=torch.long)
+        for start in tqdm(range(rows.start, rows.stop, CHUNK_ROWS), desc="Knowledge-base neighbours", leave=False):
+            chunk = keys[start : min(start + CHUNK_ROWS, rows.stop)]  # (chunk, d)
+            _, ids = knowledge_base.search(chunk, num_neighbors + 1)  # (chunk, n + 1)
+            missing = (ids < 0).any(dim=1)  # (chunk,)
+            if missing.any():
+                ids[missing] = knowledge_base.search_exact(chunk[missing].to(knowledge_base.keys), num_neighbors + 1)[1]
+            if own_rows:
+                own = torch.arange(start, start + len(chunk)).unsqueeze(1)  # (chunk, 1)
+                others_first = (ids == own).int().argsort(dim=1, stable=True)  # rank order kept, self last
+                ids = ids.gather(1, others_first)
+            neighbors[start - rows.start : start - rows.start + len(chunk)] = ids[:, :num_neighbors]
+        return neighbors
+
+    return torch.cat(on_every_rank(search_shard))  # (N, n)
 
 
 # The student's training data: its tokens plus the teacher's columns ------------------------------------------
@@ -629,11 +638,11 @@ def student_training_data(
     knowledge_base: KnowledgeBase,
     tokenizer,
     max_seq_length: int,
-    relational_neighbors: int,
+    neighbors: dict[str, torch.Tensor],
     projection: nn.Linear,
 ) -> dict[str, Dataset]:
-    """Every split tokenized for the student, with the teacher's columns (and, for the knowledge-base neighbours of
-    the relational and own-key losses, each train/validation example's nearest other entries). Its train split is
+    """Every split tokenized for the student, with the teacher's columns (and `neighbors`, the knowledge-base
+    neighbours of the relational and own-key losses by split, from `knowledge_base_neighbors`). Its train split is
     the transfer set (`TaskData.transfer_set`): the labelled rows, then the unlabelled ones, in the knowledge base's
     row order, so `keys["train"]` are the knowledge base's own keys."""
     weights = torch.cat([projection.weight.detach().flatten(), projection.bias.detach()])
@@ -642,13 +651,12 @@ def student_training_data(
     split_outputs = {**outputs, "train": transfer_outputs(outputs)}
     splits = {}
     for name, split in student_splits.items():
-        neighbors = None
-        if relational_neighbors and name != "test":
-            neighbors = knowledge_base_neighbors(knowledge_base, keys[name], relational_neighbors, name == "train")
         description = f"Tokenizing {name} for the student"
         encoded = tokenize(split, tokenizer, data.text_column, data.text_pair_column, max_seq_length, description)
-        stage_inputs = (name, keys_id, knowledge_base.size, knowledge_base.index_type, relational_neighbors)
-        splits[name] = with_teacher_columns(encoded, split_outputs[name], keys[name], neighbors, stage_inputs)
+        split_neighbors = neighbors.get(name)
+        width = 0 if split_neighbors is None else split_neighbors.shape[1]
+        stage_inputs = (name, keys_id, knowledge_base.size, knowledge_base.index_type, width)
+        splits[name] = with_teacher_columns(encoded, split_outputs[name], keys[name], split_neighbors, stage_inputs)
     return splits
 
 
