@@ -7,6 +7,7 @@ import datetime
 import hashlib
 import os
 import platform
+import resource
 import time
 import zipfile
 from collections.abc import Callable
@@ -44,6 +45,17 @@ def environment() -> dict:
         "python": platform.python_version(),
         "libraries": versions,
     }
+
+
+def peak_rss_of_this_process_mib() -> float:
+    """VmHWM: the peak of this process image. (`ru_maxrss` survives `exec`: a probe started by a parent that built the
+    1M-key knowledge base would report the parent's peak.)"""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def read_csv(path: Path) -> tuple[list[str], list[str]]:

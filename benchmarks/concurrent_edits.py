@@ -1,6 +1,6 @@
 """Concurrent edits of one model folder: nothing lost, and a reader that reloads beside the edits sees no error.
 
-    python benchmarks/concurrent_edits.py [--trials 10] [--writers 2 4 8] [--calls 2000] [--edits 20]
+    python benchmarks/concurrent_edits.py [--trials 10] [--writers 2 4 8] [--calls 2000] [--edits 20] [--parts ...]
 
 On a tiny random student (the tests' kind: a 2-layer BERT of width 32 and a 60-row knowledge base with texts):
 
@@ -56,6 +56,7 @@ WORDS = [
 ]
 QUERY = "the movie was good fun"
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
+PARTS = ["writers", "reader", "memory"]
 
 
 def tiny_folder(directory: Path) -> Path:
@@ -154,14 +155,15 @@ def reader_beside_edits(folder: Path, calls: int, edits: int) -> dict:
 
 
 PEAK_RSS = """
-import json, resource, sys
+import json, sys
 from hf_reaugkd import ReAugKDForSequenceClassification
 try:
     ReAugKDForSequenceClassification.from_pretrained(sys.argv[1])
     outcome = "loaded"
 except ValueError as err:
     outcome = str(err)
-print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "outcome": outcome}))
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))  # ru_maxrss survives exec
+print(json.dumps({"peak_rss_mib": int(hwm.split()[1]) / 1024, "outcome": outcome}))
 """
 
 
@@ -186,12 +188,16 @@ def main() -> None:
     parser.add_argument("--writers", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--edits", type=int, default=20)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS, help="the others keep their record")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "concurrent_edits.json")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    report = {"environment": environment(), "writers": {}}
+    report = json.loads(args.output.read_text()) if args.output.is_file() else {}
+    report["environment"] = environment()
     with tempfile.TemporaryDirectory() as scratch:
-        for writers in args.writers:
+        if "writers" in args.parts:
+            report["writers"] = {}
+        for writers in args.writers if "writers" in args.parts else ():
             trials = []
             for trial in range(args.trials):
                 folder = tiny_folder(Path(scratch) / f"writers-{writers}-{trial}" / "model")
@@ -205,10 +211,13 @@ def main() -> None:
                 "details": trials,
             }
             write_json(args.output, report)
-        report["reader"] = reader_beside_edits(tiny_folder(Path(scratch) / "reader" / "model"), args.calls, args.edits)
-        print("reader:", {k: v for k, v in report["reader"].items()}, flush=True)
-        report["refusal_memory"] = refusal_memory(tiny_folder(Path(scratch) / "memory" / "model"))
-        print("refusal memory:", report["refusal_memory"], flush=True)
+        if "reader" in args.parts:
+            folder = tiny_folder(Path(scratch) / "reader" / "model")
+            report["reader"] = reader_beside_edits(folder, args.calls, args.edits)
+            print("reader:", report["reader"], flush=True)
+        if "memory" in args.parts:
+            report["refusal_memory"] = refusal_memory(tiny_folder(Path(scratch) / "memory" / "model"))
+            print("refusal memory:", report["refusal_memory"], flush=True)
     write_json(args.output, report)
 
 

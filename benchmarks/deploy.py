@@ -1,15 +1,17 @@
 """Deployment benchmark: the student with its knowledge base in ONNX Runtime against PyTorch and the teachers.
 
     hf-reaugkd distill                                   # the demo's student: outputs/demo/model
-    python benchmarks/deploy.py --model outputs/demo/model --data $HF_REAUGKD_CACHE/data/critic_snippets \
+    python benchmarks/deploy.py --model outputs/demo/model --teacher outputs/demo/stages/teacher-* \
+        --data $HF_REAUGKD_CACHE/data/critic_snippets \
         --parity bbc_news=RUN/bbc/model:$HF_REAUGKD_CACHE/data/bbc_news
 
 One run, side by side, `--threads` (2) threads for PyTorch and ONNX Runtime alike, `--rounds` (15) rounds; in each
 round every runtime runs the same pre-tokenized batches (padded to the max length: 64 and 128; batch 32 and batch 1),
 one runtime after the other, each after an untimed run of its own (so another runtime's still-spinning threads do
 not slow its first batch); ratios are per round, median and range over rounds. Tokenization is left out of every timing.
-Runtimes: the MiniLM-L6 and mpnet-base teachers (PyTorch, a classification head on the pretrained encoder: timing
-needs no fine-tuning); the student alone (β = 0) and with its knowledge base in PyTorch; the same in ONNX Runtime fp32
+Runtimes: the task's fine-tuned teacher (`--teacher`) as a user ships it without distilling, in ONNX fp32 and int8
+(`quantize_dynamic`, per-channel weights: optimum's recipe), against which every speed is stated first; the MiniLM-L6
+and mpnet-base teachers in PyTorch (a classification head on the pretrained encoder: timing needs no fine-tuning); the student alone (β = 0) and with its knowledge base in PyTorch; the same in ONNX Runtime fp32
 and int8 (`hf-reaugkd export --quantize int8`). "Student alone" in ONNX is the same graph over a one-entry knowledge
 base, so `knowledge base share` (paired, per round: 1 − t(one entry) / t(knowledge base)) is what the scan, the vote
 and the mixing cost end to end. It moves by several points between rounds, so the share is also read where it runs:
@@ -17,15 +19,16 @@ ONNX Runtime's profiler, the kernel time of every node from the knowledge-base s
 vote, mixing), as a share of the graph's kernel time (`profiled_retrieval_share`). The same share is measured over 1M keys (the model's keys repeated with noise),
 with the int8 graph's recall@16 of the exact neighbours.
 
-Accuracy on the test split beside each student runtime, and per `--parity` task (the timed model's task first):
+Accuracy on the test split beside each runtime, % of the teacher's, and each student runtime's fidelity to the
+teacher (top-1 agreement and mean KL(teacher ‖ student), Stanton et al., NeurIPS 2021); per `--parity` task (the timed model's task first):
 fp32 ONNX against the PyTorch pipeline on every row (same label, max |Δp|, same neighbour ids), int8 against fp32
 (accuracy, neighbour overlap). Peak RSS: each runtime loaded and run alone in a fresh process.
-Output: `results/deploy.json` (written after each phase).
+Output: `results/deploy.json` (written after each phase) and `results/deploy.png` (accuracy kept against speed
+over the int8 teacher).
 """
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import subprocess
@@ -35,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS_DIR, environment, read_csv, recall, write_json
+from common import RESULTS_DIR, environment, peak_rss_of_this_process_mib, read_csv, recall, write_json
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -46,7 +49,9 @@ from hf_reaugkd.pipeline_reaugkd import ReAugKDTextClassificationPipeline
 
 BATCH_SIZES = (32, 1)
 MAX_LENGTHS = (64, 128)
-TEACHERS = ("teacher MiniLM-L6", "teacher mpnet-base")
+# The int8 teacher first: it is what a user who wants a cheaper classifier ships without distilling (optimum's recipe:
+# ONNX, dynamic int8, per-channel weights), so every speed figure is stated against it first.
+TEACHERS = ("teacher ONNX int8", "teacher ONNX fp32", "teacher MiniLM-L6", "teacher mpnet-base")
 STUDENTS = (
     "student PyTorch",
     "student+KB PyTorch",
@@ -94,13 +99,47 @@ def prepare_models(model_dir: Path, work_dir: Path, million: int) -> dict[str, P
     return folders
 
 
+def teacher_graphs(teacher: Path, work_dir: Path) -> dict[str, Path]:
+    """The fine-tuned teacher as a user would ship it without distilling: ONNX fp32 (`torch.onnx.export`) and int8
+    (ONNX Runtime's `quantize_dynamic`, per-channel int8 weights: optimum's dynamic recipe)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    folder = work_dir / "teacher_onnx"
+    graphs = {"fp32": folder / "model.onnx", "int8": folder / "model_quantized.onnx"}
+    if all(path.is_file() for path in graphs.values()):
+        return graphs
+    folder.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForSequenceClassification.from_pretrained(str(teacher)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher))
+    example = tokenizer(["hello world"] * 3, padding="max_length", max_length=7, return_tensors="pt")
+    inputs = {name: example[name] for name in ("input_ids", "attention_mask")}
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    program = torch.onnx.export(
+        model, (), kwargs=inputs, input_names=list(inputs), output_names=["logits"], dynamo=True,
+        dynamic_shapes={name: {0: batch, 1: length} for name in inputs},
+    )  # fmt: skip
+    program.save(str(graphs["fp32"]))
+    quantize_dynamic(graphs["fp32"], graphs["int8"], weight_type=QuantType.QInt8, per_channel=True)
+    return graphs
+
+
+def onnx_session(path: Path, threads: int):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.log_severity_level = threads, 3
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 class Runtimes:
     """Every runtime of the table, loaded once; `run(name, batch)` is one timed prediction."""
 
     def __init__(self, names, folders: dict[str, Path], num_labels: int, threads: int):
         self.torch, self.onnx = {}, {}
         for name in names:
-            if name == "teacher MiniLM-L6":
+            if name.startswith("teacher ONNX"):
+                self.onnx[name] = onnx_session(folders[f"teacher {name.split()[-1]}"], threads)
+            elif name == "teacher MiniLM-L6":
                 self.torch[name] = self._teacher(assets.minilm_l6_path(), num_labels)
             elif name == "teacher mpnet-base":
                 self.torch[name] = self._teacher(assets.mpnet_base_path(), num_labels)
@@ -123,7 +162,8 @@ class Runtimes:
         if name in self.onnx:
             session = self.onnx[name]
             wanted = {node.name for node in session.get_inputs()}
-            session.run(["probabilities"], {k: v.numpy() for k, v in batch.items() if k in wanted})
+            output = session.get_outputs()[0].name  # the teacher's logits, the student's probabilities
+            session.run([output], {k: v.numpy() for k, v in batch.items() if k in wanted})
         elif name == "student PyTorch":
             self.torch[name](**batch, retrieval_weight=0.0)
         elif name.startswith("teacher"):
@@ -165,7 +205,7 @@ print(int(hwm.split()[1]) / 1024)
 def peak_rss_mib(runtime: str, args, folders: dict[str, Path]) -> float:
     """Peak RSS of a fresh process that loads `runtime` alone and runs one batch at each setting. An ONNX runtime
     runs as it is served, through `ONNXTextClassificationPipeline`, in a process that never imports torch."""
-    if " ONNX " in runtime:
+    if " ONNX " in runtime and not runtime.startswith("teacher"):
         texts = [" ".join([text] * 8) for text in read_csv(args.data / "test.csv")[0][:32]]  # past 128 tokens
         folder = folders[{"student": "one", "student+KB": "kb", "student+1M KB": "million"}[runtime.split(" ONNX")[0]]]
         code = ONNX_RSS_PROBE.format(
@@ -193,17 +233,6 @@ def rss_probe(args, folders) -> None:
     print(peak_rss_of_this_process_mib())
 
 
-def peak_rss_of_this_process_mib() -> float:
-    """VmHWM: the peak of this process image. (`ru_maxrss` survives `exec`: a probe started by a parent that built the
-    1M-key knowledge base would report the parent's peak.)"""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def tokenizers_for(names, folders) -> dict:
     found = {"student": AutoTokenizer.from_pretrained(folders["kb"])}
     if any("mpnet" in name for name in names):
@@ -211,8 +240,39 @@ def tokenizers_for(names, folders) -> dict:
     return found
 
 
-def parity(model_dir: Path, data_dir: Path, work_dir: Path) -> dict:
-    """fp32 ONNX against the PyTorch pipeline on every test row, int8 against fp32, accuracy of every runtime."""
+@torch.no_grad()
+def teacher_probabilities(teacher: Path, graphs: dict[str, Path], texts: list[str]) -> dict[str, np.ndarray]:
+    """The teacher's class probabilities `(N, C)` on `texts` in PyTorch and in its ONNX fp32 and int8 graphs (batches of
+    32, padded to the longest, truncated to the tokenizer's limit as the student's pipeline truncates)."""
+    model = AutoModelForSequenceClassification.from_pretrained(str(teacher)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher))
+    sessions = {f"ONNX {precision}": onnx_session(path, 2) for precision, path in graphs.items()}
+    found = {"PyTorch": [], **{name: [] for name in sessions}}
+    for start in range(0, len(texts), 32):
+        batch = tokenizer(texts[start : start + 32], padding=True, truncation=True, return_tensors="pt")
+        inputs = {name: batch[name] for name in ("input_ids", "attention_mask")}
+        found["PyTorch"].append(torch.softmax(model(**inputs).logits, dim=-1).numpy())
+        for name, session in sessions.items():
+            logits = session.run(["logits"], {k: v.numpy() for k, v in inputs.items()})[0]
+            found[name].append(torch.softmax(torch.from_numpy(logits), dim=-1).numpy())
+    return {name: np.concatenate(parts) for name, parts in found.items()}
+
+
+def fidelity(student_rows: list[dict], teacher: np.ndarray, labels: list[str]) -> dict[str, float]:
+    """How often the student says what the teacher says (top-1 agreement) and the mean KL(teacher ‖ student) of their
+    distributions, as "Does Knowledge Distillation Really Work?" (Stanton et al., NeurIPS 2021) measures fidelity."""
+    student = np.array(
+        [[{s["label"]: s["score"] for s in row["scores"]}[label] for label in labels] for row in student_rows]
+    )
+    student = np.clip(student, 1e-12, 1.0)
+    kl = (teacher * (np.log(np.clip(teacher, 1e-12, 1.0)) - np.log(student))).sum(axis=1)
+    return {"top1_agreement": float((student.argmax(1) == teacher.argmax(1)).mean()), "mean_kl": float(kl.mean())}
+
+
+def parity(model_dir: Path, data_dir: Path, work_dir: Path, teacher: Path | None = None) -> dict:
+    """fp32 ONNX against the PyTorch pipeline on every test row, int8 against fp32, accuracy of every runtime; with
+    the task's fine-tuned `teacher`, its accuracy in PyTorch and ONNX fp32 / int8 and every student runtime's fidelity
+    to it."""
     folder = work_dir / "kb"
     if not (folder / "onnx" / "model_quantized.onnx").is_file():
         shutil.rmtree(folder, ignore_errors=True)
@@ -225,6 +285,26 @@ def parity(model_dir: Path, data_dir: Path, work_dir: Path) -> dict:
     torch_pipeline = ReAugKDTextClassificationPipeline(model=model, tokenizer=tokenizer)
     fp32, int8 = (ONNXTextClassificationPipeline(folder, quantized=q) for q in (False, True))
     results = {}
+    label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    if teacher is not None:
+        teacher_config = AutoModelForSequenceClassification.config_class.from_pretrained(str(teacher))
+        order = [{name: i for i, name in teacher_config.id2label.items()}[name] for name in label_names]
+        probabilities = {
+            name: found[:, order]
+            for name, found in teacher_probabilities(teacher, teacher_graphs(teacher, work_dir), texts).items()
+        }  # (N, C), in the student's label order
+        reference_teacher = probabilities["PyTorch"]
+        results["teacher"] = {
+            f"{name} accuracy": float(
+                np.mean([label_names[i] == y for i, y in zip(found.argmax(1), labels, strict=True)])
+            )
+            for name, found in probabilities.items()
+        }
+        results["teacher"] |= {
+            f"{name} vs PyTorch top1_agreement": float((found.argmax(1) == reference_teacher.argmax(1)).mean())
+            for name, found in probabilities.items()
+            if name != "PyTorch"
+        }
     for beta_name, beta in (("student", 0.0), ("student+KB", None)):
         call = {"top_k": None, "neighbors": k, "batch_size": 32}
         if beta is not None:
@@ -241,6 +321,14 @@ def parity(model_dir: Path, data_dir: Path, work_dir: Path) -> dict:
             entry[f"ONNX {precision} accuracy"] = float(
                 np.mean([r["scores"][0]["label"] == y for r, y in zip(rows, labels, strict=True)])
             )
+        if teacher is not None:
+            entry["fidelity to the teacher"] = {
+                "PyTorch": fidelity(reference, reference_teacher, label_names),
+                **{
+                    f"ONNX {precision}": fidelity(rows, reference_teacher, label_names)
+                    for precision, rows in found.items()
+                },
+            }
         ref_ids = [[n["id"] for n in r["neighbors"]] for r in reference]
         for precision, rows in found.items():
             ids = [[n["id"] for n in r["neighbors"]] for r in rows]
@@ -336,6 +424,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="A saved student (e.g. outputs/demo/model)")
     parser.add_argument("--data", type=Path, required=True, help="Its task: a folder with test.csv")
+    parser.add_argument(
+        "--teacher", type=Path, required=True, help="--model's fine-tuned teacher (the run's stages/teacher-<hash>)"
+    )
     parser.add_argument("--parity", action="append", default=[], help="NAME=MODEL_DIR:DATA_DIR, more tasks")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
@@ -351,8 +442,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.table:
-        return print(markdown_table(json.loads(args.output.read_text())))
+        report = json.loads(args.output.read_text())
+        plot(report, args.output.with_suffix(".png"))
+        return print(markdown_table(report))
     folders = prepare_models(args.model, args.work_dir / args.data.name, args.million)
+    graphs = teacher_graphs(args.teacher, args.work_dir / args.data.name)
+    folders |= {f"teacher {precision}": path for precision, path in graphs.items()}
     if args.rss_of:
         return rss_probe(args, folders)
 
@@ -378,7 +473,9 @@ def main() -> None:
         report["parity"] = {}
         for name, model_dir, data_dir in tasks:
             work = args.work_dir / args.data.name if name == args.data.name else args.work_dir / name
-            report["parity"][name] = parity(model_dir, data_dir, work)
+            report["parity"][name] = parity(
+                model_dir, data_dir, work, args.teacher if name == args.data.name else None
+            )
             write_json(args.output, report)
         report["million_keys_recall_at_16"] = million_recall(folders, read_csv(args.data / "test.csv")[0])
         write_json(args.output, report)
@@ -437,8 +534,9 @@ def main() -> None:
             }
             for teacher in TEACHERS:  # paired per round
                 ratios = [r / q for r, q in zip(rates, teacher_rates[teacher], strict=True)]
-                row[f"speedup_vs_{teacher.split()[1]}"] = statistics.median(ratios)
-                row[f"speedup_vs_{teacher.split()[1]}_range"] = [min(ratios), max(ratios)]
+                short = teacher.removeprefix("teacher ").replace(" ", "_")  # ONNX_int8, ..., MiniLM-L6
+                row[f"speedup_vs_{short}"] = statistics.median(ratios)
+                row[f"speedup_vs_{short}_range"] = [min(ratios), max(ratios)]
             plain = {"student+KB PyTorch": "student PyTorch", "student+KB ONNX fp32": "student ONNX fp32"}
             plain |= {"student+KB ONNX int8": "student ONNX int8", "student+1M KB ONNX fp32": "student ONNX fp32"}
             plain |= {"student+1M KB ONNX int8": "student ONNX int8"}
@@ -463,42 +561,95 @@ def main() -> None:
                 profiled[f"{label} ONNX {'int8' if quantized else 'fp32'} batch {b} length {t}"] = share
     report["profiled_retrieval_share"] = profiled
     write_json(args.output, report)
+    plot(report, args.output.with_suffix(".png"))
     print(markdown_table(report))
 
 
-def markdown_table(report: dict) -> str:
-    """The benchmarks README's deploy table, from the record alone (`python benchmarks/deploy.py --table`)."""
-    task = report["setting"]["data"]
+def runtime_accuracies(report: dict) -> dict[str, float]:
+    """Test accuracy by runtime name (as the timing rows name them), of the timed task."""
+    parity_of_task = report["parity"][report["setting"]["data"]]
     accuracy = {}
     for beta_name in ("student", "student+KB"):
-        entry = report["parity"][task][beta_name]
+        entry = parity_of_task[beta_name]
         accuracy[f"{beta_name} PyTorch"] = entry["PyTorch accuracy"]
         for precision in ("fp32", "int8"):
             accuracy[f"{beta_name} ONNX {precision}"] = entry[f"ONNX {precision} accuracy"]
+    teacher = parity_of_task.get("teacher", {})
+    for name in ("ONNX fp32", "ONNX int8"):
+        if f"{name} accuracy" in teacher:
+            accuracy[f"teacher {name}"] = teacher[f"{name} accuracy"]
+    if "PyTorch accuracy" in teacher:
+        accuracy["teacher MiniLM-L6"] = teacher["PyTorch accuracy"]  # the fine-tuned teacher of the task
+    return accuracy
+
+
+def markdown_table(report: dict) -> str:
+    """The benchmarks README's deploy table, from the record alone (`python benchmarks/deploy.py --table`): speed
+    against the int8 teacher first, then the fp32 teachers; accuracy, % of the teacher, fidelity, peak RSS."""
+    accuracy = runtime_accuracies(report)
+    teacher_accuracy = accuracy.get("teacher MiniLM-L6")
+    fidelity_of = {}
+    for beta_name in ("student", "student+KB"):
+        for runtime, found in (
+            report["parity"][report["setting"]["data"]][beta_name].get("fidelity to the teacher", {}).items()
+        ):
+            fidelity_of[f"{beta_name} {runtime}"] = found
     lines = [
-        "| runtime | batch | length | examples/s | × MiniLM-L6 teacher | × mpnet-base teacher | knowledge-base share "
-        "| test accuracy | peak RSS |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| runtime | batch | length | examples/s | × int8 teacher | × MiniLM-L6 PyTorch | × mpnet-base PyTorch "
+        "| test accuracy | % of teacher | agreement with teacher | KL(teacher ‖ ·) | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["timing"]:
-        share = row.get("knowledge_base_share")
+        name = row["runtime"]
+        found = fidelity_of.get(name)
         cells = [
-            row["runtime"],
+            name,
             str(row["batch_size"]),
             str(row["max_length"]),
             f"{row['examples_per_second']:.1f}",
-            f"{row['speedup_vs_MiniLM-L6']:.2f} ({row['speedup_vs_MiniLM-L6_range'][0]:.2f}–"
-            f"{row['speedup_vs_MiniLM-L6_range'][1]:.2f})",
+            f"**{row['speedup_vs_ONNX_int8']:.2f}** ({row['speedup_vs_ONNX_int8_range'][0]:.2f}–"
+            f"{row['speedup_vs_ONNX_int8_range'][1]:.2f})",
+            f"{row['speedup_vs_MiniLM-L6']:.2f}",
             f"{row['speedup_vs_mpnet-base']:.2f}",
-            ""
-            if share is None
-            else f"{100 * share:.1f}% ({100 * row['knowledge_base_share_range'][0]:.1f} to "
-            f"{100 * row['knowledge_base_share_range'][1]:.1f})",
-            "" if row["runtime"] not in accuracy else f"{100 * accuracy[row['runtime']]:.2f}",
-            f"{report['peak_rss_mib'][row['runtime']]:.0f} MiB",
+            "" if name not in accuracy else f"{100 * accuracy[name]:.2f}",
+            "" if name not in accuracy or not teacher_accuracy else f"{100 * accuracy[name] / teacher_accuracy:.1f}%",
+            "" if found is None else f"{100 * found['top1_agreement']:.1f}%",
+            "" if found is None else f"{found['mean_kl']:.3f}",
+            f"{report['peak_rss_mib'][name]:.0f} MiB" if name in report.get("peak_rss_mib", {}) else "",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def plot(report: dict, path: Path, goal_speed: float = 3.0, goal_kept: float = 97.0) -> None:
+    """Accuracy kept (% of the teacher) against speed over the int8 teacher (batch 32, length 128), one point per
+    runtime, the goal region shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    accuracy = runtime_accuracies(report)
+    teacher_accuracy = accuracy["teacher MiniLM-L6"]
+    points = {
+        row["runtime"]: (row["speedup_vs_ONNX_int8"], 100 * accuracy[row["runtime"]] / teacher_accuracy)
+        for row in report["timing"]
+        if row["batch_size"] == 32 and row["max_length"] == 128 and row["runtime"] in accuracy
+    }
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    axes.fill_between([goal_speed, 100], goal_kept, 101, color="tab:green", alpha=0.12, label="goal")
+    for name, (speed, kept) in points.items():
+        axes.scatter(speed, kept, color="tab:orange" if name.startswith("teacher") else "tab:blue")
+        axes.annotate(name, (speed, kept), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    axes.set_xscale("log")
+    axes.set_xlim(min(x for x, _ in points.values()) * 0.7, max(goal_speed, *(x for x, _ in points.values())) * 2)
+    axes.set_ylim(min(y for _, y in points.values()) - 2, 101)
+    axes.set_xlabel("throughput over the teacher in ONNX int8 (batch 32, length 128, 2 threads)")
+    axes.set_ylabel("test accuracy, % of the teacher's")
+    axes.set_title(f"{report['setting']['data']}: what distilling buys over quantizing the teacher")
+    axes.legend(loc="lower left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 their range, tampered side files, `kb add` fed bad rows, a full disk, killed edits and malformed configs."""
 
 import csv
+import importlib.util
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -497,3 +499,48 @@ def test_an_edit_waits_for_the_lock_of_another_process(model_dir, tmp_path):
     finally:
         holder.wait(timeout=60)
     assert holder.returncode == 0 and waited > 1.0, waited
+
+
+# 8. The web demo's sessions remove their own rows ---------------------------------------------------------------------
+
+APP = Path(__file__).parents[1] / "examples" / "app.py"
+
+
+@pytest.fixture
+def handlers(model_dir):
+    """The app's `add` and `remove` handlers over a tiny student whose knowledge base stores texts."""
+    pytest.importorskip("gradio")
+    spec = importlib.util.spec_from_file_location("app", APP)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    blocks = app.build_app(model_dir)
+    found = {block.fn.__name__: block.fn for block in blocks.fns.values()}
+    return found["add"], found["remove"], model_dir
+
+
+def stored_texts(directory) -> list[str]:
+    return editing.load_student(directory)[0].knowledge_base.texts
+
+
+def test_a_session_removes_its_own_rows_after_another_removed_one(handlers):
+    """The issue's sequence: A adds, B adds, A removes, A adds, B removes. Remembered by id, B's click removed A's
+    second row (ids had shifted) and said the knowledge base was as it was; A's next remove raised."""
+    add, remove, model_dir = handlers
+    a, b = [], []
+    *_, a = add("first of a", "positive", a)
+    *_, b = add("only row of b", "negative", b)
+    *_, a = remove("first of a", a)
+    *_, a = add("second of a", "positive", a)
+    *_, message, b = remove("only row of b", b)
+    texts = stored_texts(model_dir)
+    assert "second of a" in texts and "only row of b" not in texts and "first of a" not in texts
+    assert message.startswith("Removed this session's rows (1)") and b == []
+    *_, message, a = remove("second of a", a)
+    assert stored_texts(model_dir)[24:] == [] and a == [] and "(1)" in message
+
+
+def test_an_oversized_text_is_refused_not_stored(handlers):
+    add, _, model_dir = handlers
+    *_, message, added = add("x" * 200_000, "positive", [])
+    assert message.startswith("Not added:") and "limited to 100,000" in message and added == []
+    assert len(stored_texts(model_dir)) == 24

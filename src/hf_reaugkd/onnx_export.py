@@ -7,9 +7,9 @@ knowledge base's keys (stored in the graph) → neighbour vote → mixing, with 
 - **Every index type gets the exact scan.** An HNSW or IVF index is a FAISS structure whose search is a data-dependent
   walk, which a traced graph would replay with the export-time neighbours; the exact scan finds the same or better
   neighbours and its cost is measured in `benchmarks/deploy.py` (also at 1M keys).
-- **int8** (`quantize="int8"`): ONNX Runtime's dynamic quantization of every MatMul with a constant weight, one
-  scale per output channel (per-tensor scales cost the demo's student 1.0 point of test accuracy, per-channel 0.4),
-  the scan included (int8 keys with one scale each, uint8 queries), and the scan's best `k + max(k, 16)` candidates
+- **int8** (`quantize="int8"`): every MatMul with a constant weight in int8 with one scale per weight column and
+  one per activation row (`onnx_quantization.py`), so a text's answer does not depend on the texts batched with it,
+  the scan included (int8 keys with one scale each, int8 queries with one each), and the scan's best `k + max(k, 16)` candidates
   re-scored from the fp32 keys kept in the graph, as the torch search does: similarities stay exact, and a true neighbour is lost only if 16 others outscore it by less
   than the int8 rounding error. The fp32 graph scans in fp32 and needs no re-scoring.
 - **Runtime inputs** besides the tokenizer's tensors: `knn_k` (int64, 1 to the export's `max_knn_k`) and
@@ -49,6 +49,7 @@ from .onnx_pipeline import (
     QUANTIZED_ONNX_FILE,
     read_served_folder,
 )
+from .onnx_quantization import quantize_per_row
 from .settings_reaugkd import GATE_SENTINEL, SINGLE_LABEL, problem_type_of
 
 logger = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ def export_onnx(
     """Write `onnx/model.onnx` (and with `quantize="int8"` `onnx/model_quantized.onnx`) into `model_dir`, the saved
     folder of `model` (whose knowledge base hash the graphs record). The `onnx/` folder is replaced whole, only once
     every graph is written: a failed export leaves the previous one as it was. Returns the written paths."""
-    onnx, quantize_dynamic = _import_exporter()
+    onnx = _import_exporter()
     if quantize not in QUANTIZATIONS:
         raise InputError(f"--quantize takes one of {QUANTIZATIONS}, got {quantize!r}")
     if not isinstance(max_knn_k, int) or max_knn_k < 1:
@@ -177,7 +178,9 @@ def export_onnx(
             fp32 = Path(scratch) / "rescoring.onnx"
             _export_graph(ServingGraph(model, max_knn_k, candidates), tokenizer, fp32, defaults, opset, onnx)
             written.append(out / QUANTIZED_ONNX_FILE)
-            quantize_dynamic(fp32, written[1])
+            quantized = onnx.load(fp32)
+            quantize_per_row(quantized, onnx)
+            onnx.save(quantized, written[1])
         graphs = {path.name: hash_files([path]) for path in written}
         record = {"settings": settings, "served_sha256": served_sha256, "graphs": graphs}
         (out / EXPORT_FILE).write_text(json.dumps(record, indent=2))
@@ -279,19 +282,13 @@ def _quiet():
 def _import_exporter():
     try:
         import onnx
+        import onnxruntime  # noqa: F401 (the exported graph is checked in it)
         import onnxscript  # noqa: F401 (torch.onnx's exporter needs it)
-        from onnxruntime.quantization import QuantType
-        from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
     except ImportError as err:
         raise InputError(
             f'Exporting to ONNX needs onnx, onnxscript and onnxruntime ({err.name} is missing): pip install "hf-reaugkd[export]"'
         ) from err
-
-    def quantize_dynamic(source: Path, target: Path) -> None:
-        with _quiet():
-            ort_quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True)
-
-    return onnx, quantize_dynamic
+    return onnx
 
 
 def exported_settings(model_dir: str | Path) -> dict | None:
