@@ -7,15 +7,22 @@ matched batch 1). Here every MatMul (and Gemm) with a constant 2-D weight `W (K,
     q_x = round(x / s_x)  with  s_x = max|x| / 127 over the row's own K values      (one scale per row: per token)
     y   = (q_x @ q_W) · s_x · s_W  with  q_W = round(W / s_W),  s_W = max|W| / 127 per column (per channel)
 
-`q_x @ q_W` is an int8 × int8 → int32 product (`MatMulInteger`), exact whatever the batch or its blocking, and the
-scales are per row and per column, so each row's result depends on that row alone. Symmetric int8 (zero point 0)
-throughout: ONNX Runtime's `MatMulInteger` takes one zero point per tensor, not per row. Per-token scales are also
-the more accurate choice for transformer activations, whose range varies from token to token (LLM.int8, ZeroQuant).
+`q_x @ q_W` is an integer product (ONNX Runtime's `MatMulIntegerToFloat`, which also applies both scales and the
+bias), exact whatever the batch or its blocking, and the scales are per row and per column, so each row's result
+depends on that row alone. Symmetric (the same zero point for every row): the kernel takes one zero point per
+tensor. Per-token scales are also the more accurate choice for transformer activations, whose range varies from
+token to token (LLM.int8, ZeroQuant). The price is speed: the row scales are computed by separate nodes where ONNX
+Runtime fuses its per-tensor ones (benchmarks/int8_batches.py).
 """
 
 import numpy as np
 
 INT8_MAX = 127.0
+# Rows are stored as uint8 around one fixed zero point: the same symmetric values, in the uint8 × int8 product that
+# ONNX Runtime's kernels are fast at (int8 × int8 ran 6× slower). One zero point for every row is what its integer
+# products take; the per-row part is the scale.
+ZERO_POINT, ZERO_POINT_NAME = 128, "per_row_zero_point"
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's own operators: MatMulIntegerToFloat
 SMALLEST_SCALE = 1e-12  # an all-zero row or column: its scale only has to avoid a division by zero
 
 
@@ -25,8 +32,9 @@ def quantize_per_row(model, onnx) -> int:
     graph = model.graph
     weights = {initializer.name: initializer for initializer in graph.initializer}
     opset = next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
-    quantized_inputs: dict[str, tuple[str, str]] = {}  # activation name -> (int8 tensor, its per-row scales)
+    quantized_inputs: dict[str, tuple[str, str]] = {}  # activation name -> (uint8 tensor, its per-row scales)
     nodes, count = [], 0
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array(ZERO_POINT, dtype=np.uint8), ZERO_POINT_NAME))
     for node in graph.node:
         weight = _constant_weight(node, weights, onnx)
         if weight is None:
@@ -44,19 +52,19 @@ def quantize_per_row(model, onnx) -> int:
             onnx.numpy_helper.from_array(int8_weight, f"{name}_int8_weight"),
             onnx.numpy_helper.from_array(column_scales.astype(np.float32), f"{name}_column_scales"),
         ])  # fmt: skip
-        output = node.output[0]
-        products = f"{output}_int32"
-        make = onnx.helper.make_node
-        nodes += [
-            make("MatMulInteger", [rows, f"{name}_int8_weight"], [products], name=f"{name}_int8"),
-            make("Cast", [products], [f"{output}_float"], to=onnx.TensorProto.FLOAT),
-            make("Mul", [f"{output}_float", row_scales], [f"{output}_row_scaled"]),
-        ]
-        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
-        scaled = output if bias is None else f"{output}_unbiased"
-        nodes.append(make("Mul", [f"{output}_row_scaled", f"{name}_column_scales"], [scaled]))
-        if bias is not None:
-            nodes.append(make("Add", [scaled, bias], [output]))
+        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else ""
+        inputs = [rows, f"{name}_int8_weight", row_scales, f"{name}_column_scales", ZERO_POINT_NAME, "", bias]
+        nodes.append(
+            onnx.helper.make_node(
+                "MatMulIntegerToFloat",
+                inputs[: 7 if bias else 5],
+                [node.output[0]],
+                name=f"{name}_int8",
+                domain=MS_DOMAIN,
+            )
+        )
+    if count and not any(entry.domain == MS_DOMAIN for entry in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
     del graph.node[:]
     graph.node.extend(nodes)
     used = {name for node in graph.node for name in node.input}  # the replaced nodes' fp32 weights go
@@ -91,6 +99,7 @@ def _quantize_rows(activation: str, prefix: str, nodes: list, graph, onnx, opset
         onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), axes),
         onnx.numpy_helper.from_array(np.array(SMALLEST_SCALE * INT8_MAX, dtype=np.float32), f"{prefix}_floor"),
         onnx.numpy_helper.from_array(np.array(INT8_MAX, dtype=np.float32), f"{prefix}_int8_max"),
+        onnx.numpy_helper.from_array(np.array(1.0, dtype=np.float32), f"{prefix}_unit"),
     ])  # fmt: skip
     if opset >= 18:  # ReduceMax takes its axes as an input from opset 18 on
         reduce = make("ReduceMax", [f"{prefix}_abs", axes], [f"{prefix}_max"], keepdims=1)
@@ -101,8 +110,9 @@ def _quantize_rows(activation: str, prefix: str, nodes: list, graph, onnx, opset
         reduce,  # (..., 1)
         make("Max", [f"{prefix}_max", f"{prefix}_floor"], [f"{prefix}_range"]),
         make("Div", [f"{prefix}_range", f"{prefix}_int8_max"], [f"{prefix}_scales"]),  # (..., 1)
-        make("Div", [activation, f"{prefix}_scales"], [f"{prefix}_unrounded"]),  # within ±127
-        make("Round", [f"{prefix}_unrounded"], [f"{prefix}_rounded"]),
-        make("Cast", [f"{prefix}_rounded"], [f"{prefix}_int8"], to=onnx.TensorProto.INT8),
+        make("Div", [f"{prefix}_int8_max", f"{prefix}_range"], [f"{prefix}_inverse_scales"]),  # (..., 1)
+        make("Mul", [activation, f"{prefix}_inverse_scales"], [f"{prefix}_scaled"]),  # within ±127
+        # round half to even, shift by the zero point and cast, in one kernel
+        make("QuantizeLinear", [f"{prefix}_scaled", f"{prefix}_unit", ZERO_POINT_NAME], [f"{prefix}_uint8"]),
     ]
-    return f"{prefix}_int8", f"{prefix}_scales"
+    return f"{prefix}_uint8", f"{prefix}_scales"
