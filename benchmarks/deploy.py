@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from common import RESULTS_DIR, environment, peak_rss_of_this_process_mib, read_csv, recall, write_json
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from hf_reaugkd import KnowledgeBase, assets, editing
 from hf_reaugkd.onnx_export import export_onnx
@@ -287,7 +287,7 @@ def parity(model_dir: Path, data_dir: Path, work_dir: Path, teacher: Path | None
     results = {}
     label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if teacher is not None:
-        teacher_config = AutoModelForSequenceClassification.config_class.from_pretrained(str(teacher))
+        teacher_config = AutoConfig.from_pretrained(str(teacher))
         order = [{name: i for i, name in teacher_config.id2label.items()}[name] for name in label_names]
         probabilities = {
             name: found[:, order]
