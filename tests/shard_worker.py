@@ -1,6 +1,7 @@
 """The stages that touch every row, run alone or under `torchrun` (see test_sharding.py): teacher outputs, the
 knowledge base and its neighbours, written by every process's share. Rank 0 writes the SHA-256 of each stage file and
-the neighbour ids, and the rows each process ran through the teacher, to the JSON file given as argv[3]. With `--die`, rank 1 kills itself after its first teacher batch.
+the neighbour ids, the rows each process ran through the teacher, and a student's evaluation predictions and query
+mean over the validation split, to the JSON file given as argv[3]. With `--die`, rank 1 kills itself after its first teacher batch.
 
     python shard_worker.py TASK_DIR WORK_DIR OUT_JSON [--die]
 """
@@ -14,11 +15,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from conftest import tiny_encoder
 from safetensors import safe_open
+from transformers import AutoTokenizer
 
-from hf_reaugkd import teacher
+from hf_reaugkd import ReAugKDForSequenceClassification, evaluation, teacher
 from hf_reaugkd.arguments import ModelArguments
-from hf_reaugkd.data import LABEL_COLUMN, load_task_data
+from hf_reaugkd.data import LABEL_COLUMN, load_task_data, tokenize
 
 
 def digest(path: Path) -> str:
@@ -58,13 +61,25 @@ def main(task: Path, work_dir: Path, output: Path, die: bool) -> None:
         dist.barrier()
     _, kb = teacher.knowledge_base_stage(outputs, labels, model_args, 16, 2.0, 0, work_dir)
     neighbors = teacher.knowledge_base_neighbors(kb, kb.keys, 3, own_rows=True)
+    student = ReAugKDForSequenceClassification.from_encoder(
+        tiny_encoder(seed=2), {0: "negative", 1: "positive"}, knowledge_base=kb, kb_dim=16
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(task / "classifier")
+    validation = tokenize(data.splits["validation"], tokenizer, "text", None, 16, "Tokenizing")
+    with torch.no_grad():
+        predictions = evaluation.predict(student, validation, tokenizer, [1, 4], 0.1, batch_size=8)
+        mean = evaluation.query_mean(student, validation, tokenizer, batch_size=8)
+    predicted = {"student": predictions.student_probs.tolist(), "retrieved": predictions.retrieved[4].tolist(),
+                 "queries": predictions.queries.tolist(), "query_mean": mean}  # fmt: skip
     rows_per_process = [None] * dist.get_world_size() if dist.is_initialized() else [counted[0]]
     if dist.is_initialized():
         dist.all_gather_object(rows_per_process, counted[0])
     if rank == 0:
         files = sorted(p for p in work_dir.rglob("*") if p.is_file())
         digests = {str(p.relative_to(work_dir)): digest(p) for p in files}
-        output.write_text(json.dumps({"files": digests, "neighbors": neighbors.tolist(), "rows": rows_per_process}))
+        output.write_text(
+            json.dumps({"files": digests, "neighbors": neighbors.tolist(), "rows": rows_per_process, **predicted})
+        )
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,5 +1,5 @@
 """Every process works in the passes over every row: `torchrun` with 2 CPU processes writes the same stage files as
-one process, byte for byte, and a process killed mid-pass stops the run and leaves no stage a rerun would trust."""
+one process, byte for byte, evaluates the same predictions, and a process killed mid-pass stops the run and leaves no stage a rerun would trust."""
 
 import json
 import os
@@ -50,6 +50,9 @@ def test_two_processes_write_the_stages_of_one_byte_for_byte(task):
     assert together["files"] == alone["files"]  # same stage names (keys), same bytes
     assert together["neighbors"] == alone["neighbors"]
     assert alone["rows"] == [96 + 32 + 32] and together["rows"] == [80, 80]  # each process its half of the rows
+    for name in ("student", "retrieved", "queries"):  # the evaluation passes, each process its half
+        assert together[name] == alone[name], name
+    assert together["query_mean"] == pytest.approx(alone["query_mean"], abs=1e-12)  # a sum of two float64 sums
 
 
 def test_a_process_killed_mid_pass_stops_the_run_and_the_rerun_recomputes(task):
@@ -76,5 +79,3 @@ def test_shards_cover_every_row_once_at_batch_boundaries(monkeypatch, rows, batc
         assert all(part.start % batch == 0 for part in shards if part)
         sizes = [len(part) for part in shards]
         assert max(sizes) - min(sizes) < 2 * batch  # one batch more at most, and the last one short
-
-

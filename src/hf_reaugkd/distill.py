@@ -173,9 +173,7 @@ def run(
         )
     with stage("student training"):
         trainer.train(resume_from_checkpoint=resume)
-    if not trainer.is_world_process_zero():  # the main process evaluates and saves
-        return {}
-    student = trainer.model
+    student = trainer.model  # every process evaluates its share of the rows; the main process saves
     if model_args.store_kb_texts:
         kb.set_texts(texts_of(data.transfer_set(), data.text_column, data.text_pair_column))
     student.set_knowledge_base(kb)
@@ -199,6 +197,8 @@ def run(
         student.config.query_mean = query_mean(
             student, splits["validation"], tokenizer, training_args.per_device_eval_batch_size
         )
+    if not trainer.is_world_process_zero():
+        return {}
     metrics["world_size"] = training_args.world_size  # processes that trained the student
     if (budget := teacher_budget(teacher_path)) is not None:  # --teacher_num_train_epochs auto chose the epoch
         metrics["teacher_budget"] = budget

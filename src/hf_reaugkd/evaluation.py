@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .data import LABEL_COLUMN, padded_batches
+from .distributed import on_every_rank, shard
 from .knowledge_base import KnowledgeBase
 from .modeling_reaugkd import (
     ReAugKDForSequenceClassification,
@@ -115,23 +116,33 @@ def predict(
     batch_size: int = 64,
 ) -> Predictions:
     """Stream a tokenized split with `labels` through the student (β = 0), batch by batch, then its queries through
-    the knowledge base in chunks."""
+    the knowledge base in chunks. Under `torchrun` / `accelerate launch` each process does its `distributed.shard` of
+    the rows (the batches one process would run) and every process gets all of them."""
     model.eval()
     problem_type = problem_type_of(model.config)
-    student_probs, queries = [], []
-    batches = padded_batches(dataset, tokenizer, batch_size, model.device)
-    for inputs in tqdm(batches, total=-(-len(dataset) // batch_size), desc="Student predictions", leave=False):
-        outputs = model(**inputs, retrieval_weight=0.0)
-        student_probs.append(value_predictions(outputs.student_logits, problem_type).cpu())  # (B, C)
-        queries.append(outputs.query_embedding.float().cpu())  # (B, d)
-    queries = torch.cat(queries)  # (N, d)
-    retrieved, top_similarity = retrieved_in_chunks(model.knowledge_base, queries, knn_ks, retrieval_temperature)
+    rows = shard(len(dataset), batch_size)
+
+    def predict_shard() -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor], torch.Tensor]:
+        if not rows:  # more processes than batches
+            nothing = torch.empty(0, model.config.num_labels)
+            return nothing, torch.empty(0, model.config.kb_dim), dict.fromkeys(knn_ks, nothing), torch.empty(0)
+        student_probs, queries = [], []
+        batches = padded_batches(dataset.select(rows), tokenizer, batch_size, model.device)
+        for inputs in tqdm(batches, total=-(-len(rows) // batch_size), desc="Student predictions", leave=False):
+            outputs = model(**inputs, retrieval_weight=0.0)
+            student_probs.append(value_predictions(outputs.student_logits, problem_type).cpu())  # (B, C)
+            queries.append(outputs.query_embedding.float().cpu())  # (B, d)
+        queries = torch.cat(queries)  # (n, d)
+        retrieved, top = retrieved_in_chunks(model.knowledge_base, queries, knn_ks, retrieval_temperature)
+        return torch.cat(student_probs), queries, retrieved, top
+
+    shards = on_every_rank(predict_shard)
     return Predictions(
-        torch.cat(student_probs),
-        retrieved,
+        torch.cat([part[0] for part in shards]),
+        {k: torch.cat([part[2][k] for part in shards]) for k in knn_ks},
         torch.as_tensor(dataset[LABEL_COLUMN]),
-        queries,
-        top_similarity,
+        torch.cat([part[1] for part in shards]),
+        torch.cat([part[3] for part in shards]),
         problem_type,
         model.config.multi_label_threshold,
     )
@@ -195,14 +206,21 @@ def query_mean(
     tokenizer: PreTrainedTokenizerBase,
     batch_size: int = 64,
 ) -> list[float]:
-    """The mean of the student's queries over a tokenized dataset (`config.query_mean`), streamed: memory `O(d)`."""
-    total, count = torch.zeros(model.config.kb_dim, dtype=torch.float64), 0
-    for queries in student_queries(model, dataset, tokenizer, batch_size, "Query mean"):
-        total += queries.double().sum(0)  # (d,)
-        count += len(queries)
+    """The mean of the student's queries over a tokenized dataset (`config.query_mean`), streamed: memory `O(d)`, each
+    process its `distributed.shard` of the rows."""
+    rows = shard(len(dataset), batch_size)
+
+    def sum_shard() -> tuple[torch.Tensor, int]:
+        total = torch.zeros(model.config.kb_dim, dtype=torch.float64)
+        for queries in student_queries(model, dataset.select(rows), tokenizer, batch_size, "Query mean"):
+            total += queries.double().sum(0)  # (d,)
+        return total, len(rows)
+
+    shards = on_every_rank(sum_shard)
+    count = sum(rows for _, rows in shards)
     if count == 0:
         raise ValueError("The mean query needs at least one row.")
-    return (total / count).tolist()
+    return (sum(total for total, _ in shards) / count).tolist()
 
 
 @torch.no_grad()
