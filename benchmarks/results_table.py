@@ -324,6 +324,12 @@ def deploy_rows(results_dir: Path) -> list[Row]:
         return f"ONNX Runtime's profiler (kernel time, not paired): {100 * min(found):.2f}–{100 * max(found):.2f}%"
 
     int8 = "student+KB ONNX int8"
+    pays = []
+    if (int8, 32, 128) in timing and "speedup_vs_ONNX_int8" in timing[int8, 32, 128]:
+        pays = timed(int8, "speedup_vs_ONNX_int8", "", {32: 3.0, 1: 3.0}, times)
+        teacher = report["parity"][task]["teacher"]["PyTorch accuracy"]
+        kept = 100 * report["parity"][task]["student+KB"]["ONNX int8 accuracy"] / teacher
+        pays.append(exact("accuracy kept", f"{kept:.1f}% of the teacher's test accuracy", kept, 97.0, True))
     speedups = timed(int8, "speedup_vs_MiniLM-L6", "MiniLM-L6 ", {32: 4.0, 1: 3.0}, times)
     speedups += timed(int8, "speedup_vs_mpnet-base", "mpnet-base ", {32: 12.0, 1: 8.0}, times)
     fp32 = timed("student+KB ONNX fp32", "speedup_vs_pytorch_student_kb", "", {32: 1.3, 1: 1.3}, times)
@@ -346,7 +352,16 @@ def deploy_rows(results_dir: Path) -> list[Row]:
         for name, entry in report["parity"].items()
         if name != task
     )
-    return [
+    pays_rows = [
+        Row(
+            setting,
+            "ONNX int8 student + KB ≥ 3× the throughput of the teacher itself in ONNX int8, keeping ≥ 97% of its test "
+            "accuracy (the demo's pair)",
+            tuple(pays),
+            "paired per round; the teacher quantized as optimum does (dynamic int8, per-channel weights)",
+        )
+    ]
+    return (pays_rows if pays else []) + [
         Row(
             setting,
             "ONNX int8 student + KB ≥ 4× / 12× the MiniLM-L6 / mpnet-base teacher's PyTorch throughput at batch 32, "
