@@ -162,7 +162,7 @@ class Runtimes:
         if name in self.onnx:
             session = self.onnx[name]
             wanted = {node.name for node in session.get_inputs()}
-            output = session.get_outputs()[0].name  # the teacher's logits, the student's probabilities
+            output = session.get_outputs()[0].name  # "logits", for the teacher and the student alike
             session.run([output], {k: v.numpy() for k, v in batch.items() if k in wanted})
         elif name == "student PyTorch":
             self.torch[name](**batch, retrieval_weight=0.0)

@@ -91,6 +91,19 @@ def test_int8_graph_finds_the_exact_neighbours_of_its_own_query(exported):
     assert np.abs(int8["probabilities"] - fp32["probabilities"]).max() < 0.05
 
 
+def test_the_first_output_is_the_models_logits(exported, tiny_tokenizer):
+    """Stock pipelines (optimum's, transformers.js's) read the graph's first output as `logits`: it is the PyTorch
+    model's `logits`, the log of the mixed probabilities."""
+    model, directory = exported
+    runtime = ONNXTextClassificationPipeline(directory)
+    assert runtime.session.get_outputs()[0].name == "logits"
+    found = runtime.run(TEXTS, knn_k=4)
+    with torch.no_grad():
+        expected = model(**tiny_tokenizer(TEXTS, padding=True, return_tensors="pt"), knn_k=4).logits
+    np.testing.assert_allclose(found["logits"], expected.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.exp(found["logits"]), found["probabilities"], atol=1e-6)
+
+
 def test_int8_answers_do_not_depend_on_the_batch(exported):
     """With one activation scale per batch (ONNX Runtime's dynamic quantization), a text's int8 label and neighbours
     changed with the texts batched with it (48 of 50 labels, 18% of neighbour lists the same at batch 32). With one

@@ -38,6 +38,7 @@ from .loading_reaugkd import non_finite_tensors
 from .modeling_reaugkd import (
     ReAugKDForSequenceClassification,
     mix_retrieval,
+    mixture_logits,
     neighbor_label_distribution,
 )
 from .onnx_pipeline import (
@@ -119,7 +120,8 @@ class ServingGraph(nn.Module):
         )  # (B, C), (B, K)
         beta = retrieval_weight.clamp(max=1.0).reshape(1, 1)  # (1, 1): below 0, the gate's β(x) when there is one
         mixed = mix_retrieval(student_probs, retrieved_probs, similarities[:, 0], beta, self.gate)  # (B, C)
-        return mixed, student_probs, retrieved_probs, ids, similarities, weights, query
+        logits = mixture_logits(mixed, SINGLE_LABEL)  # (B, C): log p, as the PyTorch model's logits
+        return logits, mixed, student_probs, retrieved_probs, ids, similarities, weights, query
 
 
 def export_onnx(
@@ -244,15 +246,17 @@ def _check_against_torch(graph: ServingGraph, tokenizer, path: Path, names: list
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feeds = {name: inputs[name].numpy() for name in names} | {"knn_k": knn_k.numpy(), "retrieval_weight": beta.numpy()}
     found = [torch.from_numpy(output) for output in session.run(list(OUTPUT_NAMES), feeds)]
-    probabilities, ids, similarities, query = expected[0], expected[3], expected[4], expected[6]
-    similarity_gap = float((found[4][:, :k] - similarities[:, :k]).abs().max())  # rank by rank
-    own = (graph.keys[found[3][:, :k]] * query.unsqueeze(1)).sum(-1)  # (B, k): each returned id's similarity
+    found, expected = dict(zip(OUTPUT_NAMES, found, strict=True)), dict(zip(OUTPUT_NAMES, expected, strict=True))
+    probabilities, ids = expected["probabilities"], expected["neighbor_ids"]
+    similarities, query = expected["neighbor_similarities"], expected["query_embedding"]
+    similarity_gap = float((found["neighbor_similarities"][:, :k] - similarities[:, :k]).abs().max())  # rank by rank
+    own = (graph.keys[found["neighbor_ids"][:, :k]] * query.unsqueeze(1)).sum(-1)  # (B, k): the ids' similarities
     id_gap = float((own - similarities[:, :k]).abs().max())
     ranked = (query @ graph.keys.T).sort(dim=1, descending=True).values  # (B, N)
     tied = torch.zeros(len(ids), dtype=torch.bool)  # (B,): a tie straddles the k-th place
     if ranked.shape[1] > k:
         tied = (ranked[:, k - 1] - ranked[:, k]).abs() <= TIE_TOLERANCE
-    gaps = (found[0] - probabilities).abs().max(dim=1).values[~tied]  # (B',)
+    gaps = (found["probabilities"] - probabilities).abs().max(dim=1).values[~tied]  # (B',)
     probability_gap = float(gaps.max()) if len(gaps) else 0.0
     if max(similarity_gap, id_gap) > TIE_TOLERANCE or probability_gap > 1e-4:
         raise InputError(

@@ -56,6 +56,7 @@ DEFAULT_MAX_KNN_K = (
     32  # the largest runtime k of an export: k beyond the config's without a re-export, at a negligible cost
 )
 OUTPUT_NAMES = (
+    "logits",  # log of the mixed probabilities, first: what optimum's and transformers.js's pipelines read
     "probabilities",
     "student_probabilities",
     "retrieved_probabilities",
