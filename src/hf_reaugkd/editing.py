@@ -342,16 +342,15 @@ def remove_rows(
 
 
 def _rows_holding(model, texts_with_labels: list[tuple[str, str]]) -> list[int]:
-    """For each `(text, label)`, the last row not taken yet whose stored text is `text` and whose label
-    (`_label_of`) is `label`."""
+    """For each `(text, label)`, the last row not taken yet whose stored text is `text` and whose teacher label (the
+    argmax of its soft label) is `label`."""
     knowledge_base = model.knowledge_base
     if not knowledge_base.has_texts:
         raise InputError("Rows are found by their texts, and this knowledge base stores none (--store_kb_texts).")
     if problem_type_of(model.config) != SINGLE_LABEL:
         raise InputError("Rows are found by text and label in a single-label model; remove the others by --ids.")
     label2id = {label: i for i, label in model.config.id2label.items()}
-    problem_type, threshold = problem_type_of(model.config), model.config.multi_label_threshold
-    stored = list(zip(knowledge_base.texts, _label_of(knowledge_base.values, problem_type, threshold, True), strict=True))
+    stored = list(zip(knowledge_base.texts, knowledge_base.values.argmax(dim=1).tolist(), strict=True))  # single-label
     taken = []
     for text, label in texts_with_labels:
         wanted = (text, label2id.get(label))
@@ -362,7 +361,9 @@ def _rows_holding(model, texts_with_labels: list[tuple[str, str]]) -> list[int]:
 
 
 @one_edit_at_a_time
-def export(model_dir: str | Path, quantize: str = "none", opset: int | None = None, max_knn_k: int = DEFAULT_MAX_KNN_K):
+def export(
+    model_dir: str | Path, quantize: str = "none", opset: int | None = None, max_knn_k: int = DEFAULT_MAX_KNN_K
+):
     """`hf-reaugkd export`: write `model_dir`'s ONNX graph(s) (`onnx_export.export_onnx`), under the folder's edit lock
     (a graph written while an edit swaps the folder would land beside the other knowledge base). Returns the paths."""
     from .onnx_export import export_onnx

@@ -9,9 +9,10 @@ knowledge base's keys (stored in the graph) → neighbour vote → mixing, with 
   neighbours and its cost is measured in `benchmarks/deploy.py` (also at 1M keys).
 - **int8** (`quantize="int8"`): every MatMul with a constant weight in int8 with one scale per weight column and
   one per activation row (`onnx_quantization.py`), so a text's answer does not depend on the texts batched with it,
-  the scan included (int8 keys with one scale each, int8 queries with one each), and the scan's best `k + max(k, 16)` candidates
-  re-scored from the fp32 keys kept in the graph, as the torch search does: similarities stay exact, and a true neighbour is lost only if 16 others outscore it by less
-  than the int8 rounding error. The fp32 graph scans in fp32 and needs no re-scoring.
+  the scan included (int8 keys with one scale each, each query with its own), and the scan's best `k + max(k, 16)`
+  candidates re-scored from the fp32 keys kept in the graph, as the torch search does: similarities stay exact, and a
+  true neighbour is lost only if 16 others outscore it by less than the int8 rounding error. The fp32 graph scans in
+  fp32 and needs no re-scoring.
 - **Runtime inputs** besides the tokenizer's tensors: `knn_k` (int64, 1 to the export's `max_knn_k`) and
   `retrieval_weight` (float); both default to the config's values (graph initializers ONNX Runtime lets a caller
   override). With a per-query gate in the config, the default β is `GATE_SENTINEL` (-1): any β in [0, 1] replaces it.
@@ -190,8 +191,8 @@ def export_onnx(
 
 
 def _export_graph(graph: ServingGraph, tokenizer, path: Path, defaults: dict, opset, onnx) -> None:
-    """Trace `graph` with dynamic batch and length, make `knn_k` / `retrieval_weight` overridable defaults, and check that the file runs in ONNX Runtime as the module does on a batch other than the traced
-    one."""
+    """Trace `graph` with dynamic batch and length, make `knn_k` / `retrieval_weight` overridable defaults, and check
+    that the file runs in ONNX Runtime as the module does on a batch other than the traced one."""
     names = [name for name in tokenizer.model_input_names if name in ("input_ids", "attention_mask", "token_type_ids")]
     example = tokenizer(
         ["hello world"] * EXAMPLE_BATCH, padding="max_length", max_length=EXAMPLE_LENGTH, return_tensors="pt"

@@ -32,10 +32,10 @@ import numpy as np
 from .kb_texts import TEXT_TENSORS, TEXTS_FILE, decode_texts, load_texts
 from .settings_reaugkd import (
     LOAD_ATTEMPTS,
-    MAX_TEXT_CHARS,
     check_positive_integer,
     check_retrieval_weight,
     check_top_k,
+    cut_to_max_chars,
 )
 
 ONNX_DIR = "onnx"  # the layout optimum and transformers.js read on the Hub: onnx/model.onnx, onnx/model_quantized.onnx
@@ -104,7 +104,8 @@ def _weight_files(model_dir: Path) -> tuple[list[Path], dict[str, Path]]:
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index_file} has no weight_map.")
     shards = {name: _inside(model_dir, name, str(index_file)) for name in sorted(set(weight_map.values()))}
-    return [index_file, *shards.values()], {KB_VALUES: shards[weight_map[KB_VALUES]]} if KB_VALUES in weight_map else {}
+    values_file = {KB_VALUES: shards[weight_map[KB_VALUES]]} if KB_VALUES in weight_map else {}
+    return [index_file, *shards.values()], values_file
 
 
 def served_config(config: dict) -> dict:
@@ -149,7 +150,9 @@ def read_served_folder(model_dir: str | Path) -> ServedFolder:
     files, kb_files = _weight_files(model_dir)
     for path in files:
         if not path.is_file():
-            raise FileNotFoundError(f"{model_dir} has no weights file {path.name} (expected the knowledge base there).")
+            raise FileNotFoundError(
+                f"{model_dir} has no weights file {path.name} (expected the knowledge base there)."
+            )
         with path.open("rb") as f:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
@@ -246,8 +249,8 @@ class ONNXTextClassificationPipeline:
         return tokenizer
 
     def _encode(self, inputs: list) -> dict[str, np.ndarray]:
+        inputs = cut_to_max_chars(inputs)  # before tokenizing
         pairs = [(item["text"], item.get("text_pair")) if isinstance(item, dict) else (item, None) for item in inputs]
-        pairs = [(text[:MAX_TEXT_CHARS], pair and pair[:MAX_TEXT_CHARS]) for text, pair in pairs]  # before tokenizing
         if any(pair is not None for _, pair in pairs):
             encodings = self.tokenizer.encode_batch([(text, pair) if pair else text for text, pair in pairs])
         else:
@@ -393,9 +396,10 @@ def _read_export(model_dir: Path, graph_name: str) -> tuple[bytes, ServedFolder,
 
 def _read_export_once(model_dir: Path, graph_name: str) -> tuple[bytes, ServedFolder, dict]:
     graph_path, export_path = model_dir / ONNX_DIR / graph_name, model_dir / ONNX_DIR / EXPORT_FILE
-    reexport = f"Re-export it with `hf-reaugkd export {model_dir}{' --quantize int8' if graph_name != ONNX_FILE else ''}`."
+    command = f"hf-reaugkd export {model_dir}{' --quantize int8' if graph_name != ONNX_FILE else ''}"
+    reexport = f"Re-export it with `{command}`."
     if not graph_path.is_file():
-        raise FileNotFoundError(f"{graph_path} does not exist: export the model first. {reexport[3:]}")
+        raise FileNotFoundError(f"{graph_path} does not exist: export the model first with `{command}`.")
     try:
         export = json.loads(export_path.read_bytes())
         settings, graphs, served_sha256 = export["settings"], export["graphs"], export["served_sha256"]

@@ -24,6 +24,14 @@ INT8_MAX = 127.0
 ZERO_POINT, ZERO_POINT_NAME = 128, "per_row_zero_point"
 MS_DOMAIN = "com.microsoft"  # ONNX Runtime's own operators: MatMulIntegerToFloat
 SMALLEST_SCALE = 1e-12  # an all-zero row or column: its scale only has to avoid a division by zero
+# The graph's constants for every quantized row: name -> (value, dtype)
+CONSTANTS = {
+    ZERO_POINT_NAME: (ZERO_POINT, np.uint8),
+    "per_row_axes": ([-1], np.int64),  # the row: the last axis
+    "per_row_floor": (SMALLEST_SCALE * INT8_MAX, np.float32),  # the smallest range a row is scaled by
+    "per_row_int8_max": (INT8_MAX, np.float32),
+    "per_row_unit": (1.0, np.float32),  # QuantizeLinear's scale: the values are scaled already
+}
 
 
 def quantize_per_row(model, onnx) -> int:
@@ -34,7 +42,9 @@ def quantize_per_row(model, onnx) -> int:
     opset = next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
     quantized_inputs: dict[str, tuple[str, str]] = {}  # activation name -> (uint8 tensor, its per-row scales)
     nodes, count = [], 0
-    graph.initializer.append(onnx.numpy_helper.from_array(np.array(ZERO_POINT, dtype=np.uint8), ZERO_POINT_NAME))
+    graph.initializer.extend(
+        onnx.numpy_helper.from_array(np.array(value, dtype=dtype), name) for name, (value, dtype) in CONSTANTS.items()
+    )
     for node in graph.node:
         weight = _constant_weight(node, weights, onnx)
         if weight is None:
@@ -44,7 +54,7 @@ def quantize_per_row(model, onnx) -> int:
         name = node.name or f"{node.op_type}_{count}"
         activation = node.input[0]
         if activation not in quantized_inputs:
-            quantized_inputs[activation] = _quantize_rows(activation, f"{name}_rows", nodes, graph, onnx, opset)
+            quantized_inputs[activation] = _quantize_rows(activation, f"{name}_rows", nodes, onnx, opset)
         rows, row_scales = quantized_inputs[activation]
         column_scales = np.maximum(np.abs(weight).max(axis=0), SMALLEST_SCALE) / INT8_MAX  # (N,)
         int8_weight = np.round(weight / column_scales).astype(np.int8)  # (K, N)
@@ -91,28 +101,21 @@ def _constant_weight(node, weights: dict, onnx) -> np.ndarray | None:
     return np.ascontiguousarray(weight)
 
 
-def _quantize_rows(activation: str, prefix: str, nodes: list, graph, onnx, opset: int) -> tuple[str, str]:
+def _quantize_rows(activation: str, prefix: str, nodes: list, onnx, opset: int) -> tuple[str, str]:
     """Append the nodes that quantize `activation` `(..., K)` per row: its int8 values and scales `(..., 1)`."""
     make = onnx.helper.make_node
-    axes = f"{prefix}_axes"
-    graph.initializer.extend([
-        onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), axes),
-        onnx.numpy_helper.from_array(np.array(SMALLEST_SCALE * INT8_MAX, dtype=np.float32), f"{prefix}_floor"),
-        onnx.numpy_helper.from_array(np.array(INT8_MAX, dtype=np.float32), f"{prefix}_int8_max"),
-        onnx.numpy_helper.from_array(np.array(1.0, dtype=np.float32), f"{prefix}_unit"),
-    ])  # fmt: skip
     if opset >= 18:  # ReduceMax takes its axes as an input from opset 18 on
-        reduce = make("ReduceMax", [f"{prefix}_abs", axes], [f"{prefix}_max"], keepdims=1)
+        reduce = make("ReduceMax", [f"{prefix}_abs", "per_row_axes"], [f"{prefix}_max"], keepdims=1)
     else:
         reduce = make("ReduceMax", [f"{prefix}_abs"], [f"{prefix}_max"], axes=[-1], keepdims=1)
     nodes += [
         make("Abs", [activation], [f"{prefix}_abs"]),
         reduce,  # (..., 1)
-        make("Max", [f"{prefix}_max", f"{prefix}_floor"], [f"{prefix}_range"]),
-        make("Div", [f"{prefix}_range", f"{prefix}_int8_max"], [f"{prefix}_scales"]),  # (..., 1)
-        make("Div", [f"{prefix}_int8_max", f"{prefix}_range"], [f"{prefix}_inverse_scales"]),  # (..., 1)
+        make("Max", [f"{prefix}_max", "per_row_floor"], [f"{prefix}_range"]),
+        make("Div", [f"{prefix}_range", "per_row_int8_max"], [f"{prefix}_scales"]),  # (..., 1)
+        make("Div", ["per_row_int8_max", f"{prefix}_range"], [f"{prefix}_inverse_scales"]),  # (..., 1)
         make("Mul", [activation, f"{prefix}_inverse_scales"], [f"{prefix}_scaled"]),  # within ±127
         # round half to even, shift by the zero point and cast, in one kernel
-        make("QuantizeLinear", [f"{prefix}_scaled", f"{prefix}_unit", ZERO_POINT_NAME], [f"{prefix}_uint8"]),
+        make("QuantizeLinear", [f"{prefix}_scaled", "per_row_unit", ZERO_POINT_NAME], [f"{prefix}_uint8"]),
     ]
     return f"{prefix}_uint8", f"{prefix}_scales"

@@ -22,11 +22,11 @@ from transformers.pipelines.text_classification import ClassificationFunction
 
 from .knowledge_base import value_predictions
 from .settings_reaugkd import (
-    MAX_TEXT_CHARS,
     MULTI_LABEL,
     REGRESSION,
     check_positive_integer,
     check_top_k,
+    cut_to_max_chars,
     problem_type_of,
 )
 
@@ -40,17 +40,6 @@ def max_input_length(config, tokenizer) -> int:
     """The most tokens the student's encoder takes: its position embeddings, or the tokenizer's limit if smaller."""
     positions = getattr(config.encoder_config, "max_position_embeddings", None) or tokenizer.model_max_length
     return min(tokenizer.model_max_length, positions)
-
-
-def cut_to_max_chars(inputs):
-    """A text (or the texts of a `{"text", "text_pair"}` dict or a pair list) cut to `MAX_TEXT_CHARS` characters."""
-    if isinstance(inputs, str):
-        return inputs[:MAX_TEXT_CHARS]
-    if isinstance(inputs, dict):
-        return {key: cut_to_max_chars(value) for key, value in inputs.items()}
-    if isinstance(inputs, list | tuple):
-        return type(inputs)(cut_to_max_chars(value) for value in inputs)
-    return inputs
 
 
 class ReAugKDTextClassificationPipeline(TextClassificationPipeline):

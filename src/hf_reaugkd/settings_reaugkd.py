@@ -155,7 +155,11 @@ def check_index_params(params: dict[str, int | str]) -> None:
 
 def check_num_labels(num_labels) -> None:
     """Refuse a class count that is not an integer in [1, MAX_NUM_LABELS], before anything is sized from it."""
-    if isinstance(num_labels, bool) or not isinstance(num_labels, numbers.Integral) or not 1 <= num_labels <= MAX_NUM_LABELS:
+    if (
+        isinstance(num_labels, bool)
+        or not isinstance(num_labels, numbers.Integral)
+        or not 1 <= num_labels <= MAX_NUM_LABELS
+    ):
         raise ValueError(f"num_labels must be an integer from 1 to {MAX_NUM_LABELS:,}, got {num_labels!r}")
 
 
@@ -163,3 +167,15 @@ def check_top_k(top_k) -> None:
     """The pipelines' `top_k`: an integer >= 1 (that many labels, best first) or None (every label)."""
     if top_k is not None:
         check_positive_integer("top_k", top_k)
+
+
+def cut_to_max_chars(inputs):
+    """A text, or the texts of a `{"text", "text_pair"}` dict or a list, cut to `MAX_TEXT_CHARS` characters: what both
+    runtimes do before tokenizing."""
+    if isinstance(inputs, str):
+        return inputs[:MAX_TEXT_CHARS]
+    if isinstance(inputs, dict):
+        return {key: cut_to_max_chars(value) for key, value in inputs.items()}
+    if isinstance(inputs, list | tuple):
+        return type(inputs)(cut_to_max_chars(value) for value in inputs)
+    return inputs

@@ -591,7 +591,9 @@ def knowledge_base_neighbors(
             _, ids = knowledge_base.search(chunk, num_neighbors + 1)  # (chunk, n + 1)
             missing = (ids < 0).any(dim=1)  # (chunk,)
             if missing.any():
-                ids[missing] = knowledge_base.search_exact(chunk[missing].to(knowledge_base.keys), num_neighbors + 1)[1]
+                ids[missing] = knowledge_base.search_exact(chunk[missing].to(knowledge_base.keys), num_neighbors + 1)[
+                    1
+                ]
             if own_rows:
                 own = torch.arange(start, start + len(chunk)).unsqueeze(1)  # (chunk, 1)
                 others_first = (ids == own).int().argsort(dim=1, stable=True)  # rank order kept, self last
